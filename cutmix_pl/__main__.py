@@ -1,0 +1,2 @@
+from cutmix_pl.cli import main
+main()

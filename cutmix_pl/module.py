@@ -1,0 +1,226 @@
+"""The LightningModule: a CIFAR ResNet trained with a soft-target cross-entropy, its metrics and optimiser."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from . import cifar
+from .resnet import ResNet, Shortcut
+from .viz import captioned_grid, denormalize, mix_captions
+
+Schedule = Literal["cosine", "linear", "step", "constant"]
+
+__all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """-(t * log_softmax(z)).sum(-1).mean() for probability-vector targets t; integer labels are one-hot.
+
+    Label smoothing lives here and only here (see ``augment``): t <- (1 - eps) * t + eps / K, which equals
+    ``F.cross_entropy(..., label_smoothing=eps)`` on one-hot targets.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} is out of range: it must lie in [0, 1)")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        if not targets.is_floating_point():
+            targets = F.one_hot(targets, logits.shape[-1]).float()
+        if self.label_smoothing:
+            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
+        return -(targets * log_p).sum(-1).mean()
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: Schedule) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` of ``total``, after linear warm-up."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "step":  # x0.1 at 50% and 75% of training, as He et al. 2016 (at 32k and 48k of 64k)
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0
+
+
+def _default_sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class ImageClassifier(L.LightningModule):
+    """CIFAR ResNet trained on (possibly mixed) soft targets.
+
+    Args:
+        depth: ResNet depth, 6n+2 (20, 32, 44, 56, 110, ...).
+        num_classes: output classes; linked from ``data.num_classes`` by the CLI.
+        shortcut: ``A`` (parameter-free, the paper's) or ``B`` (1x1 projections).
+        width: channels of the first stage (16 in the paper).
+        optimizer: optimiser factory from YAML (``class_path: torch.optim.SGD`` + ``init_args``); default SGD,
+            lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4.
+        lr_schedule: per-step multiplier: ``cosine`` to 0, ``linear`` to 0, ``step`` (x0.1 at 50% and 75%)
+            or ``constant``.
+        warmup_epochs: linear warm-up from 0, in epochs (fractions allowed), >= 0.
+        label_smoothing: smoothing of the targets in the loss, in [0, 1); applied once, mixed or not.
+        channels_last: run the network in channels-last memory format (faster convolutions on GPUs).
+        compile: ``torch.compile`` the network.
+        tta_flip: average predictions over the image and its mirror image in ``test`` and ``predict``.
+        log_images: once per epoch, log a captioned grid of the first mixed training images to TensorBoard.
+        grid_size: number of images in that grid.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: Shortcut = "A", width: int = 16,
+                 optimizer: OptimizerCallable | None = None, lr_schedule: Schedule = "cosine",
+                 warmup_epochs: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = False,
+                 compile: bool = False, tta_flip: bool = False, log_images: bool = True, grid_size: int = 16) -> None:
+        super().__init__()
+        if lr_schedule not in ("cosine", "linear", "step", "constant"):
+            raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose cosine, linear, step or constant")
+        if not warmup_epochs >= 0:
+            raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be >= 0")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.net = ResNet(depth, num_classes, shortcut, width=width)
+        self.criterion = SoftTargetCrossEntropy(label_smoothing)
+        self.optimizer_factory = optimizer or _default_sgd
+        self._check_optimizer()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
+            setattr(self, f"{stage}_ece", MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"))
+        self.best_val_acc = 0.0
+        self._nonfinite: Tensor | None = None
+
+    def _check_optimizer(self) -> None:
+        """Build the optimiser once on a dummy parameter so a bad setting fails at start-up, not at step 0."""
+        probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        lr = probe.defaults.get("lr")
+        if isinstance(lr, (int, float)) and not lr > 0:
+            raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0")
+
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            self.net = torch.compile(self.net)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits = self(batch.images)
+        loss = self.criterion(logits, batch.targets)
+        self._watch_finite(loss, batch_idx)
+        # With soft targets "accuracy" needs a reference label: the one holding most of each sample's mass.
+        dominant = batch.targets.argmax(-1) if batch.targets.is_floating_point() else batch.targets
+        self.train_acc(logits.detach(), dominant)
+        n = len(batch.images)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=n)
+        if batch_idx == 0 and self.hparams.log_images:
+            self._log_grid(batch)
+        return loss
+
+    def _watch_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Stop on a non-finite loss, naming where. On a GPU the flag is read only every logging interval,
+        since reading it every step would make the host wait for the device every step."""
+        where = torch.tensor([self.current_epoch, batch_idx, self.global_step], device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        if self._nonfinite is None:
+            self._nonfinite = torch.full((3,), -1, device=loss.device, dtype=torch.long)
+        self._nonfinite = torch.where(bad & (self._nonfinite[0] < 0), where, self._nonfinite)
+        every = 1 if loss.device.type == "cpu" else max(1, self.trainer.log_every_n_steps)
+        if (self.global_step + 1) % every == 0 or batch_idx + 1 >= self.trainer.num_training_batches:
+            epoch, idx, step = self._nonfinite.tolist()
+            if epoch >= 0:
+                raise FloatingPointError(
+                    f"the training loss became non-finite at global step {step} (epoch {epoch}, batch {idx}); "
+                    "fix: lower model.optimizer's lr, add warm-up (model.warmup_epochs), or check the data")
+
+    def _log_grid(self, batch: Any) -> None:
+        logger = self.logger
+        if not isinstance(logger, TensorBoardLogger) or self.global_rank != 0:
+            return
+        k = min(self.hparams.grid_size, len(batch.images))
+        images = denormalize(batch.images[:k], cifar.MEAN, cifar.STD)
+        captions = mix_captions(batch.labels[:k], batch.partner[:k], batch.lam[:k], cifar.CLASSES)
+        grid = captioned_grid(images, captions)
+        logger.experiment.add_image("train/mixed_images", grid, self.global_step, dataformats="HWC")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = int(round(self.hparams.warmup_epochs * per_epoch))
+        schedule = self.hparams.lr_schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def _predict_logits(self, images: Tensor) -> Tensor:
+        logits = self(images)
+        if self.hparams.tta_flip and not self.trainer.validating:
+            logits = torch.logsumexp(torch.stack([F.log_softmax(logits, -1),
+                                                  F.log_softmax(self(images.flip(3)), -1)]), 0) - math.log(2)
+        return logits
+
+    def _eval_step(self, stage: str, batch: Any) -> None:
+        images, labels = batch
+        logits = self._predict_logits(images)
+        loss = self.criterion(logits, labels)
+        acc, top5, ece = (getattr(self, f"{stage}_{k}") for k in ("acc", "top5", "ece"))
+        acc(logits, labels)
+        top5(logits, labels)
+        ece(logits.float().softmax(-1), labels)
+        n = len(labels)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)
+        self.log(f"{stage}/ece", ece, on_epoch=True, batch_size=n)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        acc = self.trainer.callback_metrics.get("val/acc")
+        if acc is not None:
+            self.best_val_acc = max(self.best_val_acc, float(acc))
+            self.log("hp_metric", self.best_val_acc, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best_val_acc"] = self.best_val_acc
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_val_acc = checkpoint.get("best_val_acc", 0.0)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self._predict_logits(images).float().softmax(-1)
+        out = {"pred": probs.argmax(-1), "prob": probs}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["label"] = batch[1]
+        return out

@@ -164,6 +164,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         val_size: training images held out for validation (seeded by ``split_seed``), in [0, 49999].
             0 validates on the test set.
         split_seed: seed of the train/validation split; fixed so that runs with different seeds share it.
+        train_size: train on only the first ``train_size`` images of the (seeded, shuffled) training split, for
+            quick experiments; null: all of them.
         mixer: batch mixing applied after crop/flip/normalisation: ``CutMix`` (per-sample by default),
             ``MixUp``, ``CutMixUp``, or null for none.
         mix_off_epoch: from this (0-based) epoch on, stop mixing (timm's ``mixup_off_epoch``); null: never.
@@ -179,6 +181,7 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
+                 train_size: int | None = None,
                  mixer: Mixer | None = None, mix_off_epoch: int | None = None, crop_padding: int = 4,
                  flip: bool = True, resident: bool = True, num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__()
@@ -189,6 +192,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         if not 0 <= val_size < 50_000:
             raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, 49999] "
                              "(CIFAR-10 has 50000 training images)")
+        if train_size is not None and train_size < 2:
+            raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all)")
         if mix_off_epoch is not None and mix_off_epoch < 0:
             raise ValueError(f"data.mix_off_epoch={mix_off_epoch!r} is out of range: it must be >= 0 or null")
         if mixer is not None and mixer.num_classes != self.num_classes:
@@ -196,7 +201,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                              f"{self.num_classes} classes")
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_size, self.split_seed = val_size, split_seed
+        self.val_size, self.split_seed, self.train_size = val_size, split_seed, train_size
         self.mixer, self.mix_off_epoch = mixer, mix_off_epoch
         self.crop_padding, self.flip = crop_padding, flip
         self.resident, self.num_workers, self.seed = resident, num_workers, seed
@@ -226,14 +231,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self.val_size >= len(train.labels):
             raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has "
                              f"{len(train.labels)}; use a value in [0, {len(train.labels) - 1}]")
-        if self.val_size:
-            gen = torch.Generator().manual_seed(self.split_seed)
-            perm = torch.randperm(len(train.labels), generator=gen)
-            val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
-            self._splits["val"] = cifar.Split(train.images[val_idx], train.labels[val_idx])
-            train = cifar.Split(train.images[train_idx], train.labels[train_idx])
-        else:
-            self._splits["val"] = test
+        perm = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :][: self.train_size]
+        self._splits["val"] = cifar.Split(train.images[val_idx], train.labels[val_idx]) if self.val_size else test
+        train = cifar.Split(train.images[train_idx], train.labels[train_idx])
         self._splits.update(train=train, test=test, predict=test)
 
     def split(self, name: str) -> cifar.Split:

@@ -1,0 +1,166 @@
+"""The CutMix contract, checked sample by sample, and the batched crop/flip/normalise ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cutmix_pl.augment import CutMix, CutMixUp, MixCollate, MixUp, normalize, random_crop_flip
+
+
+def _batch(n=16, k=10, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 32, 32, generator=g).to(device)  # continuous values: no accidental equalities
+    labels = torch.randint(0, k, (n,), generator=g).to(device)
+    return images, labels
+
+
+def _check_cutmix_contract(images, labels, out, k=10):
+    """Every sample: one rectangle from its partner, the rest its own, targets weighted by pixel counts."""
+    n, _, h, w = images.shape
+    assert out.images.shape == images.shape and out.images.dtype == images.dtype
+    assert out.targets.shape == (n, k) and out.targets.dtype == torch.float32
+    torch.testing.assert_close(out.targets.sum(1), torch.ones(n, device=images.device))
+    onehot = F.one_hot(labels, k).float()
+    for i in range(n):
+        j = int(out.index[i])
+        own = (out.images[i] == images[i]).all(0)
+        from_partner = (out.images[i] == images[j]).all(0)
+        assert (own | from_partner).all(), "every pixel comes from the sample or its partner"
+        if j == i:  # paired with itself: nothing changes and the label is its own
+            assert own.all()
+            torch.testing.assert_close(out.targets[i], onehot[i])
+            continue
+        pasted = ~own
+        if pasted.any():  # the pasted region is one axis-aligned rectangle
+            ys, xs = pasted.nonzero(as_tuple=True)
+            box = torch.zeros_like(pasted)
+            box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+            assert torch.equal(box, pasted)
+        own_fraction = own.float().mean()
+        assert out.lam[i].item() == pytest.approx(own_fraction.item(), abs=1e-6)
+        expected = own_fraction * onehot[i] + (1 - own_fraction) * onehot[j]
+        torch.testing.assert_close(out.targets[i], expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 33])
+@pytest.mark.parametrize("mode", ["elem", "batch"])
+def test_cutmix_contract_for_every_sample(n, mode):
+    torch.manual_seed(n)
+    images, labels = _batch(n)
+    before = images.clone()
+    out = CutMix(alpha=1.0, mode=mode).mix(images, labels)
+    assert torch.equal(images, before), "input must not be modified in place"
+    _check_cutmix_contract(images, labels, out)
+
+
+def test_cutmix_elem_gives_each_sample_its_own_box():
+    torch.manual_seed(0)
+    images, labels = _batch(64)
+    out = CutMix(mode="elem").mix(images, labels)
+    assert len(torch.unique(out.lam)) > 20
+    out = CutMix(mode="batch").mix(images, labels)
+    moved = out.index != torch.arange(64)
+    assert len(torch.unique(out.lam[moved])) == 1
+
+
+def test_prob_zero_and_batch_of_one_leave_images_unchanged():
+    images, labels = _batch(8)
+    mixed, targets = CutMix(prob=0.0)(images, labels)
+    assert torch.equal(mixed, images)
+    torch.testing.assert_close(targets, F.one_hot(labels, 10).float())
+    mixed, targets = CutMix()(images[:1], labels[:1])
+    assert torch.equal(mixed, images[:1])
+    torch.testing.assert_close(targets, F.one_hot(labels[:1], 10).float())
+
+
+def test_prob_mixes_about_that_fraction():
+    torch.manual_seed(1)
+    images, labels = _batch(4000)
+    out = CutMix(prob=0.3, pairing="roll").mix(images, labels)
+    mixed = (out.lam < 1).float().mean().item()
+    assert 0.27 < mixed < 0.33
+
+
+def test_soft_labels_are_mixed_too():
+    images, labels = _batch(8)
+    soft = torch.softmax(torch.randn(8, 10), -1)
+    out = CutMix().mix(images, soft)
+    expected = out.lam[:, None] * soft + (1 - out.lam[:, None]) * soft[out.index]
+    torch.testing.assert_close(out.targets, expected)
+
+
+def test_generator_makes_it_reproducible():
+    images, labels = _batch(32)
+    a = CutMix().mix(images, labels, torch.Generator().manual_seed(5))
+    b = CutMix().mix(images, labels, torch.Generator().manual_seed(5))
+    c = CutMix().mix(images, labels, torch.Generator().manual_seed(6))
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_mix_collate_works_as_a_dataloader_collate_fn():
+    images, labels = _batch(10)
+    ds = torch.utils.data.TensorDataset((images * 255).to(torch.uint8), labels)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=MixCollate(CutMix()))
+    x, t = next(iter(loader))
+    assert x.shape == (5, 3, 32, 32) and x.is_floating_point() and t.shape == (5, 10)
+
+
+def test_cutmixup_mixes_each_sample_one_way_or_the_other():
+    torch.manual_seed(2)
+    images, labels = _batch(64)
+    out = CutMixUp(CutMix(), MixUp(alpha=1.0), switch_prob=0.5).mix(images, labels)
+    assert 10 < int(out.is_cutmix.sum()) < 54
+    for i in range(64):
+        j = int(out.index[i])
+        if j == i:
+            continue
+        if out.is_cutmix[i]:
+            own = (out.images[i] == images[i]).all(0).float().mean()
+            assert out.lam[i].item() == pytest.approx(own.item(), abs=1e-6)
+        else:
+            torch.testing.assert_close(out.images[i], out.lam[i] * images[i] + (1 - out.lam[i]) * images[j])
+
+
+@pytest.mark.cuda
+def test_cutmix_on_cuda_keeps_the_contract_and_the_device():
+    images, labels = _batch(64, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = CutMix().mix(images, labels, gen)
+    assert out.images.device.type == "cuda" and out.targets.device.type == "cuda"
+    _check_cutmix_contract(images, labels, out)
+
+
+def test_crop_flip_shapes_and_content():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = random_crop_flip(images, padding=4)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    # every output is a shifted (possibly mirrored) window of its zero-padded input
+    padded = F.pad(images, (4, 4, 4, 4))
+    for i in range(64):
+        found = any(torch.equal(out[i], cand)
+                    for dy in range(9) for dx in range(9)
+                    for cand in (padded[i, :, dy:dy + 32, dx:dx + 32], padded[i, :, dy:dy + 32, dx:dx + 32].flip(2)))
+        assert found
+    assert torch.equal(random_crop_flip(images, padding=0, flip=False), images)
+
+
+def test_crop_flip_keeps_pixel_statistics():
+    torch.manual_seed(0)
+    images = torch.randint(30, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    flipped = random_crop_flip(images, padding=0, flip=True)
+    assert torch.equal(flipped.sort(-1).values, images.sort(-1).values)  # rows are permuted, not changed
+    cropped = random_crop_flip(images, padding=4).float()
+    # zero padding enters the crops: on average (1 - E|shift|/32)^2 of the pixels stay, with E|shift| = 20/9
+    kept = (cropped > 0).float().mean().item()
+    assert kept == pytest.approx((1 - 20 / 9 / 32) ** 2, abs=0.01)
+
+
+def test_normalize_standardises_per_channel():
+    images = torch.randint(0, 256, (256, 3, 8, 8), dtype=torch.uint8)
+    mean = images.float().div(255).mean((0, 2, 3))
+    std = images.float().div(255).std((0, 2, 3))
+    out = normalize(images, mean, std)
+    torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std((0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)

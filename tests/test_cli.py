@@ -1,0 +1,83 @@
+"""The Lightning CLI end to end on tiny synthetic data: fit, validate, test, predict, configs, TensorBoard."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cutmix_pl.cli import CONFIG_DIR, main
+
+TINY = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_train_batches", "null", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--data.batch_size", "64", "--data.eval_batch_size", "100",
+        "--data.val_size", "100", "--data.download", "false"]
+
+
+def fit(data_dir, *extra):
+    return main(["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir), *TINY,
+                 *extra])
+
+
+def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
+    cli = fit(tiny_cifar)
+    run = Path(cli.trainer.log_dir).resolve()
+    assert run.parent == in_tmp.resolve() / "runs" / "smoke"
+    assert (run / "config.yaml").is_file()
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(p.startswith("best-") for p in ckpts)
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss_step", "train/loss_epoch", "train/lr", "train/acc_dominant", "val/loss", "val/acc",
+            "val/acc_top5", "val/ece", "hp_metric"} <= scalars
+    assert "train/mixed_images" in acc.Tags()["images"]
+    assert len(acc.Images("train/mixed_images")) == 2  # once per epoch
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert max(lrs) == pytest.approx(0.1) and lrs[-1] < lrs[len(lrs) // 2]  # warm-up then cosine decay, per step
+    hparams = acc.PluginTagToContent("hparams")  # raises KeyError when no hparams were written
+    assert "_hparams_/session_start_info" in hparams
+
+
+def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):
+    cli = fit(tiny_cifar)
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    common = ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar), *TINY,
+              "--ckpt_path", str(ckpt)]
+    val = main(["validate", *common])
+    assert 0.0 <= float(val.trainer.callback_metrics["val/acc"]) <= 1.0
+    test = main(["test", *common, "--trainer.limit_test_batches", "null"])
+    acc = float(test.trainer.callback_metrics["test/acc"])
+    assert acc > 0.3, f"two epochs on separable colours should beat chance (0.1); got {acc}"
+    out = capsys.readouterr().out
+    assert "test/acc" in out and "val/acc" in out
+    pred = main(["predict", *common])
+    assert pred is not None
+
+
+def test_no_mixing_and_mixup_configs_train(tiny_cifar, in_tmp):
+    for cfg in ("baseline.yaml", "mixup.yaml"):
+        cli = main(["fit", "--config", str(CONFIG_DIR / cfg), "--config", str(CONFIG_DIR / "smoke.yaml"),
+                    "--data.data_dir", str(tiny_cifar), *TINY, "--trainer.max_epochs", "1"])
+        assert cli.trainer.state.finished
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+def test_print_config_for_every_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(CONFIG_DIR / config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "model:" in out and "data:" in out and "trainer:" in out
+
+
+def test_num_classes_is_linked_from_data(tiny_cifar, in_tmp):
+    cli = fit(tiny_cifar, "--trainer.max_epochs", "1")
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
+
+
+def test_bad_value_gives_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--model.depth", "21", "--trainer.accelerator", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cutmix-pl: error:") and "6n+2" in err[-1]

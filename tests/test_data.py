@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from cutmix_pl import cifar
+from cutmix_pl.augment import CutMix
+from cutmix_pl.data import CIFAR10DataModule, ShardedBatchSampler, TensorBatchLoader
+
+
+def test_reads_the_official_layout(tiny_cifar):
+    train, test = cifar.load(tiny_cifar)
+    assert train.images.shape == (640, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64 and test.labels.shape == (200,)
+    assert set(train.labels.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("val_size,n_train,n_val", [(100, 540, 100), (0, 640, 200)])
+def test_split_sizes(tiny_cifar, val_size, n_train, n_val):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=val_size)
+    dm.setup()
+    assert len(dm.split("train").labels) == n_train
+    assert len(dm.split("val").labels) == n_val
+    assert len(dm.split("test").labels) == 200
+
+
+def test_split_is_seeded_and_disjoint(tiny_cifar):
+    a, b = (CIFAR10DataModule(tiny_cifar, download=False, val_size=100) for _ in range(2))
+    a.setup(), b.setup()
+    assert torch.equal(a.split("val").images, b.split("val").images)
+    train = {bytes(x.numpy()) for x in a.split("train").images}
+    assert not any(bytes(x.numpy()) in train for x in a.split("val").images)
+
+
+def test_train_size_subset(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, train_size=300)
+    dm.setup()
+    assert len(dm.split("train").labels) == 300
+
+
+def test_training_batches_are_augmented_and_mixed(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, batch_size=64, val_size=100, mixer=CutMix(alpha=1.0))
+    dm.setup()
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (64, 3, 32, 32)
+    batch = dm.augment(images, labels, 0, torch.Generator().manual_seed(0))
+    assert batch.images.dtype == torch.float32 and batch.images.shape == (64, 3, 32, 32)
+    assert batch.targets.shape == (64, 10) and batch.targets.dtype == torch.float32
+    torch.testing.assert_close(batch.targets.sum(1), torch.ones(64))
+    assert (batch.lam < 1).any()
+
+
+def test_eval_batches_are_normalised_only(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, eval_batch_size=200, val_size=0)
+    dm.setup()
+    images, labels = next(iter(dm.test_dataloader()))
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(y, labels) and y.dtype == torch.int64
+    mean = torch.tensor(cifar.MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cifar.STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (images.float() / 255 - mean) / std)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch_size": 0}, "batch_size"), ({"val_size": 50000}, "val_size"), ({"val_size": -1}, "val_size"),
+    ({"mixer": CutMix(num_classes=100)}, "num_classes"), ({"mix_off_epoch": -1}, "mix_off_epoch"),
+    ({"train_size": 1}, "train_size"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CIFAR10DataModule(**kwargs)
+
+
+def test_missing_data_offline_is_one_clear_line(tmp_path):
+    with pytest.raises(cifar.DataError) as err:
+        cifar.load(tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "\n" not in msg and "--data.download true" in msg and "cifar-10-batches-py" in msg
+
+
+def test_sampler_and_loader_cover_every_index_once(tiny_cifar):
+    train, _ = cifar.load(tiny_cifar)
+    sampler = ShardedBatchSampler(640, 64, shuffle=True, seed=1)
+    loader = TensorBatchLoader(train.images, train.labels, sampler)
+    seen = torch.cat([idx for idx in sampler])
+    assert torch.equal(seen.sort().values, torch.arange(640))
+    assert len(loader) == 10 == sum(1 for _ in loader)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy, lr_factor
+
+
+def test_soft_ce_equals_cross_entropy_on_one_hot_and_integer_targets():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    ce = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(SoftTargetCrossEntropy()(logits, F.one_hot(labels, 10).float()), ce)
+    torch.testing.assert_close(SoftTargetCrossEntropy()(logits, labels), ce)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.3])
+def test_label_smoothing_matches_torch(eps):
+    torch.manual_seed(1)
+    logits, labels = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    expected = F.cross_entropy(logits, labels, label_smoothing=eps)
+    torch.testing.assert_close(SoftTargetCrossEntropy(eps)(logits, labels), expected)
+    torch.testing.assert_close(SoftTargetCrossEntropy(eps)(logits, F.one_hot(labels, 10).float()), expected)
+
+
+def test_soft_targets_follow_the_definition():
+    torch.manual_seed(2)
+    logits, t = torch.randn(8, 10), torch.softmax(torch.randn(8, 10), -1)
+    expected = -(t * F.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(SoftTargetCrossEntropy()(logits, t), expected)
+
+
+def test_smoothing_mixed_targets_equals_mixing_smoothed_targets():
+    # the reason smoothing can live in the loss alone: it is affine in the targets
+    torch.manual_seed(3)
+    a, b = F.one_hot(torch.randint(0, 10, (8,)), 10).float(), F.one_hot(torch.randint(0, 10, (8,)), 10).float()
+    lam, eps = torch.rand(8, 1), 0.1
+    smooth = lambda t: t * (1 - eps) + eps / 10  # noqa: E731
+    torch.testing.assert_close(smooth(lam * a + (1 - lam) * b), lam * smooth(a) + (1 - lam) * smooth(b))
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0])
+def test_label_smoothing_range(eps):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SoftTargetCrossEntropy(eps)
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(50, 100, 0, "linear") == pytest.approx(0.5)
+    assert [lr_factor(s, 100, 0, "step") for s in (49, 50, 75)] == pytest.approx([1.0, 0.1, 0.01])
+    assert lr_factor(70, 100, 0, "constant") == 1.0
+
+
+def test_model_argument_checks():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ImageClassifier(lr_schedule="exp")
+    with pytest.raises(ValueError, match="lr"):
+        ImageClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    with pytest.raises(ValueError, match="6n\\+2"):
+        ImageClassifier(depth=21)

@@ -74,6 +74,8 @@ def sample_beta(alpha: float, n: int, *, device: torch.device | str = "cpu",
                 generator: torch.Generator | None = None) -> Tensor:
     """n draws of Beta(alpha, alpha) as float32 on ``device``, as G1 / (G1 + G2) with G ~ Gamma(alpha)."""
     device = torch.device(device)
+    if alpha == 1.0:  # Beta(1, 1) is U(0, 1): one kernel instead of the gamma sampler (the paper's setting)
+        return torch.rand(n, device=device, generator=generator)
     g1 = _log_standard_gamma(alpha, n, device, generator)
     g2 = _log_standard_gamma(alpha, n, device, generator)
     return torch.sigmoid(g1 - g2)  # = G1 / (G1 + G2), stable in log space
@@ -97,7 +99,7 @@ class Mixed(NamedTuple):
 
 
 def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}={value!r} is out of range: it must lie in [0, 1]")
 
 
@@ -110,8 +112,8 @@ class Mixer:
     """Shared machinery: argument checks, pairing, target mixing. Subclasses supply the pixel weights."""
 
     def __init__(self, alpha: float, prob: float, num_classes: int, mode: Mode, pairing: Pairing) -> None:
-        if not alpha > 0:
-            raise ValueError(f"alpha={alpha!r} is out of range: it must be > 0 (Beta(alpha, alpha))")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha={alpha!r} is out of range: it must be a finite number > 0 (Beta(alpha, alpha))")
         _check_unit("prob", prob)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} is out of range: it must be an integer >= 2")
@@ -127,6 +129,10 @@ class Mixer:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and copy the settings only: cached device tensors are rebuilt on first use."""
+        return {k: v for k, v in vars(self).items() if k != "_cache"}
+
     # -- checks -------------------------------------------------------------------------------------
     def _check_inputs(self, images: Tensor, labels: Tensor) -> None:
         if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
@@ -136,6 +142,10 @@ class Mixer:
         if batch < 1:
             raise ValueError("images must hold at least one sample; got an empty batch")
         k = self.num_classes
+        if not isinstance(labels, Tensor):
+            raise ValueError(f"labels must be a tensor, integer [B] or float [B, K]; got {type(labels).__name__}")
+        if labels.device != images.device:
+            raise ValueError(f"labels are on {labels.device} but images on {images.device}: put both on one device")
         if labels.is_floating_point():
             if labels.shape != (batch, k):
                 raise ValueError(f"soft labels must have shape [B, K] = [{batch}, {k}]; got {list(labels.shape)}")
@@ -144,7 +154,7 @@ class Mixer:
             raise ValueError(f"labels must be integer [B] = [{batch}] or float [B, K]; "
                              f"got {list(labels.shape)} {labels.dtype}")
         if labels.device.type == "cpu":
-            lo, hi = int(labels.min()), int(labels.max())
+            lo, hi = (int(v) for v in torch.aminmax(labels))
             if lo < 0 or hi >= k:
                 raise ValueError(f"labels must lie in [0, {k - 1}] (num_classes={k}); got values in [{lo}, {hi}]")
         else:  # a host-side check would stall the GPU queue every step; assert on the device instead
@@ -155,10 +165,13 @@ class Mixer:
         return n if self.mode == "elem" else 1
 
     def _expand(self, t: Tensor, n: int) -> Tensor:
-        return t.expand(n) if self.mode == "batch" else t
+        """A batch-mode draw [1] repeated for the n samples (a real tensor, not a stride-0 view)."""
+        return t.expand(n).contiguous() if self.mode == "batch" else t
 
     def _active(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
         """Which samples are mixed: each (elem) or the whole batch (batch) with probability ``prob``."""
+        if self.prob >= 1.0:  # no draw: the stream and the speed of the default setting do not pay for a coin
+            return torch.ones(n, dtype=torch.bool, device=device)
         coin = torch.rand(self._draws(n), device=device, generator=generator) < self.prob
         return self._expand(coin, n)
 
@@ -170,8 +183,14 @@ class Mixer:
     def _lam(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
         return self._expand(sample_beta(self.alpha, self._draws(n), device=device, generator=generator), n)
 
-    def weights(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Return (partner weight per pixel, broadcastable to images; own-label weight lam [B])."""
+    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw one call's randomness. Returns ``(keep, lam, is_cutmix)``:
+
+        keep: the weight of each sample's own pixels, in the images' dtype, broadcastable to them (1 outside a
+            CutMix box and 0 inside it; lambda for MixUp; 1 where unmixed). The partner's weight is ``1 - keep``.
+        lam: the weight of the sample's own label, [B].
+        is_cutmix: bool [B], samples mixed by cut-and-paste.
+        """
         raise NotImplementedError
 
     # -- the call -----------------------------------------------------------------------------------
@@ -180,19 +199,21 @@ class Mixer:
         self._check_inputs(images, labels)
         n, device = images.shape[0], images.device
         index = self._partners(n, device, generator)
-        weight, lam = self.weights(images, generator)
-        partner = images[index]
-        if weight.dtype == torch.bool:
-            mixed = torch.where(weight, partner, images)
-        else:  # lerp is exact at weight 0 and 1, so a CutMix pixel inside a mixed batch stays a copy
-            mixed = torch.lerp(images, partner, weight.to(images.dtype))
-        soft = to_soft_targets(labels, self.num_classes)
+        keep, lam, is_cutmix = self.weights(images, generator)
+        # Gather the partners into a fresh buffer and blend the own images into it in place: two passes over
+        # the pixels and one allocation. lerp is exact at weight 0 and 1 (end - (end - start) * 0 there), so a
+        # CutMix pixel is a bit-exact copy of the sample or of its partner; on a CPU a float lerp is several
+        # times faster than torch.where with a broadcast bool mask, and on a GPU it is one kernel either way.
+        mixed = images.index_select(0, index).lerp_(images, keep.to(images.dtype))
         lam32 = lam.to(torch.float32)
-        targets = lam32[:, None] * soft + (1.0 - lam32[:, None]) * soft[index]
-        return Mixed(mixed, targets, index, lam32, self._is_cutmix(weight, n))
-
-    def _is_cutmix(self, weight: Tensor, n: int) -> Tensor:
-        return torch.full((n,), isinstance(self, CutMix), dtype=torch.bool, device=weight.device)
+        if labels.is_floating_point():
+            soft = labels.to(torch.float32)
+            targets = lam32[:, None] * soft + (1.0 - lam32[:, None]) * soft.index_select(0, index)
+        else:  # lam on the own label plus 1 - lam on the partner's: two scatters, no one-hot products
+            own, other = labels.long()[:, None], labels.long().index_select(0, index)[:, None]
+            targets = torch.zeros(n, self.num_classes, device=device).scatter_(1, own, lam32[:, None])
+            targets.scatter_add_(1, other, (1.0 - lam32)[:, None])
+        return Mixed(mixed, targets, index, lam32, is_cutmix)
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
                  ) -> tuple[Tensor, Tensor]:
@@ -232,44 +253,73 @@ class CutMix(Mixer):
     def boxes(self, n: int, height: int, width: int, device: torch.device,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Sample boxes (y1, y2, x1, x2), int64 [n], clipped to the image, and the sampled lambda [n]."""
-        m = self._draws(n)
-        if self.minmax is not None:  # timm's rand_bbox_minmax: sides uniform in [min, max) of the image side
-            lo, hi = self.minmax
-            u = torch.rand(4, m, device=device, generator=generator)
-            cut_h = (int(height * lo) + u[0] * (int(height * hi) - int(height * lo))).long()
-            cut_w = (int(width * lo) + u[1] * (int(width * hi) - int(width * lo))).long()
-            y1 = (u[2] * (height - cut_h)).long()
-            x1 = (u[3] * (width - cut_w)).long()
-            y2, x2 = y1 + cut_h, x1 + cut_w
-            lam = 1.0 - (cut_h * cut_w).float() / (height * width)
-        else:  # the paper's Algorithm A1: side ratio sqrt(1 - lam), centre uniform, box clipped
-            lam = sample_beta(self.alpha, m, device=device, generator=generator)
-            ratio = torch.sqrt(1.0 - lam)
-            cut_h = (height * ratio).long()  # truncation, as int() in the reference code
-            cut_w = (width * ratio).long()
-            cy = torch.randint(height, (m,), device=device, generator=generator)
-            cx = torch.randint(width, (m,), device=device, generator=generator)
-            y1 = (cy - cut_h // 2).clamp(0, height)
-            y2 = (cy + cut_h // 2).clamp(0, height)
-            x1 = (cx - cut_w // 2).clamp(0, width)
-            x2 = (cx + cut_w // 2).clamp(0, width)
+        lo, hi, lam = self._bounds(self._draws(n), height, width, device, generator)
+        y1, x1 = lo.long()
+        y2, x2 = hi.long()
         return tuple(self._expand(t, n) for t in (y1, y2, x1, x2, lam))  # type: ignore[return-value]
 
-    def weights(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _constants(self, height: int, width: int, device: torch.device) -> tuple[Tensor, ...]:
+        """Float32 constants on the device, made once rather than copied every call: the sizes, the minmax side
+        ranges (all [2, 1], rows y and x) and pixel positions [max(H, W)]."""
+        key = (height, width, str(device), self.minmax)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            lo_frac, hi_frac = self.minmax or (0.0, 0.0)
+            side_lo = [int(height * lo_frac), int(width * lo_frac)]
+            side_hi = [int(height * hi_frac), int(width * hi_frac)]
+            cache[key] = (*(torch.tensor(v, dtype=torch.float32, device=device).view(2, 1) for v in
+                            ([height, width], [height / 2, width / 2], side_lo,
+                             [b - a for a, b in zip(side_lo, side_hi)])),
+                          torch.arange(max(height, width), dtype=torch.float32, device=device))
+        return cache[key]
+
+    def _bounds(self, m: int, height: int, width: int, device: torch.device,
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """m boxes as float32 [2, m] (rows: y, x) start and end, clipped to the image, and the sampled lambda [m].
+
+        Both axes are drawn and clipped together, in exact small-integer float32, so that a box costs a
+        handful of tiny kernels: at CIFAR sizes the number of kernels, not their work, is the cost.
+        """
+        sizes, half_sizes, side_lo, span, _ = self._constants(height, width, device)
+        if self.minmax is not None:  # timm's rand_bbox_minmax: sides uniform in [int(min*S), int(max*S))
+            u = torch.rand(2, 2, m, device=device, generator=generator)
+            cut = torch.addcmul(side_lo, u[0], span).floor_()
+            start = (sizes - cut + 1).mul_(u[1]).floor_()  # every position, flush with either edge included
+            lam = 1.0 - cut[0] * cut[1] / (height * width)  # with minmax, lambda is always the area left
+            return start, start + cut, lam
+        # the paper's Algorithm A1: side ratio sqrt(1 - lam), centre uniform, the box clipped to the image.
+        lam = sample_beta(self.alpha, m, device=device, generator=generator)
+        half = torch.sqrt(1.0 - lam).mul(half_sizes).floor_()  # = int(S * sqrt(1 - lam)) // 2: floor(x / 2)
+        # equals floor(floor(x) / 2), and halving a float32 is exact
+        if height == width:
+            centre = torch.randint(height, (2, m), device=device, generator=generator, dtype=torch.float32)
+        else:
+            centre = torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
+        return (centre - half).clamp_(min=0), torch.minimum(centre + half, sizes), lam
+
+    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         n, _, height, width = images.shape
-        device = images.device
-        y1, y2, x1, x2, lam = self.boxes(n, height, width, device, generator)
+        device, dtype = images.device, images.dtype
+        m = self._draws(n)
+        lo, hi, lam = self._bounds(m, height, width, device, generator)
         active = self._active(n, device, generator)
-        ys = torch.arange(height, device=device).view(1, height, 1)
-        xs = torch.arange(width, device=device).view(1, 1, width)
-        inside = ((ys >= y1.view(-1, 1, 1)) & (ys < y2.view(-1, 1, 1))
-                  & (xs >= x1.view(-1, 1, 1)) & (xs < x2.view(-1, 1, 1)))
-        inside = inside & active.view(-1, 1, 1)
+        # A pixel keeps its own value when its row or its column lies outside the box, so keep is the outer
+        # maximum of two [m, H] and [m, W] indicators (computed together as one [2, m, max(H, W)] comparison):
+        # one pass over m*H*W elements, a third of the images (m = 1 in batch mode: one [H, W] mask). It is
+        # several times cheaper on a CPU than building and applying a bool [B, H, W] box mask.
+        pos = self._constants(height, width, device)[-1]
+        outside = (pos < lo[..., None]) | (pos >= hi[..., None])
+        if self.prob < 1.0:  # an unmixed sample keeps every pixel
+            outside[0] |= ~active[:m, None]
+        outside = outside.to(dtype)
+        keep = torch.maximum(outside[0, :, None, :height, None], outside[1, :, None, None, :width])
         if self.correct_lam or self.minmax is not None:
-            area = ((y2 - y1) * (x2 - x1)).float()
-            lam = 1.0 - area / (height * width)
-        lam = torch.where(active, lam, torch.ones_like(lam))
-        return inside.unsqueeze(1), lam
+            extent = hi - lo
+            lam = 1.0 - extent[0] * extent[1] / (height * width)
+        lam = self._expand(lam, n)
+        if self.prob < 1.0:
+            lam = torch.where(active, lam, torch.ones_like(lam))
+        return keep, lam, active
 
 
 class MixUp(Mixer):
@@ -283,11 +333,11 @@ class MixUp(Mixer):
                  pairing: Pairing = "perm") -> None:
         super().__init__(alpha, prob, num_classes, mode, pairing)
 
-    def weights(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         n, device = images.shape[0], images.device
         lam = self._lam(n, device, generator)
         lam = torch.where(self._active(n, device, generator), lam, torch.ones_like(lam))
-        return (1.0 - lam).view(-1, 1, 1, 1), lam
+        return lam.view(-1, 1, 1, 1).to(images.dtype), lam, torch.zeros(n, dtype=torch.bool, device=device)
 
 
 class CutMixUp(Mixer):
@@ -304,8 +354,12 @@ class CutMixUp(Mixer):
 
     def __init__(self, cutmix: CutMix | None = None, mixup: MixUp | None = None, switch_prob: float = 0.5,
                  prob: float = 1.0, mode: Mode = "elem", pairing: Pairing = "perm") -> None:
-        cutmix = cutmix or CutMix()
-        mixup = mixup or MixUp(num_classes=cutmix.num_classes)
+        cutmix = CutMix() if cutmix is None else cutmix
+        if not isinstance(cutmix, CutMix):
+            raise ValueError(f"cutmix={cutmix!r} must be a CutMix (or null for the default CutMix())")
+        mixup = MixUp(num_classes=cutmix.num_classes) if mixup is None else mixup
+        if not isinstance(mixup, MixUp):
+            raise ValueError(f"mixup={mixup!r} must be a MixUp (or null for the default MixUp())")
         if cutmix.num_classes != mixup.num_classes:
             raise ValueError(f"cutmix.num_classes={cutmix.num_classes} and mixup.num_classes="
                              f"{mixup.num_classes} must agree")
@@ -317,20 +371,16 @@ class CutMixUp(Mixer):
         for half in (self.cutmix, self.mixup):
             half.mode, half.pairing, half.prob = mode, pairing, 1.0
 
-    def weights(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         n, device = images.shape[0], images.device
-        box, lam_c = self.cutmix.weights(images, generator)
-        blend, lam_m = self.mixup.weights(images, generator)
+        keep_c, lam_c, _ = self.cutmix.weights(images, generator)
+        keep_m, lam_m, _ = self.mixup.weights(images, generator)
         use_cut = self._expand(torch.rand(self._draws(n), device=device, generator=generator) < self.switch_prob, n)
         active = self._active(n, device, generator)
-        self._last_use_cut = use_cut & active
-        weight = torch.where(use_cut.view(-1, 1, 1, 1), box.to(blend.dtype), blend)
-        weight = weight * active.view(-1, 1, 1, 1)
+        keep = torch.where(use_cut.view(-1, 1, 1, 1), keep_c, keep_m)
+        keep = torch.where(active.view(-1, 1, 1, 1), keep, torch.ones((), dtype=keep.dtype, device=device))
         lam = torch.where(active, torch.where(use_cut, lam_c, lam_m), torch.ones_like(lam_c))
-        return weight, lam
-
-    def _is_cutmix(self, weight: Tensor, n: int) -> Tensor:
-        return self._last_use_cut
+        return keep, lam, use_cut & active
 
 
 class MixCollate:

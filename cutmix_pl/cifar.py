@@ -7,6 +7,7 @@ The pickles are read straight into uint8 tensors: no PIL, no per-image objects. 
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,10 +51,17 @@ def download(root: str | Path) -> Path:
     from torchvision.datasets.utils import download_and_extract_archive
 
     root = Path(root)
+    archive, folder = root / "cifar-10-python.tar.gz", root / FOLDER
+    made = [p for p in (root, archive, folder) if not p.exists()]  # what a failed attempt must not leave behind
     try:
         root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(URL, str(root), filename="cifar-10-python.tar.gz", md5=ARCHIVE_MD5)
+        download_and_extract_archive(URL, str(root), filename=archive.name, md5=ARCHIVE_MD5)
     except Exception as err:  # URLError, socket errors, md5 mismatch, permission: all end the same way
+        for p in reversed(made):  # a partial archive or extraction, and the folder if this call created it
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
         reason = " ".join(str(err).split()) or type(err).__name__
         raise DataError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({reason}); "
                         f"fix: {_fix_hint(root / FOLDER)}") from None

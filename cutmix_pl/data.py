@@ -65,8 +65,14 @@ class ShardedBatchSampler:
         self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this before every epoch, on any loader attribute named ``batch_sampler``."""
+        """Lightning calls this before every epoch (through ``sampler``, below)."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> ShardedBatchSampler:
+        """Lightning calls ``set_epoch`` only on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never on
+        ``loader.batch_sampler`` itself: this makes its per-epoch call reach us (else every epoch is epoch 0)."""
+        return self
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         """Skip the first ``batches_done`` batches the next time ``epoch`` is iterated (mid-epoch resume)."""
@@ -251,7 +257,13 @@ class CIFAR10DataModule(L.LightningDataModule):
         return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
 
     def _seed(self) -> int:
-        return self.seed if self.seed is not None else torch.initial_seed()
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # All ranks must draw the same permutations; under torchrun or srun with `seed_everything: true`
+            # each process picked its own random seed, so rank 0's wins.
+            seed = trainer.strategy.broadcast(seed, src=0)
+        return seed
 
     def _loader(self, name: str, global_batch: int, shuffle: bool) -> Any:
         device, rank, world = self._topology()
@@ -329,6 +341,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         state: dict[str, Any] = {"epoch": self._position[0], "batches_done": self._position[1]}
         if self._aug_gen is not None:
             state["aug_rng"] = self._aug_gen.get_state()
+            trainer = self.trainer
+            if trainer is not None and trainer.world_size > 1:
+                # Only rank 0's dict reaches the file, so it carries every rank's stream (all ranks save together).
+                states = trainer.strategy.all_gather(state["aug_rng"].to(trainer.strategy.root_device))
+                state["aug_rng_per_rank"] = [row.clone() for row in states.cpu()]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -342,5 +359,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.resume_at(*self._position)
         if "aug_rng" in state and self._aug_gen is not None:
-            self._aug_gen.set_state(state["aug_rng"])
+            _, rank, world = self._topology()
+            streams = state.get("aug_rng_per_rank", [state["aug_rng"]])
+            if len(streams) == world:
+                self._aug_gen.set_state(streams[rank].cpu().clone())  # a view of a shared storage crashes it
+            else:  # saved with another number of processes: a new stream per rank, distinct and reproducible
+                self._aug_gen.manual_seed(mix_seed(self._seed(), 1 + rank, world, *self._position))
 

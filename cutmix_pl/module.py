@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from . import cifar
 from .resnet import ResNet, Shortcut
-from .viz import captioned_grid, denormalize, mix_captions
+from .viz import captioned_grid, confusion_image, denormalize, mix_captions
 
 Schedule = Literal["cosine", "linear", "step", "constant"]
 
@@ -56,6 +59,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: Schedule) -> float:
     if schedule == "step":  # x0.1 at 50% and 75% of training, as He et al. 2016 (at 32k and 48k of 64k)
         return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
     return 1.0
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), NumPy and Python RNG states, as tensors and ints only, so that
+    checkpoints still load with ``torch.load(weights_only=True)`` (Lightning's default)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def _default_sgd(params: Any) -> torch.optim.Optimizer:
@@ -99,15 +125,21 @@ class ImageClassifier(L.LightningModule):
         self._check_optimizer()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         for stage in ("val", "test"):
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="ignore"))  # weighted by images, synced exactly
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
             setattr(self, f"{stage}_ece", MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"))
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.best_val_acc = 0.0
         self._nonfinite: Tensor | None = None
 
     def _check_optimizer(self) -> None:
         """Build the optimiser once on a dummy parameter so a bad setting fails at start-up, not at step 0."""
-        probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        try:
+            probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        except ValueError as err:  # torch's own checks ("Invalid learning rate: -1.0") name no key and no fix
+            raise ValueError(f"model.optimizer: {' '.join(str(err).split())}; fix: set "
+                             "model.optimizer.init_args to valid values (lr > 0, momentum >= 0, ...)") from None
         lr = probe.defaults.get("lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0")
@@ -183,7 +215,7 @@ class ImageClassifier(L.LightningModule):
                                                   F.log_softmax(self(images.flip(3)), -1)]), 0) - math.log(2)
         return logits
 
-    def _eval_step(self, stage: str, batch: Any) -> None:
+    def _eval_step(self, stage: str, batch: Any) -> Tensor:
         images, labels = batch
         logits = self._predict_logits(images)
         loss = self.criterion(logits, labels)
@@ -192,17 +224,31 @@ class ImageClassifier(L.LightningModule):
         top5(logits, labels)
         ece(logits.float().softmax(-1), labels)
         n = len(labels)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=n)
+        # A MeanMetric, not self.log(sync_dist=True): Lightning's mean sync floors the integer image count when
+        # ranks hold unequal numbers of images (Lightning issue #21838), inflating the loss under DDP.
+        mean_loss = getattr(self, f"{stage}_loss")
+        mean_loss.update(loss.detach(), weight=n)
+        self.log(f"{stage}/loss", mean_loss, on_epoch=True, batch_size=n)
         self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=True, batch_size=n)
         self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)
         self.log(f"{stage}/ece", ece, on_epoch=True, batch_size=n)
+        return logits
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self.val_confusion.update(self._eval_step("val", batch), batch[1])
 
     def on_validation_epoch_end(self) -> None:
+        matrix = self.val_confusion.compute()  # every rank joins the reduction under DDP
+        self.val_confusion.reset()
         if self.trainer.sanity_checking:
             return
+        per_class = matrix.diag().float() / matrix.sum(1).clamp_min(1)
+        names = cifar.CLASSES if len(cifar.CLASSES) == len(per_class) else [str(i) for i in range(len(per_class))]
+        for name, acc in zip(names, per_class):
+            self.log(f"val_class/{name}", acc, sync_dist=False)
+        if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
+            self.logger.experiment.add_image("val/confusion_matrix", confusion_image(matrix, names),
+                                             self.global_step, dataformats="HWC")
         acc = self.trainer.callback_metrics.get("val/acc")
         if acc is not None:
             self.best_val_acc = max(self.best_val_acc, float(acc))
@@ -210,9 +256,34 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["best_val_acc"] = self.best_val_acc
+        checkpoint["global_rng_states"] = _rng_states()  # anything drawing from them resumes exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_compatible(checkpoint)
         self.best_val_acc = checkpoint.get("best_val_acc", 0.0)
+        if "global_rng_states" in checkpoint:
+            _set_rng_states(checkpoint["global_rng_states"])
+
+    def _check_compatible(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another architecture fails here in one line, not in load_state_dict's size dump."""
+        where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        what = f"the checkpoint {where}" if where else "the checkpoint"
+        saved = checkpoint.get("hyper_parameters") or {}
+        diffs = [(k, saved[k], self.hparams[k]) for k in ("depth", "num_classes", "width", "shortcut")
+                 if k in saved and k in self.hparams and saved[k] != self.hparams[k]]
+        if diffs:
+            theirs = ", ".join(f"{k}={a!r}" for k, a, _ in diffs)
+            ours = ", ".join(f"{k}={b!r}" for k, _, b in diffs)
+            flags = " ".join(f"--model.{k} {a}" for k, a, _ in diffs if k != "num_classes")
+            fix = f"pass {flags}" if flags else "use a checkpoint trained on this data set"
+            raise ValueError(f"{what} holds a model with {theirs} but this run builds {ours}; fix: {fix}, "
+                             "or leave out --ckpt_path to train from scratch")
+        own = self.state_dict()
+        for key, value in (checkpoint.get("state_dict") or {}).items():
+            if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"{what} does not fit this model: {key} has shape {list(value.shape)} there and "
+                                 f"{list(own[key].shape)} here; fix: pass the --model.depth/width/shortcut it was "
+                                 "trained with, or leave out --ckpt_path to train from scratch")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step("test", batch)

@@ -45,3 +45,30 @@ def mix_captions(labels: Tensor, partner: Tensor, lam: Tensor, classes: Sequence
         else:
             out.append(f"{classes[a][:9]} {l:.2f}\n+{classes[b][:8]} {1 - l:.2f}")
     return out
+
+
+def confusion_image(matrix: Tensor, classes: Sequence[str], cell: int = 34) -> np.ndarray:
+    """A confusion matrix (rows: true class, columns: predicted) as a captioned heat map, uint8 HWC.
+
+    Cells are shaded by the row-normalised rate and show the count, so rare and common classes read alike.
+    """
+    counts = matrix.detach().cpu().to(torch.float64)
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    k = len(classes)
+    left, top = 70, 16
+    canvas = Image.new("RGB", (left + k * cell, top + k * cell + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for j, name in enumerate(classes):
+        draw.text((left + j * cell + 2, 2), name[:5], fill="black", font=font)
+        draw.text((2, top + j * cell + cell // 2 - 5), name[:11], fill="black", font=font)
+    for i in range(k):
+        for j in range(k):
+            r = float(rates[i, j])
+            shade = int(255 * (1 - r))
+            x, y = left + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.text((x + 3, y + cell // 2 - 5), f"{int(counts[i, j])}", fill="white" if r > 0.5 else "black",
+                      font=font)
+    draw.text((left, top + k * cell + 2), "rows: true class, columns: predicted", fill="black", font=font)
+    return np.asarray(canvas)

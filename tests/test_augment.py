@@ -164,3 +164,51 @@ def test_normalize_standardises_per_channel():
     out = normalize(images, mean, std)
     torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.std((0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["elem", "batch"])
+@pytest.mark.parametrize("kwargs", [{"minmax": (0.2, 0.8)}, {"alpha": 0.3}, {"prob": 0.5, "pairing": "roll"}],
+                         ids=["minmax", "alpha0.3", "prob0.5-roll"])
+def test_cutmix_contract_holds_for_every_option(kwargs, mode):
+    torch.manual_seed(3)
+    images, labels = _batch(33)
+    _check_cutmix_contract(images, labels, CutMix(mode=mode, **kwargs).mix(images, labels))
+
+
+def test_cutmix_keeps_low_precision_images_exact():
+    images, labels = _batch(16)
+    images = images.to(torch.bfloat16)
+    out = CutMix().mix(images, labels, torch.Generator().manual_seed(0))
+    assert out.images.dtype == torch.bfloat16
+    _check_cutmix_contract(images, labels, out)
+
+
+def test_bench_script_runs(capsys):
+    """scripts/bench_augment.py at minimal sizes, so that it cannot rot (no timing is checked)."""
+    pytest.importorskip("timm")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_augment.py"
+    spec = importlib.util.spec_from_file_location("bench_augment", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--batch-sizes", "4", "--reps", "1", "--min-time", "0", "--devices", "cpu"])
+    methods = {r["method"] for r in rows}
+    assert {"ours CutMix elem", "ours CutMix batch", "timm Mixup elem", "timm Mixup batch",
+            "torchvision v2.CutMix"} == methods
+    assert all(r["img_per_s"] > 0 for r in rows)
+    assert "img/s" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("make", [lambda: CutMix(mode="batch", prob=0.5), lambda: CutMix(minmax=(0.2, 0.8)),
+                                  lambda: MixUp(alpha=1.0), lambda: CutMixUp(mixup=MixUp(alpha=1.0))],
+                         ids=["cutmix-batch", "minmax", "mixup", "cutmixup"])
+def test_every_mixer_runs_on_cuda_with_a_cuda_generator(make):
+    images, labels = _batch(33, device="cuda")
+    a = make().mix(images, labels, torch.Generator(device="cuda").manual_seed(1))
+    b = make().mix(images, labels, torch.Generator(device="cuda").manual_seed(1))
+    assert a.images.device.type == a.targets.device.type == a.lam.device.type == "cuda"
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    torch.testing.assert_close(a.targets.sum(1), torch.ones(33, device="cuda"))

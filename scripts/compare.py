@@ -1,0 +1,137 @@
+"""CutMix vs no mixing vs MixUp with the same seed and budget, through the CLI; a table and a plot.
+
+Each method is one ``python -m cutmix_pl fit`` run (the recipe in ``configs/short.yaml`` by default, i.e. 15 epochs,
+validating on the test set every epoch) followed by ``test`` on its last checkpoint. The script then reads the
+TensorBoard event files and writes ``results.md`` (test accuracy, top-5, expected calibration error, wall time)
+and ``val_acc.png`` (the validation-accuracy curves) into ``--out``.
+
+    python scripts/compare.py --data-dir data --out results/short          # about 3 x 35 min on a 2-core CPU
+    python scripts/compare.py --data-dir data --out results/short --reuse  # re-read finished runs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+METHODS = {  # overlays applied after the budget config
+    "cutmix": [],
+    "baseline": ["baseline.yaml"],
+    "mixup": ["mixup.yaml"],
+}
+
+
+def run_dir(out: Path, method: str) -> Path:
+    return out / "runs" / method / "version_0"
+
+
+def cli(subcommand: str, method: str, args: argparse.Namespace, extra: list[str]) -> float:
+    configs = [args.budget, *METHODS[method]]
+    cmd = [sys.executable, "-m", "cutmix_pl", subcommand]
+    for c in configs:
+        cmd += ["--config", str(CONFIGS / c)]
+    cmd += ["--data.data_dir", str(args.data_dir), "--data.download", str(args.download).lower(),
+            "--seed_everything", str(args.seed),
+            "--trainer.logger.init_args.save_dir", str(args.out / "runs"),
+            "--trainer.logger.init_args.name", method, "--trainer.logger.init_args.version", "0",
+            "--trainer.enable_progress_bar", "false", *extra]
+    if args.epochs is not None:
+        cmd += ["--trainer.max_epochs", str(args.epochs)]
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
+    return time.perf_counter() - start
+
+
+def scalars(path: Path) -> dict[str, list[tuple[int, float, float]]]:
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload()
+    return {t: [(e.step, e.value, e.wall_time) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def summarize(out: Path, method: str) -> dict[str, object]:
+    """Fit curves and timing from the fit run's events; test metrics from the test run's events."""
+    runs = sorted(p for p in (out / "runs" / method).glob("version_*") if p.is_dir())
+    fit = scalars(run_dir(out, method))
+    tests = [scalars(p) for p in runs if p != run_dir(out, method)]
+    test = next((s for s in reversed(tests) if "test/acc" in s), {})
+    curve = [v for _, v, _ in fit.get("val/acc", [])]
+    walls = [w for series in fit.values() for _, _, w in series]
+    return {
+        "method": method,
+        "val_acc_curve": curve,
+        "test_acc": test["test/acc"][-1][1] if test else None,
+        "test_top5": test["test/acc_top5"][-1][1] if test else None,
+        "test_ece": test["test/ece"][-1][1] if test else None,
+        "fit_minutes": (max(walls) - min(walls)) / 60 if walls else None,
+    }
+
+
+def table(rows: list[dict[str, object]], header: str) -> str:
+    lines = [header, "", "| method | test acc | top-5 | ECE (15 bins) | fit wall time |", "|---|---|---|---|---|"]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['method']} | {fmt(r['test_acc'], '.2%')} | {fmt(r['test_top5'], '.2%')} | "
+                     f"{fmt(r['test_ece'], '.4f')} | {fmt(r['fit_minutes'], '.1f')} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in rows:
+        curve = r["val_acc_curve"]
+        ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o", ms=3, label=r["method"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("ResNet-20 on CIFAR-10: same seed, same budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--download", action="store_true", help="let the runs download CIFAR-10")
+    p.add_argument("--out", type=Path, default=Path("results/short"))
+    p.add_argument("--budget", default="short.yaml", help="config in configs/ that sets the budget")
+    p.add_argument("--epochs", type=int, default=None, help="override the budget's max_epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--reuse", action="store_true", help="skip methods whose fit run already finished")
+    p.add_argument("--quiet", action="store_true", help="hide the runs' own output")
+    args, extra = p.parse_known_args(argv)  # anything else goes to every CLI call, e.g. --data.train_size 1000
+    args.out.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        last = run_dir(args.out, method) / "checkpoints" / "last.ckpt"
+        if not (args.reuse and last.is_file()):
+            cli("fit", method, args, extra)
+        if not (args.reuse and any((args.out / "runs" / method).glob("version_1"))):
+            cli("test", method, args, [*extra, "--ckpt_path", str(last),
+                                        "--trainer.logger.init_args.version", "null"])
+    rows = [summarize(args.out, m) for m in args.methods]
+    header = (f"Budget `configs/{args.budget}`" + (f" with max_epochs={args.epochs}" if args.epochs else "")
+              + f", seed {args.seed}; test metrics of the last epoch's checkpoint.")
+    (args.out / "results.md").write_text(table(rows, header))
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, args.out / "val_acc.png")
+    print(table(rows, header))
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'val_acc.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

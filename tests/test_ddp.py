@@ -1,0 +1,214 @@
+"""DDP on CPU (gloo), 2 processes, through the real CLI in subprocesses: shards, augmentation, metrics, files,
+resume, and a launch through ``torchrun``.
+
+Lightning's ``ddp`` strategy re-launches ``sys.argv`` for the other ranks, so every multi-process run here is a
+``python -m cutmix_pl`` subprocess. tests/ddp_probe.py (on PYTHONPATH) records, per rank, the shard, the labels
+and CutMix lambdas of every training batch and the logged metrics into ``probe/rank<r>.json``.
+
+Three 2-process runs, shared by the tests through module-scoped fixtures:
+  * ``ref``: 2 epochs with Lightning's launcher (the reference run);
+  * ``tr``: 1 epoch launched by ``torchrun --standalone --nproc_per_node 2`` (Lightning must not re-launch);
+  * ``resumed``: ``tr``'s last.ckpt continued to 2 epochs with Lightning's launcher.
+Data: tiny synthetic CIFAR, 101 validation images (uneven shards: 50 and 51), 538 training images (269 per
+rank, 9 batches of a 64 global batch, i.e. 32 per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cutmix_pl.cli import CONFIG_DIR
+from cutmix_pl.data import CIFAR10DataModule
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+VAL_SIZE, TRAIN_SIZE, BATCH, WORLD = 101, 538, 64, 2
+STEPS_PER_EPOCH = -(-(TRAIN_SIZE // WORLD) // (BATCH // WORLD))  # 269 per rank in batches of 32: 9
+
+
+def cli_args(data_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(CONFIG_DIR / "smoke.yaml"), "--config", str(CONFIG_DIR / "ddp.yaml"),
+            "--data.data_dir", str(data_dir), "--data.download", "false",
+            "--data.val_size", str(VAL_SIZE), "--data.train_size", str(TRAIN_SIZE),
+            "--data.batch_size", str(BATCH), "--data.eval_batch_size", "100",
+            "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "null",
+            "--trainer.limit_val_batches", "null", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.num_sanity_val_steps", "0", *extra]
+
+
+def ddp_args(data_dir: Path, *extra: str) -> list[str]:
+    return cli_args(data_dir, "--trainer.devices", str(WORLD), "--trainer.strategy", "ddp",
+                    "--trainer.callbacks+=ddp_probe.DDPProbe", "--trainer.callbacks.out", "probe", *extra)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+             OMP_NUM_THREADS="1", CUTMIX_PL_TRACEBACK="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+                "PL_GLOBAL_SEED", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        e.pop(key, None)
+    return e
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def fit(cwd: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "cutmix_pl", "fit", *ddp_args(data_dir, *extra)], cwd)
+
+
+def probes(cwd: Path) -> list[dict]:
+    out = [json.loads((cwd / "probe" / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [p["rank"] for p in out] == list(range(WORLD)) and all(p["world_size"] == WORLD for p in out)
+    return out
+
+
+def batches(probe: dict, epoch: int) -> list[dict]:
+    return [b for b in probe["batches"] if b["epoch"] == epoch]
+
+
+def run_dir(cwd: Path) -> Path:
+    versions = sorted((cwd / "runs" / "smoke").iterdir())
+    assert [v.name for v in versions] == ["version_0"], versions  # one logger folder, not one per rank
+    return versions[0]
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("ddp_ref")
+    fit(cwd, tiny_cifar, "--trainer.max_epochs", "2")
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def tr(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    cwd = tmp_path_factory.mktemp("ddp_torchrun")
+    run([torchrun, "--standalone", "--nproc_per_node", str(WORLD), "-m", "cutmix_pl", "fit",
+         *ddp_args(tiny_cifar, "--trainer.max_epochs", "1")], cwd)
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def resumed(tr: Path, tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("ddp_resumed")
+    ckpt = run_dir(tr) / "checkpoints" / "last.ckpt"
+    fit(cwd, tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt))
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def train_split(tiny_cifar: Path):
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=VAL_SIZE, train_size=TRAIN_SIZE)
+    return dm.split("train")
+
+
+def test_shards_are_disjoint_complete_and_are_what_each_rank_trains_on(ref, train_split):
+    p = probes(ref)
+    for epoch in (0, 1):
+        shards = [p[r]["shards"][str(epoch)] for r in range(WORLD)]
+        assert all(s["sampler_epoch"] == epoch and s["split_size"] == TRAIN_SIZE for s in shards)
+        idx = [s["indices"] for s in shards]
+        assert [len(i) for i in idx] == [TRAIN_SIZE // WORLD] * WORLD
+        assert not set(idx[0]) & set(idx[1]), "ranks share training images"
+        assert sorted(idx[0] + idx[1]) == list(range(TRAIN_SIZE)), "the shards do not cover the epoch"
+        for r in range(WORLD):  # each rank's batches are exactly its shard, in order, 32 images a step
+            seen = [lab for b in batches(p[r], epoch) for lab in b["labels"]]
+            assert seen == train_split.labels[torch.tensor(idx[r])].tolist()
+            assert [len(b["labels"]) for b in batches(p[r], epoch)][:-1] == [BATCH // WORLD] * (STEPS_PER_EPOCH - 1)
+    # a new permutation each epoch
+    assert p[0]["shards"]["0"]["indices"] != p[0]["shards"]["1"]["indices"]
+
+
+def test_augmentation_differs_across_ranks_and_repeats_for_the_same_seed(ref, tr):
+    p_ref, p_tr = probes(ref), probes(tr)
+    lam = [[b["lam"] for b in batches(p_ref[r], 0)] for r in range(WORLD)]
+    cut = [[b["is_cutmix"] for b in batches(p_ref[r], 0)] for r in range(WORLD)]
+    assert lam[0] != lam[1] and cut[0] != cut[1], "both ranks drew the same CutMix stream"
+    assert any(0 < x < 1 for b in lam[1] for x in b), "rank 1 never mixed"
+    # Same seed, other launcher (torchrun), other run: the same shard and the same stream on every rank.
+    for r in range(WORLD):
+        assert p_tr[r]["shards"]["0"] == p_ref[r]["shards"]["0"]
+        assert batches(p_tr[r], 0) == batches(p_ref[r], 0)
+
+
+def test_validation_metrics_are_reduced_over_ranks(ref, tiny_cifar, tmp_path):
+    p = probes(ref)
+    last = [q["val_metrics"][-1] for q in p]
+    assert len(p[0]["val_metrics"]) == 2
+    assert last[0] == last[1], "ranks disagree on the synced validation metrics"
+    # A single process validating the saved weights on all 101 images must find the same numbers.
+    ckpt = run_dir(ref) / "checkpoints" / "last.ckpt"
+    single = run([sys.executable, "-m", "cutmix_pl", "validate",
+                  *cli_args(tiny_cifar, "--trainer.devices", "1", "--ckpt_path", str(ckpt),
+                            "--trainer.callbacks+=ddp_probe.DDPProbe", "--trainer.callbacks.out", "probe")],
+                 tmp_path)
+    assert "val/acc" in single.stdout
+    one = json.loads((tmp_path / "probe" / "rank0.json").read_text())
+    assert one["world_size"] == 1
+    got = one["val_metrics"][-1]
+    for key in ("val/acc", "val/acc_top5", "val/loss", "val/ece"):
+        assert got[key] == pytest.approx(last[0][key], rel=1e-4, abs=1e-5), key
+    assert round(got["val/acc"] * VAL_SIZE) == pytest.approx(got["val/acc"] * VAL_SIZE, abs=1e-3)
+
+
+def test_rank_zero_alone_writes_one_set_of_files(ref):
+    run = run_dir(ref)
+    assert sorted(p.name for p in ref.iterdir()) == ["probe", "runs"]
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    events = [f for f in files if f.startswith("events.out.tfevents")]
+    assert len(events) == 1, files
+    ckpts = sorted(f for f in files if f.endswith(".ckpt"))
+    assert "checkpoints/last.ckpt" in ckpts and len(ckpts) == 2, ckpts  # last + the single best
+    assert sorted(set(files) - set(events) - set(ckpts)) == ["config.yaml", "hparams.yaml"]
+    # Each global step is logged once (by rank 0), over both epochs.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    steps = [e.step for e in acc.Scalars("train/loss_step")]
+    assert steps == sorted(set(steps)) and len(steps) == 2 * STEPS_PER_EPOCH
+    assert len(acc.Scalars("val/acc")) == 2
+
+
+def test_torchrun_launch_is_not_relaunched(tr):
+    p = probes(tr)
+    assert [q["env_rank"] for q in p] == ["0", "1"]  # ranks came from torchrun's environment
+    assert all(q["global_step"] == STEPS_PER_EPOCH and q["current_epoch"] == 1 for q in p)
+    run_dir(tr)  # one version folder
+    assert (run_dir(tr) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_resume_under_ddp_continues_exactly(resumed, ref):
+    p_res, p_ref = probes(resumed), probes(ref)
+    for r in range(WORLD):
+        got = p_res[r]["batches"]
+        assert {b["epoch"] for b in got} == {1}, "resumed run re-trained epoch 0"
+        assert [b["global_step"] for b in got] == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
+        assert p_res[r]["global_step"] == 2 * STEPS_PER_EPOCH and p_res[r]["current_epoch"] == 2
+        # the same shard, labels and CutMix draws as epoch 1 of the uninterrupted run, rank by rank
+        assert p_res[r]["shards"]["1"] == p_ref[r]["shards"]["1"]
+        assert got == batches(p_ref[r], 1), f"rank {r}'s epoch 1 after resume differs from the uninterrupted run"
+
+
+def test_global_batch_not_divisible_by_the_processes_is_one_line(tiny_cifar, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cutmix_pl", "fit", *ddp_args(tiny_cifar, "--data.batch_size", "63")],
+                          cwd=tmp_path, env={**env(), "CUTMIX_PL_TRACEBACK": ""}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cutmix-pl: error: data.batch_size=63 is the global batch and must be divisible by the 2 processes" \
+        in proc.stderr

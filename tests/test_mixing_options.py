@@ -1,0 +1,209 @@
+"""Mixing options end to end: argument errors, YAML configuration, label smoothing once, the off switch through the
+DataModule, per-rank streams and reproducibility under ``seed_everything``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cutmix_pl.augment import CutMix, CutMixUp, Mixer, MixUp
+from cutmix_pl.data import CIFAR10DataModule, mix_seed
+from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# -- argument errors name the argument and the allowed range ----------------------------------------------
+@pytest.mark.parametrize("make, pattern", [
+    (lambda: CutMix(alpha=0.0), r"alpha=0\.0 .*> 0"),
+    (lambda: CutMix(alpha=-1.0), r"alpha=-1\.0 .*> 0"),
+    (lambda: CutMix(alpha=math.nan), r"alpha=nan .*> 0"),
+    (lambda: CutMix(alpha=math.inf), r"alpha=inf .*finite"),
+    (lambda: MixUp(alpha=0), r"alpha=0 .*> 0"),
+    (lambda: CutMix(prob=1.5), r"prob=1\.5 .*\[0, 1\]"),
+    (lambda: CutMix(prob=-0.1), r"prob=-0\.1 .*\[0, 1\]"),
+    (lambda: MixUp(prob=2), r"prob=2 .*\[0, 1\]"),
+    (lambda: CutMixUp(prob=-1.0), r"prob=-1\.0 .*\[0, 1\]"),
+    (lambda: CutMixUp(switch_prob=1.01), r"switch_prob=1\.01 .*\[0, 1\]"),
+    (lambda: CutMixUp(switch_prob=-0.5), r"switch_prob=-0\.5 .*\[0, 1\]"),
+    (lambda: CutMix(num_classes=1), r"num_classes=1 .*>= 2"),
+    (lambda: MixUp(num_classes=0), r"num_classes=0 .*>= 2"),
+    (lambda: CutMix(num_classes=2.5), r"num_classes=2\.5 .*integer >= 2"),
+    (lambda: CutMix(mode="pair"), r"mode='pair' .*'elem', 'batch'"),
+    (lambda: CutMix(pairing="flip"), r"pairing='flip' .*'perm', 'roll'"),
+    (lambda: CutMix(minmax=(0.8, 0.2)), r"minmax=\(0\.8, 0\.2\) .*0 < min < max <= 1"),
+    (lambda: CutMix(minmax=(0.0, 0.5)), r"minmax=\(0\.0, 0\.5\) .*0 < min < max <= 1"),
+    (lambda: CutMix(minmax=(0.2, 1.2)), r"minmax=\(0\.2, 1\.2\) .*0 < min < max <= 1"),
+    (lambda: CutMixUp(CutMix(num_classes=10), MixUp(num_classes=100)), r"num_classes.*must agree"),
+    (lambda: CutMixUp(MixUp()), r"cutmix=MixUp\(.*must be a CutMix"),
+    (lambda: CutMixUp(mixup=CutMix()), r"mixup=CutMix\(.*must be a MixUp"),
+])
+def test_bad_arguments_raise_naming_argument_and_range(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+@pytest.mark.parametrize("images, labels, pattern", [
+    (torch.rand(4, 32, 32), torch.zeros(4, dtype=torch.long), r"4-D floating tensor.*\(4, 32, 32\)"),
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), r"4-D floating.*uint8"),
+    ([[0.0]], torch.zeros(1, dtype=torch.long), r"4-D floating tensor.*list"),
+    (torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), r"at least one sample"),
+    (torch.rand(4, 3, 8, 8), torch.zeros(4, 1, dtype=torch.long), r"labels must be integer \[B\] = \[4\]"),
+    (torch.rand(4, 3, 8, 8), torch.zeros(5, dtype=torch.long), r"labels must be integer \[B\] = \[4\]"),
+    (torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 10, 2]), r"labels must lie in \[0, 9\].*\[0, 10\]"),
+    (torch.rand(4, 3, 8, 8), torch.tensor([0, -1, 3, 2]), r"labels must lie in \[0, 9\].*\[-1, 3\]"),
+    (torch.rand(4, 3, 8, 8), torch.rand(4, 9), r"soft labels must have shape \[B, K\] = \[4, 10\]"),
+    (torch.rand(4, 3, 8, 8), [0, 1, 2, 3], r"labels must be a tensor"),
+])
+@pytest.mark.parametrize("mixer", [CutMix(), MixUp(), CutMixUp()], ids=["cutmix", "mixup", "cutmixup"])
+def test_bad_inputs_raise_clear_errors(mixer, images, labels, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        mixer(images, labels)
+
+
+# -- label smoothing: only in the loss --------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [CutMix, MixUp, CutMixUp, Mixer])
+def test_mixers_have_no_smoothing_argument(cls):
+    assert not any("smooth" in p for p in inspect.signature(cls).parameters)
+    if cls is not Mixer:
+        with pytest.raises(TypeError):
+            cls(label_smoothing=0.1)
+    assert not any("smooth" in p for p in inspect.signature(CIFAR10DataModule).parameters)
+    assert "label_smoothing" in inspect.signature(ImageClassifier).parameters
+
+
+def test_smoothing_in_the_loss_equals_timms_smoothed_mixed_targets():
+    """Loss smoothing of our mixed targets == timm's mixup_target(..., smoothing) with no smoothing in the loss."""
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    eps, k = 0.1, 10
+    images, labels = _batch(2)
+    labels = torch.tensor([3, 7])
+    out = CutMix(mode="batch", pairing="roll").mix(images, labels, torch.Generator().manual_seed(4))
+    lam = out.lam[0].item()
+    assert 0 < lam < 1
+    timm_targets = timm_mixup.mixup_target(labels, k, lam=lam, smoothing=eps)  # pairs i with flip(0): roll for 2
+    logits = torch.randn(2, k, generator=torch.Generator().manual_seed(1))
+    ours = SoftTargetCrossEntropy(eps)(logits, out.targets)
+    theirs = SoftTargetCrossEntropy(0.0)(logits, timm_targets)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(out.targets * (1 - eps) + eps / k, timm_targets)
+
+
+# -- YAML configuration -----------------------------------------------------------------------------------
+YAML = """
+data:
+  data_dir: {data_dir}
+  download: false
+  mix_off_epoch: 190
+  mixer:
+    class_path: cutmix_pl.augment.CutMixUp
+    init_args:
+      cutmix:
+        class_path: cutmix_pl.augment.CutMix
+        init_args: {{alpha: 1.0, minmax: [0.2, 0.8], correct_lam: true}}
+      mixup:
+        class_path: cutmix_pl.augment.MixUp
+        init_args: {{alpha: 0.8}}
+      switch_prob: 0.5
+      prob: 1.0
+      mode: batch
+      pairing: roll
+"""
+
+
+def test_every_option_is_configurable_from_yaml(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(CIFAR10DataModule, "data")
+    cfg = parser.parse_string(YAML.format(data_dir=tmp_path))
+    dm = parser.instantiate_classes(cfg).data
+    assert dm.mix_off_epoch == 190
+    mixer = dm.mixer
+    assert isinstance(mixer, CutMixUp) and (mixer.switch_prob, mixer.mode, mixer.pairing) == (0.5, "batch", "roll")
+    assert mixer.cutmix.minmax == (0.2, 0.8) and mixer.cutmix.correct_lam and mixer.mixup.alpha == 0.8
+    bad = YAML.format(data_dir=tmp_path).replace("switch_prob: 0.5", "switch_prob: 1.5")
+    with pytest.raises(ValueError, match=r"switch_prob=1\.5 .*\[0, 1\]"):
+        parser.instantiate_classes(parser.parse_string(bad))
+
+
+# -- the off switch, through the DataModule ---------------------------------------------------------------
+def _uint8_batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+def test_mix_off_epoch_turns_mixing_off_from_that_epoch(tmp_path):
+    dm = CIFAR10DataModule(str(tmp_path), download=False, mixer=CutMix(prob=1.0), mix_off_epoch=3)
+    assert [dm.mixing_on(e) for e in range(5)] == [True, True, True, False, False]
+    images, labels = _uint8_batch()
+    for epoch in range(5):
+        batch = dm.augment(images, labels, epoch, torch.Generator().manual_seed(epoch))
+        if epoch < 3:
+            assert batch.targets.shape == (16, 10) and batch.targets.is_floating_point()
+            assert (batch.lam < 1).any()
+        else:  # plain crop/flip/normalise: integer targets, every lambda 1, nothing pasted
+            assert torch.equal(batch.targets, labels) and torch.equal(batch.partner, labels)
+            assert (batch.lam == 1).all() and not batch.is_cutmix.any()
+            assert batch.images.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mix_off_epoch, expected",
+                         [(None, [True] * 4), (0, [False] * 4), (2, [True, True, False, False])])
+def test_mixing_on_schedule(tmp_path, mix_off_epoch, expected):
+    dm = CIFAR10DataModule(str(tmp_path), download=False, mixer=MixUp(), mix_off_epoch=mix_off_epoch)
+    assert [dm.mixing_on(e) for e in range(4)] == expected
+    assert not CIFAR10DataModule(str(tmp_path), download=False, mixer=None).mixing_on(0)
+
+
+# -- randomness: per-rank streams, seed_everything --------------------------------------------------------
+def _rank_dm(data_dir, rank, monkeypatch, seed=5):
+    dm = CIFAR10DataModule(str(data_dir), download=False, batch_size=64, val_size=100, mixer=CutMix(), seed=seed)
+    monkeypatch.setattr(dm, "_topology", lambda: (torch.device("cpu"), rank, 2))
+    dm.train_dataloader()
+    return dm
+
+
+def test_ranks_get_different_augmentation_streams(tiny_cifar, monkeypatch):
+    images, labels = _uint8_batch(32)
+    r0, r1, r0_again = (_rank_dm(tiny_cifar, r, monkeypatch) for r in (0, 1, 0))
+    a, b, c = (dm.augment(images, labels, 0, dm._aug_gen) for dm in (r0, r1, r0_again))
+    assert torch.equal(a.images, c.images) and torch.equal(a.lam, c.lam), "same seed and rank: same stream"
+    assert not torch.equal(a.images, b.images) and not torch.equal(a.lam, b.lam), "other rank: other stream"
+    assert len({mix_seed(5, 1 + rank) for rank in range(64)}) == 64
+
+
+def _mix_all(mixer, images, labels):
+    return [mixer.mix(images, labels) for _ in range(3)]  # generator=None: torch's global RNG
+
+
+@pytest.mark.parametrize("mixer", [CutMix(), CutMix(mode="batch"), MixUp(), CutMixUp()],
+                         ids=["cutmix", "cutmix-batch", "mixup", "cutmixup"])
+def test_seed_everything_makes_the_global_stream_reproducible(mixer):
+    images, labels = _batch(32)
+    L.seed_everything(11, verbose=False)
+    first = _mix_all(mixer, images, labels)
+    L.seed_everything(11, verbose=False)
+    again = _mix_all(mixer, images, labels)
+    L.seed_everything(12, verbose=False)
+    other = _mix_all(mixer, images, labels)
+    for a, b in zip(first, again):
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert not all(torch.equal(a.images, o.images) for a, o in zip(first, other))
+
+
+def test_datamodule_stream_follows_seed_everything_when_seed_is_null(tiny_cifar, monkeypatch):
+    def state(seed):
+        L.seed_everything(seed, verbose=False)
+        return _rank_dm(tiny_cifar, 0, monkeypatch, seed=None)._aug_gen.get_state()
+
+    assert torch.equal(state(21), state(21))
+    assert not torch.equal(state(21), state(22))

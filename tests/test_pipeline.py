@@ -1,0 +1,110 @@
+"""The device-resident input pipeline: sampler coverage, shards, equality with the DataLoader path."""
+
+import pytest
+import torch
+
+from cutmix_pl import cifar
+from cutmix_pl.augment import CutMix
+from cutmix_pl.data import CIFAR10DataModule, ShardedBatchSampler, TensorBatchLoader
+
+
+@pytest.mark.parametrize("size,batch", [(640, 64), (1000, 128), (129, 128), (5, 2)])
+def test_every_index_exactly_once_per_epoch_and_a_new_order_each_epoch(size, batch):
+    sampler = ShardedBatchSampler(size, batch, shuffle=True, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        seen = torch.cat(batches)
+        # a lone last sample waits for the next epoch (BatchNorm cannot train on one); all else appears once
+        lone = 1 if size % batch == 1 and size > batch else 0
+        assert len(seen) == size - lone and len(set(seen.tolist())) == size - lone
+        orders.append(seen)
+    assert not torch.equal(orders[0][:50], orders[1][:50])
+    again = ShardedBatchSampler(size, batch, shuffle=True, seed=3)
+    again.set_epoch(2)
+    assert torch.equal(torch.cat(list(again)), orders[2])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_training_shards_are_disjoint_equal_and_cover_all_but_a_remainder(world):
+    size = 1001
+    shards = [ShardedBatchSampler(size, 32, shuffle=True, seed=0, rank=r, world_size=world).shard()
+              for r in range(world)]
+    assert len({len(s) for s in shards}) == 1, "every rank must run the same number of steps"
+    union = torch.cat(shards)
+    assert len(set(union.tolist())) == len(union), "shards overlap"
+    assert size - len(union) < world
+    lengths = {len(ShardedBatchSampler(size, 32, shuffle=True, rank=r, world_size=world)) for r in range(world)}
+    assert len(lengths) == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shards_cover_every_index_exactly_once(world):
+    size = 1001
+    union = torch.cat([torch.cat(list(ShardedBatchSampler(size, 100, shuffle=False, rank=r, world_size=world)))
+                       for r in range(world)])
+    assert torch.equal(union, torch.arange(size))
+
+
+def test_resume_skips_exactly_the_batches_already_done():
+    full = ShardedBatchSampler(640, 64, shuffle=True, seed=1)
+    full.set_epoch(4)
+    batches = list(full)
+    resumed = ShardedBatchSampler(640, 64, shuffle=True, seed=1)
+    resumed.set_epoch(4)
+    resumed.resume_at(4, 3)
+    rest = list(resumed)
+    assert len(rest) == len(batches) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, batches[3:]))
+    assert len(list(resumed)) == len(batches), "the skip applies once"
+
+
+def test_resident_loader_matches_the_dataloader_path(tiny_cifar):
+    """Same seed: the resident loader and the DataLoader path deliver identical batches and augmentations."""
+    dms = [CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, resident=r, seed=7,
+                             mixer=CutMix()) for r in (True, False)]
+    loaders = [dm.train_dataloader() for dm in dms]
+    assert isinstance(loaders[0], TensorBatchLoader)
+    assert isinstance(loaders[1], torch.utils.data.DataLoader)
+    assert len(loaders[0]) == len(loaders[1]) == 540 // 64 + 1
+    for (xa, ya), (xb, yb) in zip(*loaders):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        a = dms[0].augment(xa, ya, 0, torch.Generator().manual_seed(1))
+        b = dms[1].augment(xb, yb, 0, torch.Generator().manual_seed(1))
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+
+
+def test_dataloader_path_with_workers_matches_too(tiny_cifar):
+    a = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, seed=7)
+    b = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, seed=7, resident=False,
+                          num_workers=2)
+    for (xa, ya), (xb, yb) in zip(a.train_dataloader(), b.train_dataloader()):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_batches_are_gathered_from_the_resident_tensors(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, seed=0)
+    loader = dm.train_dataloader()
+    train = dm.split("train")
+    for idx, (x, y) in zip(loader.batch_sampler, loader):
+        assert torch.equal(x, train.images[idx]) and torch.equal(y, train.labels[idx])
+
+
+def test_global_batch_must_divide_over_processes(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=63)
+    dm._topology = lambda: (torch.device("cpu"), 0, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        dm.train_dataloader()
+
+
+@pytest.mark.cuda
+def test_resident_pipeline_on_cuda_keeps_everything_on_the_device(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, mixer=CutMix())
+    dm._topology = lambda: (torch.device("cuda"), 0, 1)
+    loader = dm.train_dataloader()
+    x, y = next(iter(loader))
+    assert x.device.type == "cuda" and x.dtype == torch.uint8
+    batch = dm.augment(x, y, 0, dm._aug_gen)
+    assert batch.images.device.type == "cuda" and batch.targets.device.type == "cuda"

@@ -1,0 +1,470 @@
+"""Reliability: every bad input in the README's catalogue fails in one line with a fix, a non-zero exit and no
+output left behind; SIGINT/SIGTERM stop with a checkpoint; a run killed with SIGKILL resumes exactly; the same seed
+gives the same run; runs never overwrite each other; a non-finite loss names its step and batch.
+
+Training runs here are tiny (ResNet-8 of width 4, 96 training images, batches of 16: 6 steps an epoch, 2 epochs),
+so each CLI run takes seconds; the subprocess runs pay mostly for importing torch and Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import chdir
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cutmix_pl import cifar
+from cutmix_pl.cli import CONFIG_DIR, main
+from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
+
+from conftest import REPO, make_tiny_cifar
+
+STEPS_PER_EPOCH = 6
+
+
+def small(data_dir: Path | str) -> list[str]:
+    return ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir),
+            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "null",
+            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--data.batch_size", "16", "--data.eval_batch_size", "50", "--data.val_size", "50",
+            "--data.train_size", "96", "--data.download", "false",
+            "--model.depth", "8", "--model.width", "4", "--model.log_images", "false"]
+
+
+# A checkpoint every 4 steps (steps 4 and 8 fall mid-epoch), on top of the default callbacks.
+STEP_CHECKPOINTS = """\
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        monitor: null
+        mode: min
+        every_n_train_steps: 4
+        save_top_k: -1
+        save_last: true
+        filename: step{step:03d}
+        auto_insert_metric_name: false
+"""
+
+# `python -m cutmix_pl` plus two test hooks: PAUSE_AT_STEP holds training after that global step (until a signal
+# arrives, so that a kill lands at a known point), and the final metrics are written to metrics.json.
+WRAPPER = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from cutmix_pl.callbacks import StopOnSignal
+    from cutmix_pl.cli import main
+    from cutmix_pl.module import ImageClassifier
+
+    pause_at = int(os.environ.get("PAUSE_AT_STEP", "-1"))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step == pause_at:
+            Path("paused").write_text(str(self.global_step))
+            stop = next(c for c in self.trainer.callbacks if isinstance(c, StopOnSignal))
+            deadline = time.monotonic() + 300
+            while stop.signum is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    ImageClassifier.on_train_batch_end = on_train_batch_end
+    cli = main(sys.argv[1:])
+    if cli is not None and cli.trainer.state.finished:
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+        Path("metrics.json").write_text(json.dumps(metrics))
+""")
+
+
+def last_err_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    return err[-1]
+
+
+def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run the CLI in-process, expect exit status 2 and a one-line error; return that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    assert exit_.value.code == 2
+    line = last_err_line(capsys)
+    assert line.startswith("cutmix-pl: error:"), line
+    return line
+
+
+def files_under(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def spawn(cwd: Path, args: list[str], pause_at: int | None = None, tag: str = "run") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CUTMIX_PL_TRACEBACK", None)
+    env.pop("PAUSE_AT_STEP", None)
+    if pause_at is not None:
+        env["PAUSE_AT_STEP"] = str(pause_at)
+    (cwd / "paused").unlink(missing_ok=True)
+    out, err = open(cwd / f"{tag}.out", "w"), open(cwd / f"{tag}.err", "w")
+    with out, err:
+        return subprocess.Popen([sys.executable, "-c", WRAPPER, *args], cwd=cwd, env=env, stdout=out, stderr=err)
+
+
+def wait_paused(proc: subprocess.Popen, cwd: Path, limit: float = 480) -> None:
+    """Wait until the run holds at PAUSE_AT_STEP (a hang guard only: the pause itself is deterministic)."""
+    deadline = time.monotonic() + limit
+    while not (cwd / "paused").exists():
+        assert proc.poll() is None, f"the run ended early (rc {proc.returncode}):\n{(cwd / 'run.err').read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the run never reached its pause step"
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, limit: float = 480) -> int:
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: Path, b: Path, tol: float = 1e-6) -> None:
+    ca, cb = ckpt(a), ckpt(b)
+    assert ca["global_step"] == cb["global_step"] and ca["epoch"] == cb["epoch"]
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for k, v in ca["state_dict"].items():
+        torch.testing.assert_close(cb["state_dict"][k], v, atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    sa, sb = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
+    for i in sa:
+        torch.testing.assert_close(sb[i]["momentum_buffer"], sa[i]["momentum_buffer"], atol=tol, rtol=0)
+    assert ca["lr_schedulers"][0]["last_epoch"] == cb["lr_schedulers"][0]["last_epoch"]
+
+
+def assert_same_metrics(a: Path, b: Path, tol: float = 1e-5) -> None:
+    ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
+    for key in ("val/acc", "val/loss", "val/acc_top5", "hp_metric"):
+        assert mb[key] == pytest.approx(ma[key], abs=tol), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def steps_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "steps.yaml"
+    path.write_text(STEP_CHECKPOINTS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run (a subprocess, like the interrupted ones): its folder, with metrics.json."""
+    cwd = tmp_path_factory.mktemp("reference")
+    proc = spawn(cwd, ["fit", *small(tiny_cifar), "--config", str(steps_config)])
+    assert finish(proc) == 0, (cwd / "run.err").read_text()[-3000:]
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of a one-epoch ResNet-8 (width 4) run."""
+    cwd = tmp_path_factory.mktemp("small_ckpt")
+    with chdir(cwd):
+        cli = main(["fit", *small(tiny_cifar), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+        return Path(cli.trainer.log_dir).absolute() / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def bad_data(tmp_path: Path) -> Path:
+    return make_tiny_cifar(tmp_path / "bad_data", n_train=100, n_test=20)
+
+
+def rewrite_batch(folder: Path, name: str, **changes: object) -> Path:
+    path = folder / cifar.FOLDER / name
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry.update(changes)
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the catalogue of bad inputs: one line naming the problem and the fix, exit status 2, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+CONFIG_CASES = {
+    "mixer alpha <= 0": (["--data.mixer.init_args.alpha", "0"], ["data.mixer.init_args.alpha=0.0", "> 0"]),
+    "mixer prob > 1": (["--data.mixer.init_args.prob", "1.5"], ["data.mixer.init_args.prob=1.5", "[0, 1]"]),
+    "depth not 6n+2": (["--model.depth", "21"], ["depth=21", "6n+2"]),
+    "batch size 0": (["--data.batch_size", "0"], ["data.batch_size=0", ">= 1"]),
+    "lr 0": (["--model.optimizer.init_args.lr", "0"], ["lr=0.0", "> 0"]),
+    "lr negative": (["--model.optimizer.init_args.lr", "-1"], ["-1.0", "lr > 0"]),
+    "val_size >= training set": (["--data.val_size", "640"], ["data.val_size=640", "[0, 639]"]),
+    "val_size >= 50000": (["--data.val_size", "50000"], ["data.val_size=50000", "[0, 49999]"]),
+    "unknown key": (["--model.dpth", "20"], ["model.dpth", "--help"]),
+    "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
+    "data missing offline": (["--data.data_dir", "nowhere"], ["nowhere/cifar-10-batches-py", "--data.download true"]),
+    "checkpoint path missing": (["--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist", "--ckpt_path last"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_value(case, tiny_cifar, in_tmp, capsys):
+    extra, expected = CONFIG_CASES[case]
+    line = fails(capsys, "fit", *small(tiny_cifar), *extra)
+    for text in expected:
+        assert text in line, (text, line)
+    assert not (in_tmp / "runs").exists(), "a failed start must leave no run folder"
+
+
+def test_unknown_key_in_a_config_file(tiny_cifar, in_tmp, capsys):
+    (in_tmp / "typo.yaml").write_text("model:\n  dpth: 20\n")
+    line = fails(capsys, "fit", *small(tiny_cifar), "--config", "typo.yaml")
+    assert "model.dpth" in line and "--help" in line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_download_failure_offline(in_tmp, capsys, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(url, root, filename, md5):
+        (Path(root) / filename).write_bytes(b"partial")  # as a dropped connection leaves it
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    line = fails(capsys, "fit", *small("fresh_data"), "--data.download", "true")
+    assert "downloading it failed" in line and "name resolution" in line and "fix:" in line
+    assert not (in_tmp / "fresh_data").exists(), "a failed download must leave no partial archive or folder"
+    assert not (in_tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("truncated", ["data_batch_3", "truncated or corrupt", "fix: delete"]),
+    ("garbage", ["data_batch_3", "truncated or corrupt", "fix: delete"]),
+    ("float32 data", ["data_batch_3", "dtype float32", "uint8 [N, 3072]", "fix: delete"]),
+    ("wrong shape", ["data_batch_3", "shape [20, 1024]", "uint8 [N, 3072]", "fix: delete"]),
+    ("bad labels", ["data_batch_3", "labels outside [0, 9]", "fix: delete"]),
+])
+def test_damaged_batch_file(damage, expected, bad_data, in_tmp, capsys):
+    path = bad_data / cifar.FOLDER / "data_batch_3"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"<html>404 not found</html>")
+    elif damage == "float32 data":
+        rewrite_batch(bad_data, "data_batch_3", data=np.zeros((20, 3072), np.float32))
+    elif damage == "wrong shape":
+        rewrite_batch(bad_data, "data_batch_3", data=np.zeros((20, 1024), np.uint8))
+    else:
+        rewrite_batch(bad_data, "data_batch_3", labels=[10] * 20)
+    line = fails(capsys, "fit", *small(bad_data), "--data.train_size", "null", "--data.val_size", "10")
+    for text in expected:
+        assert text in line, (text, line)
+    assert not (in_tmp / "runs").exists(), "data errors must leave no run folder"
+
+
+def test_log_folder_under_a_file(tiny_cifar, in_tmp, capsys):
+    (in_tmp / "notes.txt").write_text("a file where a folder should be")
+    line = fails(capsys, "fit", *small(tiny_cifar), "--trainer.logger.init_args.save_dir", "notes.txt/runs")
+    assert "notes.txt is a file" in line and "--trainer.logger.init_args.save_dir" in line
+    assert (in_tmp / "notes.txt").is_file() and sorted(p.name for p in in_tmp.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_log_folder_read_only(tiny_cifar, in_tmp, capsys):
+    locked = in_tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        line = fails(capsys, "fit", *small(tiny_cifar), "--trainer.logger.init_args.save_dir", "locked/runs")
+    finally:
+        locked.chmod(0o755)
+    assert "is not writable" in line and "--trainer.logger.init_args.save_dir" in line
+
+
+def test_checkpoint_of_another_depth(small_ckpt, tiny_cifar, in_tmp, capsys):
+    line = fails(capsys, "fit", *small(tiny_cifar), "--model.depth", "14", "--ckpt_path", str(small_ckpt))
+    assert "depth=8" in line and "depth=14" in line and "--model.depth 8" in line
+    assert not (in_tmp / "runs").exists(), "a checkpoint mismatch must leave no run folder"
+    line = fails(capsys, "validate", *small(tiny_cifar), "--model.depth", "14", "--ckpt_path", str(small_ckpt))
+    assert "--model.depth 8" in line
+
+
+def test_checkpoint_of_another_class_count(small_ckpt, tiny_cifar, in_tmp, capsys):
+    checkpoint = torch.load(small_ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["num_classes"] = 100
+    torch.save(checkpoint, in_tmp / "cifar100.ckpt")
+    line = fails(capsys, "fit", *small(tiny_cifar), "--ckpt_path", "cifar100.ckpt")
+    assert "num_classes=100" in line and "num_classes=10" in line and "fix:" in line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_checkpoint_without_hparams_of_another_width(small_ckpt, tiny_cifar, in_tmp, capsys):
+    checkpoint = torch.load(small_ckpt, map_location="cpu", weights_only=True)
+    del checkpoint["hyper_parameters"]
+    torch.save(checkpoint, in_tmp / "bare.ckpt")
+    line = fails(capsys, "fit", *small(tiny_cifar), "--model.width", "8", "--ckpt_path", "bare.ckpt")
+    assert "does not fit this model" in line and "shape" in line and "--model.depth/width/shortcut" in line
+
+
+def test_mismatch_is_caught_in_the_module_too(small_ckpt):
+    """Lightning's own loading (load_from_checkpoint, trainer.fit(ckpt_path=...)) goes through on_load_checkpoint."""
+    checkpoint = torch.load(small_ckpt, map_location="cpu", weights_only=True)
+    with pytest.raises(ValueError, match=r"depth=8 .* depth=14; fix: pass --model.depth 8"):
+        ImageClassifier(depth=14, width=4).on_load_checkpoint(checkpoint)
+    ImageClassifier(depth=8, width=4).on_load_checkpoint(checkpoint)  # the matching model loads
+
+
+def test_corrupt_checkpoint(small_ckpt, tiny_cifar, in_tmp, capsys):
+    (in_tmp / "cut.ckpt").write_bytes(small_ckpt.read_bytes()[:5000])
+    line = fails(capsys, "fit", *small(tiny_cifar), "--ckpt_path", "cut.ckpt")
+    assert "cut.ckpt is not a readable checkpoint" in line and "fix:" in line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_validate_last_without_any_run(tiny_cifar, in_tmp, capsys):
+    line = fails(capsys, "validate", *small(tiny_cifar), "--ckpt_path", "last")
+    assert "found no last.ckpt" in line and "--ckpt_path PATH" in line
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["fit", "--model.dpth", "20"], "model.dpth"),
+    (["fit", "--data.data_dir", "{data}", "--data.download", "false", "--trainer.accelerator", "cpu"],
+     "truncated or corrupt"),
+])
+def test_cli_errors_are_short_in_a_subprocess(args, expected, bad_data, tmp_path):
+    batch = bad_data / cifar.FOLDER / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:100])
+    args = [a.replace("{data}", str(bad_data)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "cutmix_pl", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # Lightning's few start-up lines (seed, devices) may come first; no traceback, no usage dump.
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr and len(lines) <= 6, proc.stderr[-2000:]
+    assert sum("error" in ln for ln in lines) == 1
+    assert lines[-1].startswith("cutmix-pl: error:") and expected in lines[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a non-finite loss
+# ----------------------------------------------------------------------------------------------------------------
+def test_non_finite_loss_names_step_and_batch(tiny_cifar, in_tmp, capsys, monkeypatch):
+    forward = SoftTargetCrossEntropy.forward
+    calls = {"train": 0}
+
+    def poisoned(self, logits, targets):
+        loss = forward(self, logits, targets)
+        if logits.requires_grad:  # training steps only
+            calls["train"] += 1
+            if calls["train"] == STEPS_PER_EPOCH + 3:  # epoch 1, batch 2, global step 8
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(SoftTargetCrossEntropy, "forward", poisoned)
+    line = fails(capsys, "fit", *small(tiny_cifar))
+    assert "non-finite at global step 8 (epoch 1, batch 2)" in line and "fix: lower model.optimizer's lr" in line
+    run = in_tmp / "runs" / "smoke" / "version_0"
+    assert (run / "config.yaml").is_file(), "the logs of a run that trained are kept"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# determinism and no overwriting
+# ----------------------------------------------------------------------------------------------------------------
+def test_same_seed_same_metrics_and_runs_never_overwrite(tiny_cifar, in_tmp):
+    first = main(["fit", *small(tiny_cifar)])
+    run0 = Path(first.trainer.log_dir)
+    before = files_under(run0)
+    second = main(["fit", *small(tiny_cifar)])
+    run1 = Path(second.trainer.log_dir)
+
+    a = {k: float(v) for k, v in first.trainer.callback_metrics.items()}
+    b = {k: float(v) for k, v in second.trainer.callback_metrics.items()}
+    assert a == b, "same seed and config must give the same metrics"
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+
+    assert (run0.name, run1.name) == ("version_0", "version_1")
+    assert files_under(run0) == before, "the second run changed the first run's folder"
+    # Pointing a new run at an old run's folder is refused, not an overwrite.
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *small(tiny_cifar), "--trainer.logger.init_args.version", "0"])
+    assert exit_.value.code == 2
+    assert files_under(run0) == before
+    for run in (run0, run1):
+        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# interruptions: SIGKILL then --ckpt_path last; SIGTERM and SIGINT stop with a checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny_cifar, steps_config, tmp_path):
+    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    # Hold after step 7 (epoch 1, batch 0): the newest checkpoint is step 4's, mid-epoch 0; steps 5-7 are lost.
+    proc = spawn(tmp_path, args, pause_at=7)
+    wait_paused(proc, tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step004.ckpt"]
+    config_before = (run / "config.yaml").read_bytes()
+    proc.send_signal(signal.SIGKILL)
+    assert finish(proc) == -signal.SIGKILL
+    assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
+    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
+    err = (tmp_path / "resume.err").read_text()
+    assert "cutmix-pl: resuming" in err and "Restored all states" in (tmp_path / "resume.out").read_text() + err
+
+    ref = reference_run / "runs" / "smoke" / "version_0"
+    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert_same_training_state(ref / "checkpoints" / "step008.ckpt", run / "checkpoints" / "step008.ckpt")
+    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
+    # The run went on in its own folder: no version_1, the first config kept, the resumed one beside it.
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert (run / "config.yaml").read_bytes() == config_before and (run / "config.resume1.yaml").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifar, steps_config, tmp_path):
+    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    proc = spawn(tmp_path, args, pause_at=6)  # the signal lands after step 6; the run stops after the next batch
+    wait_paused(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 128 + signal.SIGTERM
+    lines = (tmp_path / "run.err").read_text().strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("cutmix-pl: stopped by SIGTERM after global step 7 (epoch 1, batch 0); saved ")
+    assert lines[-1].endswith("resume: run the same command with --ckpt_path last")
+    last = ckpt(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 7 and last["epoch"] == 1
+    assert last["CIFAR10DataModule"]["epoch"] == 1 and last["CIFAR10DataModule"]["batches_done"] == 1
+
+    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
+    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
+    ref = reference_run / "runs" / "smoke" / "version_0"
+    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tiny_cifar, tmp_path):
+    proc = spawn(tmp_path, ["fit", *small(tiny_cifar)], pause_at=3)
+    wait_paused(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == 128 + signal.SIGINT
+    err = (tmp_path / "run.err").read_text()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("cutmix-pl: stopped by SIGINT after global step 4 (epoch 0, batch 3)")
+    last = ckpt(tmp_path / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and last["CIFAR10DataModule"]["batches_done"] == 4

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 
 from cutmix_pl import cifar
 from cutmix_pl.augment import CutMix
@@ -27,9 +28,8 @@ def test_every_index_exactly_once_per_epoch_and_a_new_order_each_epoch(size, bat
     assert torch.equal(torch.cat(list(again)), orders[2])
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_training_shards_are_disjoint_equal_and_cover_all_but_a_remainder(world):
-    size = 1001
+@pytest.mark.parametrize("size,world", [(1001, 2), (1001, 3), (1001, 4), (540, 2), (7, 4)])
+def test_training_shards_are_disjoint_equal_and_cover_all_but_a_remainder(size, world):
     shards = [ShardedBatchSampler(size, 32, shuffle=True, seed=0, rank=r, world_size=world).shard()
               for r in range(world)]
     assert len({len(s) for s in shards}) == 1, "every rank must run the same number of steps"
@@ -40,12 +40,24 @@ def test_training_shards_are_disjoint_equal_and_cover_all_but_a_remainder(world)
     assert len(lengths) == 1
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_eval_shards_cover_every_index_exactly_once(world):
-    size = 1001
-    union = torch.cat([torch.cat(list(ShardedBatchSampler(size, 100, shuffle=False, rank=r, world_size=world)))
-                       for r in range(world)])
+@pytest.mark.parametrize("size,world", [(1001, 1), (1001, 2), (1001, 3), (101, 2), (3, 4)])
+def test_eval_shards_cover_every_index_exactly_once(size, world):
+    batches = [b for r in range(world) for b in ShardedBatchSampler(size, 100, shuffle=False, rank=r,
+                                                                     world_size=world)]
+    union = torch.cat(batches)
     assert torch.equal(union, torch.arange(size))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_lightning_set_epoch_reaches_our_sampler(tiny_cifar, resident):
+    """Lightning calls set_epoch on loader.sampler / loader.batch_sampler.sampler only; it must reach us, or every
+    epoch replays epoch 0's permutation (and mix_off_epoch never takes effect)."""
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, resident=resident)
+    loader = dm.train_dataloader()
+    first = torch.cat(list(loader.batch_sampler))
+    _set_sampler_epoch(loader, 3)
+    assert loader.batch_sampler.epoch == 3
+    assert not torch.equal(torch.cat(list(loader.batch_sampler)), first)
 
 
 def test_resume_skips_exactly_the_batches_already_done():

@@ -59,6 +59,11 @@ def _version_value(folder: Path) -> int | str:
     return int(m.group(1)) if m else folder.name
 
 
+# Model arguments that say how to run the network, not what it is: taken from this run's config even when a
+# checkpoint is loaded (its other hyperparameters win, as Lightning does).
+RUN_OPTIONS = ("tta_flip", "compile", "channels_last", "log_images", "grid_size")
+
+
 def _blocked(path: Path) -> str | None:
     """Why ``path`` (a folder, perhaps not there yet) cannot be created and written, or None if it can."""
     probe = path.absolute()
@@ -137,7 +142,13 @@ class CutMixCLI(LightningCLI):
             self._checkpoint = self._read_checkpoint(cfg)
             if self._checkpoint is not None:
                 self._check_architecture(cfg, sub, self._checkpoint)
+        model = self.config[sub].get("model") if sub else None
+        asked = {k: model.get(k) for k in RUN_OPTIONS} if isinstance(model, Namespace) else {}
         super()._parse_ckpt_path()
+        # Lightning lets every saved hyperparameter override this run's config. How to run the network (TTA,
+        # compile, memory format, image logging) is this run's choice, not the checkpoint's.
+        for key, value in asked.items():
+            self.config[sub].model[key] = value
 
     @staticmethod
     def _read_checkpoint(cfg: Namespace) -> dict[str, Any] | None:
@@ -282,6 +293,12 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
         print("cutmix-pl: stopped by SIGTERM; the last finished batch is in last.ckpt if training had started; "
               "resume: run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
+
+
+def run() -> None:
+    """Entry point of the ``cutmix-pl`` command: ``main()`` without its return value, which a console script
+    would hand to ``sys.exit`` (a non-None object there means exit status 1)."""
+    main()
 
 
 def _concise(err: BaseException, cfg: Namespace | None = None) -> str:

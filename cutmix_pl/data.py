@@ -205,6 +205,9 @@ class CIFAR10DataModule(L.LightningDataModule):
         if mixer is not None and mixer.num_classes != self.num_classes:
             raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match CIFAR-10's "
                              f"{self.num_classes} classes")
+        # TensorBoard's HPARAMS tab shows these next to the model's; the mixer as its readable repr.
+        self.save_hyperparameters(ignore=["mixer"])
+        self.hparams["mixer"] = repr(mixer) if mixer is not None else "none"
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.train_size = val_size, split_seed, train_size
@@ -265,10 +268,10 @@ class CIFAR10DataModule(L.LightningDataModule):
             seed = trainer.strategy.broadcast(seed, src=0)
         return seed
 
-    def _loader(self, name: str, global_batch: int, shuffle: bool) -> Any:
+    def _loader(self, name: str, global_batch: int, shuffle: bool, key: str = "eval_batch_size") -> Any:
         device, rank, world = self._topology()
         if global_batch % world:
-            raise ValueError(f"data.batch_size={global_batch} is the global batch and must be divisible by the "
+            raise ValueError(f"data.{key}={global_batch} is the global batch and must be divisible by the "
                              f"{world} processes; use a multiple of {world}")
         split = self.split(name)
         home = device if self.resident else torch.device("cpu")
@@ -284,7 +287,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> Any:
-        loader = self._loader("train", self.batch_size, shuffle=True)
+        loader = self._loader("train", self.batch_size, shuffle=True, key="batch_size")
         self._train_sampler = loader.batch_sampler
         device, rank, _ = self._topology()
         if self._aug_gen is None or self._aug_gen.device != device:

@@ -124,6 +124,7 @@ class ImageClassifier(L.LightningModule):
         self.optimizer_factory = optimizer or _default_sgd
         self._check_optimizer()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss = MeanMetric(nan_strategy="ignore")
         for stage in ("val", "test"):
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="ignore"))  # weighted by images, synced exactly
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
@@ -164,7 +165,9 @@ class ImageClassifier(L.LightningModule):
         dominant = batch.targets.argmax(-1) if batch.targets.is_floating_point() else batch.targets
         self.train_acc(logits.detach(), dominant)
         n = len(batch.images)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self.train_loss.update(loss.detach(), weight=n)  # the epoch mean, reduced over DDP ranks
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=n)

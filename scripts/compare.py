@@ -6,7 +6,7 @@ TensorBoard event files and writes ``results.md`` (test accuracy, top-5, expecte
 and ``val_acc.png`` (the validation-accuracy curves) into ``--out``.
 
     python scripts/compare.py --data-dir data --out results/short          # about 3 x 35 min on a 2-core CPU
-    python scripts/compare.py --data-dir data --out results/short --reuse  # re-read finished runs only
+    python scripts/compare.py --data-dir data --out results/short --reuse  # finish or re-read earlier runs
 """
 
 from __future__ import annotations
@@ -111,14 +111,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p.add_argument("--epochs", type=int, default=None, help="override the budget's max_epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--reuse", action="store_true", help="skip methods whose fit run already finished")
+    p.add_argument("--reuse", action="store_true", help="skip finished fits and tests; resume interrupted fits")
     p.add_argument("--quiet", action="store_true", help="hide the runs' own output")
     args, extra = p.parse_known_args(argv)  # anything else goes to every CLI call, e.g. --data.train_size 1000
     args.out.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         last = run_dir(args.out, method) / "checkpoints" / "last.ckpt"
-        if not (args.reuse and last.is_file()):
-            cli("fit", method, args, extra)
+        done = run_dir(args.out, method) / "fit_done.json"  # written only when the fit run exits cleanly
+        if not (args.reuse and done.is_file()):
+            # an interrupted fit (a last.ckpt but no marker) continues where it stopped
+            resume = ["--ckpt_path", str(last)] if args.reuse and last.is_file() else []
+            seconds = cli("fit", method, args, [*extra, *resume])
+            done.write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
         if not (args.reuse and any((args.out / "runs" / method).glob("version_1"))):
             cli("test", method, args, [*extra, "--ckpt_path", str(last),
                                         "--trainer.logger.init_args.version", "null"])

@@ -1,5 +1,7 @@
 """The Lightning CLI end to end on tiny synthetic data: fit, validate, test, predict, configs, TensorBoard."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,10 +30,11 @@ def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
     assert "last.ckpt" in ckpts and any(p.startswith("best-") for p in ckpts)
     acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss_step", "train/loss_epoch", "train/lr", "train/acc_dominant", "val/loss", "val/acc",
+    assert {"train/loss", "train/loss_epoch", "train/lr", "train/acc_dominant", "val/loss", "val/acc",
             "val/acc_top5", "val/ece", "hp_metric", "val_class/cat"} <= scalars
     assert {"train/mixed_images", "val/confusion_matrix"} <= set(acc.Tags()["images"])
     assert len(acc.Images("train/mixed_images")) == 2  # once per epoch
+    assert len(acc.Scalars("train/loss")) == cli.trainer.global_step  # per step (log_every_n_steps 1)
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert max(lrs) == pytest.approx(0.1) and lrs[-1] < lrs[len(lrs) // 2]  # warm-up then cosine decay, per step
     hparams = acc.PluginTagToContent("hparams")  # raises KeyError when no hparams were written
@@ -50,8 +53,20 @@ def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):
     assert acc > 0.3, f"four epochs on separable colours should beat chance (0.1); got {acc}"
     out = capsys.readouterr().out
     assert "test/acc" in out and "val/acc" in out
-    pred = main(["predict", *common])
-    assert pred is not None
+    events = EventAccumulator(test.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(acc)
+    assert test.model.hparams.tta_flip is False
+    tta = main(["test", *common, "--trainer.limit_test_batches", "null", "--model.tta_flip", "true"])
+    assert tta.model.hparams.tta_flip is True, "the command's --model.tta_flip must win over the checkpoint's"
+    assert float(tta.trainer.callback_metrics["test/acc"]) > 0.3
+    # predict runs on the test set: its predictions recount the test accuracy through another code path
+    pred = main(["predict", *common, "--trainer.limit_predict_batches", "null"])
+    batches = pred.trainer.predict_loop.predictions
+    probs = torch.cat([b["prob"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert probs.shape == (len(pred.datamodule.split("test").labels), 10)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)))
+    assert (probs.argmax(-1) == labels).float().mean().item() == pytest.approx(acc, abs=1e-6)
 
 
 def test_no_mixing_and_mixup_configs_train(tiny_cifar, in_tmp):
@@ -81,3 +96,14 @@ def test_bad_value_gives_one_line_error(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cutmix-pl: error:") and "6n+2" in err[-1]
+
+
+def test_console_script_exits_zero_after_a_run(tiny_cifar, in_tmp):
+    """`cutmix-pl` (pyproject's console script) is `python -m cutmix_pl`: a finished run exits with status 0."""
+    script = Path(sys.executable).parent / "cutmix-pl"
+    assert script.is_file(), "install the package (pip install -e .) to get the cutmix-pl command"
+    done = subprocess.run([str(script), "fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir",
+                           str(tiny_cifar), *TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((in_tmp / "runs" / "smoke").glob("version_0/checkpoints/last.ckpt"))

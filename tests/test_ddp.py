@@ -180,7 +180,7 @@ def test_rank_zero_alone_writes_one_set_of_files(ref):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-    steps = [e.step for e in acc.Scalars("train/loss_step")]
+    steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and len(steps) == 2 * STEPS_PER_EPOCH
     assert len(acc.Scalars("val/acc")) == 2
 

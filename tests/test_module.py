@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,13 +31,18 @@ def test_soft_targets_follow_the_definition():
     torch.testing.assert_close(SoftTargetCrossEntropy()(logits, t), expected)
 
 
-def test_smoothing_mixed_targets_equals_mixing_smoothed_targets():
-    # the reason smoothing can live in the loss alone: it is affine in the targets
+def test_smoothing_in_the_loss_equals_mixing_smoothed_targets():
+    """Smoothing lives in the loss alone; on mixed targets that equals mixing the smoothed one-hot targets
+    (timm's order), because smoothing is affine in the targets."""
     torch.manual_seed(3)
+    logits = torch.randn(8, 10)
     a, b = F.one_hot(torch.randint(0, 10, (8,)), 10).float(), F.one_hot(torch.randint(0, 10, (8,)), 10).float()
     lam, eps = torch.rand(8, 1), 0.1
     smooth = lambda t: t * (1 - eps) + eps / 10  # noqa: E731
-    torch.testing.assert_close(smooth(lam * a + (1 - lam) * b), lam * smooth(a) + (1 - lam) * smooth(b))
+    ours = SoftTargetCrossEntropy(eps)(logits, lam * a + (1 - lam) * b)
+    timm_order = SoftTargetCrossEntropy()(logits, lam * smooth(a) + (1 - lam) * smooth(b))
+    torch.testing.assert_close(ours, timm_order)
+    assert not torch.allclose(ours, SoftTargetCrossEntropy()(logits, lam * a + (1 - lam) * b))
 
 
 @pytest.mark.parametrize("eps", [-0.1, 1.0])
@@ -62,3 +69,16 @@ def test_model_argument_checks():
         ImageClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     with pytest.raises(ValueError, match="6n\\+2"):
         ImageClassifier(depth=21)
+
+
+def test_flip_tta_averages_probabilities_of_image_and_mirror():
+    torch.manual_seed(4)
+    model = ImageClassifier(depth=8, tta_flip=True).eval()
+    model._trainer = SimpleNamespace(validating=False)  # test/predict; validation never uses TTA
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(x).softmax(-1) + model(x.flip(3)).softmax(-1)) / 2
+        got = model._predict_logits(x).softmax(-1)
+        torch.testing.assert_close(got, expected)
+        model._trainer = SimpleNamespace(validating=True)
+        torch.testing.assert_close(model._predict_logits(x), model(x))

@@ -41,8 +41,12 @@ def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_pa
     assert table.count("\n| ") == 4 and "| cutmix |" in table and "| mixup |" in table
     assert json.loads((out / "results.json").read_text())[1]["method"] == "baseline"
     assert_png(out / "val_acc.png", (300, 200))
+    marker = out / "runs" / "cutmix" / "version_0" / "fit_done.json"
+    assert json.loads(marker.read_text())["resumed"] is False
+    marker.unlink()  # as if the cutmix fit had been killed after its last checkpoint: --reuse resumes it
     again = load("compare").main(["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
                                   "--reuse"])
+    assert json.loads(marker.read_text())["resumed"] is True
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
 
 

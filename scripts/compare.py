@@ -62,14 +62,19 @@ def summarize(out: Path, method: str) -> dict[str, object]:
     tests = [scalars(p) for p in runs if p != run_dir(out, method)]
     test = next((s for s in reversed(tests) if "test/acc" in s), {})
     curve = [v for _, v, _ in fit.get("val/acc", [])]
-    walls = [w for series in fit.values() for _, _, w in series]
+    # Time spent training, summed over the event files (one per process start), so that the pause of an
+    # interrupted and resumed fit does not count.
+    spans = []
+    for events in sorted(run_dir(out, method).glob("events.out.tfevents.*")):
+        walls = [w for series in scalars(events).values() for _, _, w in series]
+        spans.append(max(walls) - min(walls) if walls else 0.0)
     return {
         "method": method,
         "val_acc_curve": curve,
         "test_acc": test["test/acc"][-1][1] if test else None,
         "test_top5": test["test/acc_top5"][-1][1] if test else None,
         "test_ece": test["test/ece"][-1][1] if test else None,
-        "fit_minutes": (max(walls) - min(walls)) / 60 if walls else None,
+        "fit_minutes": sum(spans) / 60 if spans else None,
     }
 
 

@@ -47,6 +47,7 @@ def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_pa
     again = load("compare").main(["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
                                   "--reuse"])
     assert json.loads(marker.read_text())["resumed"] is True
+    assert again[0]["fit_minutes"] == pytest.approx(rows[0]["fit_minutes"], abs=0.2)  # the pause is not counted
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
 
 

@@ -268,9 +268,10 @@ class CIFAR10DataModule(L.LightningDataModule):
             seed = trainer.strategy.broadcast(seed, src=0)
         return seed
 
-    def _loader(self, name: str, global_batch: int, shuffle: bool, key: str = "eval_batch_size") -> Any:
+    def _loader(self, name: str, global_batch: int, shuffle: bool) -> Any:
         device, rank, world = self._topology()
         if global_batch % world:
+            key = "batch_size" if name == "train" else "eval_batch_size"
             raise ValueError(f"data.{key}={global_batch} is the global batch and must be divisible by the "
                              f"{world} processes; use a multiple of {world}")
         split = self.split(name)
@@ -287,7 +288,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> Any:
-        loader = self._loader("train", self.batch_size, shuffle=True, key="batch_size")
+        loader = self._loader("train", self.batch_size, shuffle=True)
         self._train_sampler = loader.batch_sampler
         device, rank, _ = self._topology()
         if self._aug_gen is None or self._aug_gen.device != device:

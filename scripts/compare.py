@@ -15,7 +15,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,7 +31,7 @@ def run_dir(out: Path, method: str) -> Path:
     return out / "runs" / method / "version_0"
 
 
-def cli(subcommand: str, method: str, args: argparse.Namespace, extra: list[str]) -> float:
+def cli(subcommand: str, method: str, args: argparse.Namespace, extra: list[str]) -> None:
     configs = [args.budget, *METHODS[method]]
     cmd = [sys.executable, "-m", "cutmix_pl", subcommand]
     for c in configs:
@@ -45,9 +44,7 @@ def cli(subcommand: str, method: str, args: argparse.Namespace, extra: list[str]
     if args.epochs is not None:
         cmd += ["--trainer.max_epochs", str(args.epochs)]
     print("+", " ".join(cmd), flush=True)
-    start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
-    return time.perf_counter() - start
 
 
 def scalars(path: Path) -> dict[str, list[tuple[int, float, float]]]:
@@ -58,16 +55,19 @@ def scalars(path: Path) -> dict[str, list[tuple[int, float, float]]]:
 def summarize(out: Path, method: str) -> dict[str, object]:
     """Fit curves and timing from the fit run's events; test metrics from the test run's events."""
     runs = sorted(p for p in (out / "runs" / method).glob("version_*") if p.is_dir())
-    fit = scalars(run_dir(out, method))
     tests = [scalars(p) for p in runs if p != run_dir(out, method)]
     test = next((s for s in reversed(tests) if "test/acc" in s), {})
-    curve = [v for _, v, _ in fit.get("val/acc", [])]
-    # Time spent training, summed over the event files (one per process start), so that the pause of an
-    # interrupted and resumed fit does not count.
+    # One event file per process start of the fit, each read once: the series are joined in order, and the time
+    # spent training is summed file by file, so that the pause of an interrupted and resumed fit does not count.
+    fit: dict[str, list[tuple[int, float, float]]] = {}
     spans = []
     for events in sorted(run_dir(out, method).glob("events.out.tfevents.*")):
-        walls = [w for series in scalars(events).values() for _, _, w in series]
+        part = scalars(events)
+        for tag, series in part.items():
+            fit.setdefault(tag, []).extend(series)
+        walls = [w for series in part.values() for _, _, w in series]
         spans.append(max(walls) - min(walls) if walls else 0.0)
+    curve = [v for _, v, _ in fit.get("val/acc", [])]
     return {
         "method": method,
         "val_acc_curve": curve,
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         if not (args.reuse and done.is_file()):
             # an interrupted fit (a last.ckpt but no marker) continues where it stopped
             resume = ["--ckpt_path", str(last)] if args.reuse and last.is_file() else []
-            seconds = cli("fit", method, args, [*extra, *resume])
-            done.write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
+            cli("fit", method, args, [*extra, *resume])
+            done.write_text(json.dumps({"resumed": bool(resume)}))
         if not (args.reuse and any((args.out / "runs" / method).glob("version_1"))):
             cli("test", method, args, [*extra, "--ckpt_path", str(last),
                                         "--trainer.logger.init_args.version", "null"])

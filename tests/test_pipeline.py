@@ -106,10 +106,13 @@ def test_batches_are_gathered_from_the_resident_tensors(tiny_cifar):
 
 
 def test_global_batch_must_divide_over_processes(tiny_cifar):
-    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=63)
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=63, eval_batch_size=99)
     dm._topology = lambda: (torch.device("cpu"), 0, 2)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="data.batch_size=63 .* divisible by the 2 processes"):
         dm.train_dataloader()
+    for loader in (dm.val_dataloader, dm.test_dataloader, dm.predict_dataloader):
+        with pytest.raises(ValueError, match="data.eval_batch_size=99 .* divisible by the 2 processes"):
+            loader()
 
 
 @pytest.mark.cuda

@@ -43,6 +43,9 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
 class ShardedBatchSampler:
     """Batches of indices for one rank: a shared-seed permutation per epoch, sharded without overlap.
 
@@ -191,7 +194,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                  mixer: Mixer | None = None, mix_off_epoch: int | None = None, crop_padding: int = 4,
                  flip: bool = True, resident: bool = True, num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__()
-        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+        # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
+        for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1),
                                  ("crop_padding", crop_padding, 0), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}")
@@ -234,8 +238,15 @@ class CIFAR10DataModule(L.LightningDataModule):
             cifar.download(self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+        if not self._splits:
+            self._load_splits()
+        # Lightning calls setup on every rank once the processes are up: a split too small for them fails here,
+        # before any training, rather than at the first validation.
+        _, _, world = self._topology()
+        for name in _STAGE_SPLITS.get(stage or "", ()):
+            self._check_enough(name, len(self._splits[name].labels), world)
+
+    def _load_splits(self) -> None:
         train, test = cifar.load(self.data_dir, download_if_missing=False)
         if self.val_size >= len(train.labels):
             raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has "
@@ -274,7 +285,11 @@ class CIFAR10DataModule(L.LightningDataModule):
             key = "batch_size" if name == "train" else "eval_batch_size"
             raise ValueError(f"data.{key}={global_batch} is the global batch and must be divisible by the "
                              f"{world} processes; use a multiple of {world}")
+        if name == "train" and global_batch < 2 * world:
+            raise ValueError(f"data.batch_size={global_batch} gives each of the {world} processes fewer than 2 images "
+                             f"a step, and BatchNorm needs 2; use a multiple of {world} >= {2 * world}")
         split = self.split(name)
+        self._check_enough(name, len(split.labels), world)
         home = device if self.resident else torch.device("cpu")
         sampler = ShardedBatchSampler(len(split.labels), global_batch // world, shuffle=shuffle,
                                       seed=self._seed(), rank=rank, world_size=world, device=home)
@@ -286,6 +301,22 @@ class CIFAR10DataModule(L.LightningDataModule):
         return DataLoader(_HostBatches(split.images, split.labels), batch_sampler=sampler, collate_fn=_identity,
                           num_workers=self.num_workers, pin_memory=device.type == "cuda",
                           persistent_workers=self.num_workers > 0)
+
+    def _check_enough(self, name: str, count: int, world: int) -> None:
+        """Every process needs a batch: Lightning stops a rank whose loader is empty with a traceback that names
+        no setting, and BatchNorm cannot train on a single image."""
+        need = 2 if name == "train" else 1
+        if count >= need * world:
+            return
+        if name == "train":
+            raise ValueError(f"the training split has {count} images, too few for {world} processes (each needs at "
+                             f"least 2); use at least {need * world} (lower data.val_size or raise data.train_size) "
+                             "or fewer devices")
+        if name == "val" and self.val_size:
+            raise ValueError(f"data.val_size={self.val_size} gives {world} processes fewer than one validation image "
+                             f"each; use a value >= {world} or fewer devices")
+        raise ValueError(f"the test set has {count} images, fewer than the {world} processes of this {name} run; "
+                         f"use at most {count} devices")
 
     def train_dataloader(self) -> Any:
         loader = self._loader("train", self.batch_size, shuffle=True)

@@ -205,10 +205,15 @@ def test_resume_under_ddp_continues_exactly(resumed, ref):
         assert got == batches(p_ref[r], 1), f"rank {r}'s epoch 1 after resume differs from the uninterrupted run"
 
 
-def test_global_batch_not_divisible_by_the_processes_is_one_line(tiny_cifar, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cutmix_pl", "fit", *ddp_args(tiny_cifar, "--data.batch_size", "63")],
+@pytest.mark.parametrize("setting,message", [
+    (("--data.batch_size", "63"), "data.batch_size=63 is the global batch and must be divisible by the 2 processes"),
+    # one validation image for two ranks: Lightning's own error would be a traceback on the empty rank
+    (("--data.val_size", "1"), "data.val_size=1 gives 2 processes fewer than one validation image each"),
+])
+def test_a_setting_the_processes_cannot_share_is_one_line_before_training(tiny_cifar, tmp_path, setting, message):
+    proc = subprocess.run([sys.executable, "-m", "cutmix_pl", "fit", *ddp_args(tiny_cifar, *setting)],
                           cwd=tmp_path, env={**env(), "CUTMIX_PL_TRACEBACK": ""}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "cutmix-pl: error: data.batch_size=63 is the global batch and must be divisible by the 2 processes" \
-        in proc.stderr
+    assert f"cutmix-pl: error: {message}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "probe").exists(), "it trained first"

@@ -115,6 +115,33 @@ def test_global_batch_must_divide_over_processes(tiny_cifar):
             loader()
 
 
+
+def test_every_process_needs_images_else_one_line_naming_the_setting(tiny_cifar):
+    def on_ranks(world: int, **kwargs) -> CIFAR10DataModule:
+        dm = CIFAR10DataModule(tiny_cifar, download=False, batch_size=2 * world, eval_batch_size=world, **kwargs)
+        dm._topology = lambda: (torch.device("cpu"), world - 1, world)
+        return dm
+
+    # Exactly enough: one validation image and two training images on each of 4 ranks.
+    dm = on_ranks(4, val_size=4, train_size=8)
+    assert [len(x) for x, _ in dm.val_dataloader()] == [1] and [len(x) for x, _ in dm.train_dataloader()] == [2]
+    for stage in ("fit", "validate"):  # at setup, before any training
+        with pytest.raises(ValueError, match=r"^data.val_size=3 gives 4 processes fewer than one validation image"):
+            on_ranks(4, val_size=3).setup(stage)
+    with pytest.raises(ValueError, match=r"^data.val_size=3 gives 4 processes fewer than one validation image"):
+        on_ranks(4, val_size=3).val_dataloader()
+    on_ranks(4, val_size=3).setup("test")  # testing does not need the validation split
+    with pytest.raises(ValueError, match=r"^the training split has 7 images, too few for 4 processes .* at least 8"):
+        on_ranks(4, val_size=4, train_size=7).train_dataloader()
+    for name in ("val", "test", "predict"):  # the 200 test images (val_size 0 validates on them too)
+        with pytest.raises(ValueError, match=rf"^the test set has 200 images, fewer than the 256 processes of this "
+                                             rf"{name} run; use at most 200 devices"):
+            getattr(on_ranks(256, val_size=0), f"{name}_dataloader")()
+    dm = on_ranks(4)
+    dm.batch_size = 4
+    with pytest.raises(ValueError, match=r"^data.batch_size=4 gives each of the 4 processes fewer than 2 images a step"):
+        dm.train_dataloader()
+
 @pytest.mark.cuda
 def test_resident_pipeline_on_cuda_keeps_everything_on_the_device(tiny_cifar):
     dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, mixer=CutMix())

@@ -207,7 +207,7 @@ CONFIG_CASES = {
     "mixer alpha <= 0": (["--data.mixer.init_args.alpha", "0"], ["data.mixer.init_args.alpha=0.0", "> 0"]),
     "mixer prob > 1": (["--data.mixer.init_args.prob", "1.5"], ["data.mixer.init_args.prob=1.5", "[0, 1]"]),
     "depth not 6n+2": (["--model.depth", "21"], ["depth=21", "6n+2"]),
-    "batch size 0": (["--data.batch_size", "0"], ["data.batch_size=0", ">= 1"]),
+    "batch size 1": (["--data.batch_size", "1"], ["data.batch_size=1", ">= 2"]),
     "lr 0": (["--model.optimizer.init_args.lr", "0"], ["lr=0.0", "> 0"]),
     "lr negative": (["--model.optimizer.init_args.lr", "-1"], ["-1.0", "lr > 0"]),
     "val_size >= training set": (["--data.val_size", "640"], ["data.val_size=640", "[0, 639]"]),

@@ -217,3 +217,4 @@ def test_a_setting_the_processes_cannot_share_is_one_line_before_training(tiny_c
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"cutmix-pl: error: {message}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "probe").exists(), "it trained first"
+    assert not list(tmp_path.iterdir()), "it left a run folder behind"  # the README's promise for bad input

@@ -148,8 +148,11 @@ class ImageClassifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if self.hparams.compile and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
-            self.net = torch.compile(self.net)
+        # Module.compile() compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the
+        # state-dict keys, so a checkpoint of a compiled run loads into an uncompiled model (visualize.py, CPU).
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
@@ -262,6 +265,10 @@ class ImageClassifier(L.LightningModule):
         checkpoint["global_rng_states"] = _rng_states()  # anything drawing from them resumes exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written while the network was wrapped by torch.compile(module) carry "_orig_mod." keys.
+        state = checkpoint.get("state_dict")
+        if state and any("._orig_mod." in k for k in state):
+            checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
         self._check_compatible(checkpoint)
         self.best_val_acc = checkpoint.get("best_val_acc", 0.0)
         if "global_rng_states" in checkpoint:

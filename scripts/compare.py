@@ -57,16 +57,7 @@ def summarize(out: Path, method: str) -> dict[str, object]:
     runs = sorted(p for p in (out / "runs" / method).glob("version_*") if p.is_dir())
     tests = [scalars(p) for p in runs if p != run_dir(out, method)]
     test = next((s for s in reversed(tests) if "test/acc" in s), {})
-    # One event file per process start of the fit, each read once: the series are joined in order, and the time
-    # spent training is summed file by file, so that the pause of an interrupted and resumed fit does not count.
-    fit: dict[str, list[tuple[int, float, float]]] = {}
-    spans = []
-    for events in sorted(run_dir(out, method).glob("events.out.tfevents.*")):
-        part = scalars(events)
-        for tag, series in part.items():
-            fit.setdefault(tag, []).extend(series)
-        walls = [w for series in part.values() for _, _, w in series]
-        spans.append(max(walls) - min(walls) if walls else 0.0)
+    fit, seconds = read_fit(run_dir(out, method))
     curve = [v for _, v, _ in fit.get("val/acc", [])]
     return {
         "method": method,
@@ -74,8 +65,25 @@ def summarize(out: Path, method: str) -> dict[str, object]:
         "test_acc": test["test/acc"][-1][1] if test else None,
         "test_top5": test["test/acc_top5"][-1][1] if test else None,
         "test_ece": test["test/ece"][-1][1] if test else None,
-        "fit_minutes": sum(spans) / 60 if spans else None,
+        "fit_minutes": seconds / 60 if seconds is not None else None,
     }
+
+
+def read_fit(folder: Path) -> tuple[dict[str, list[tuple[int, float, float]]], float | None]:
+    """The scalar series of a fit run folder and the seconds it spent training (None without events).
+
+    One event file per process start of the fit, each read once: the series are joined in order, and the time
+    spent training is summed file by file, so that the pause of an interrupted and resumed fit does not count.
+    """
+    fit: dict[str, list[tuple[int, float, float]]] = {}
+    spans = []
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        part = scalars(events)
+        for tag, series in part.items():
+            fit.setdefault(tag, []).extend(series)
+        walls = [w for series in part.values() for _, _, w in series]
+        spans.append(max(walls) - min(walls) if walls else 0.0)
+    return fit, (sum(spans) if spans else None)
 
 
 def table(rows: list[dict[str, object]], header: str) -> str:
@@ -87,7 +95,8 @@ def table(rows: list[dict[str, object]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, object]], path: Path) -> None:
+def plot(rows: list[dict[str, object]], path: Path,
+         title: str = "ResNet-20 on CIFAR-10: same seed, same budget") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,10 +105,11 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
         curve = r["val_acc_curve"]
-        ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o", ms=3, label=r["method"])
+        ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o" if len(curve) <= 30 else None,
+                ms=3, label=r["method"])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("ResNet-20 on CIFAR-10: same seed, same budget")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

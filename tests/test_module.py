@@ -82,3 +82,22 @@ def test_flip_tta_averages_probabilities_of_image_and_mirror():
         torch.testing.assert_close(got, expected)
         model._trainer = SimpleNamespace(validating=True)
         torch.testing.assert_close(model._predict_logits(x), model(x))
+
+
+def test_compiled_model_saves_plain_keys_and_old_compiled_checkpoints_still_load():
+    compiled = ImageClassifier(compile=True)
+    compiled.configure_model()
+    compiled.configure_model()  # Lightning may call it again (e.g. for test after fit): compile once
+    keys = list(compiled.state_dict())
+    assert keys == list(ImageClassifier().state_dict()) and not any("_orig_mod" in k for k in keys)
+
+    # a checkpoint written by torch.compile(module) (earlier versions) carries "_orig_mod." in every key
+    source = ImageClassifier()
+    wrapped = {k.replace("net.", "net._orig_mod.", 1) if k.startswith("net.") else k: v
+               for k, v in source.state_dict().items()}
+    checkpoint = {"state_dict": wrapped, "hyper_parameters": dict(source.hparams)}
+    plain = ImageClassifier()
+    plain.on_load_checkpoint(checkpoint)
+    plain.load_state_dict(checkpoint["state_dict"])
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[k], v)

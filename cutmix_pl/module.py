@@ -181,7 +181,10 @@ class ImageClassifier(L.LightningModule):
     def _watch_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop on a non-finite loss, naming where. On a GPU the flag is read only every logging interval,
         since reading it every step would make the host wait for the device every step."""
-        where = torch.tensor([self.current_epoch, batch_idx, self.global_step], device=loss.device)
+        # torch.full writes each value with a fill kernel; torch.tensor([...], device=...) would copy from host
+        # memory, and that copy makes the host wait for the device every step.
+        where = torch.stack([torch.full((), v, dtype=torch.long, device=loss.device)
+                             for v in (self.current_epoch, batch_idx, self.global_step)])
         bad = ~torch.isfinite(loss.detach())
         if self._nonfinite is None:
             self._nonfinite = torch.full((3,), -1, device=loss.device, dtype=torch.long)

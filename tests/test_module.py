@@ -101,3 +101,20 @@ def test_compiled_model_saves_plain_keys_and_old_compiled_checkpoints_still_load
     plain.load_state_dict(checkpoint["state_dict"])
     for k, v in source.state_dict().items():
         torch.testing.assert_close(plain.state_dict()[k], v)
+
+
+@pytest.mark.cuda
+def test_watching_the_loss_between_logging_steps_does_not_make_the_host_wait_for_the_gpu():
+    model = ImageClassifier()
+    model._trainer = SimpleNamespace(current_epoch=2, global_step=10, log_every_n_steps=50, num_training_batches=100)
+    loss = torch.tensor(1.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        model._watch_finite(loss, 3)
+        model._watch_finite(loss / 0 * 0, 4)  # NaN: recorded on the device, read at the next logging step
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    model._trainer.global_step = 49
+    with pytest.raises(FloatingPointError, match=r"global step 10 \(epoch 2, batch 4\)"):
+        model._watch_finite(loss, 5)

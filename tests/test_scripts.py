@@ -49,9 +49,9 @@ def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_pa
     assert json.loads(marker.read_text())["resumed"] is True
     # the fit time sums each process's span: the pause between the two processes (the other fits and tests ran
     # in it) is not counted, so the total is below the span from the first event to the last, whatever the load
-    walls = [w for events in sorted(marker.parent.glob("events.out.tfevents.*"))
-             for series in load("compare").scalars(events).values() for _, _, w in series]
-    assert len(list(marker.parent.glob("events.out.tfevents.*"))) == 2
+    files = sorted(marker.parent.glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    walls = [w for events in files for series in load("compare").scalars(events).values() for _, _, w in series]
     assert rows[0]["fit_minutes"] <= again[0]["fit_minutes"] < (max(walls) - min(walls)) / 60
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
 
@@ -113,3 +113,6 @@ def test_curves_rejects_a_folder_without_events_and_a_threshold_out_of_range(tmp
     with pytest.raises(SystemExit):
         curves.main(["--out", str(tmp_path / "x.png"), "--threshold", "90", str(run)])
     assert "--threshold 90.0 is out of range" in capsys.readouterr().err
+    unvalidated = _fake_fit_run(tmp_path / "n" / "version_0", [])
+    with pytest.raises(SystemExit, match=r"version_0: no val/acc in its event files \(was validation switched off"):
+        curves.main(["--out", str(tmp_path / "x.png"), str(unvalidated)])

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from . import cifar
+from .metrics import WeightedMean
 from .resnet import ResNet, Shortcut
 from .viz import captioned_grid, confusion_image, denormalize, mix_captions
 
@@ -40,8 +40,12 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         log_p = F.log_softmax(logits.float(), dim=-1)
+        eps = self.label_smoothing
         if not targets.is_floating_point():
-            targets = F.one_hot(targets, logits.shape[-1]).float()
+            # Integer labels pick their log-probability without building one-hot rows (F.one_hot on a CPU also
+            # reads the labels' range back); smoothed, -t.log_p = (1 - eps) * nll - eps * mean(log_p).
+            nll = -log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+            return ((1.0 - eps) * nll - eps * log_p.mean(-1)).mean() if eps else nll.mean()
         if self.label_smoothing:
             targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
         return -(targets * log_p).sum(-1).mean()
@@ -123,10 +127,11 @@ class ImageClassifier(L.LightningModule):
         self.criterion = SoftTargetCrossEntropy(label_smoothing)
         self.optimizer_factory = optimizer or _default_sgd
         self._check_optimizer()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss = MeanMetric(nan_strategy="ignore")
+        # Training metrics are updated every step, so they must not make the host wait for a GPU (metrics.py).
+        self.train_acc = WeightedMean()
+        self.train_loss = WeightedMean()
         for stage in ("val", "test"):
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="ignore"))  # weighted by images, synced exactly
+            setattr(self, f"{stage}_loss", WeightedMean())  # weighted by images, synced exactly
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
             setattr(self, f"{stage}_ece", MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"))
@@ -166,14 +171,16 @@ class ImageClassifier(L.LightningModule):
         self._watch_finite(loss, batch_idx)
         # With soft targets "accuracy" needs a reference label: the one holding most of each sample's mass.
         dominant = batch.targets.argmax(-1) if batch.targets.is_floating_point() else batch.targets
-        self.train_acc(logits.detach(), dominant)
         n = len(batch.images)
+        self.train_acc.update((logits.detach().argmax(-1) == dominant).float().mean(), n)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        self.train_loss.update(loss.detach(), weight=n)  # the epoch mean, reduced over DDP ranks
+        self.train_loss.update(loss, n)  # the epoch mean, reduced over DDP ranks
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 batch_size=n)
+        # self.log turns a Python float into a tensor with a host-to-device copy, a synchronisation on a GPU;
+        # torch.full writes it with a kernel instead.
+        lr = torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"], device=loss.device)
+        self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=n)
         if batch_idx == 0 and self.hparams.log_images:
             self._log_grid(batch)
         return loss
@@ -189,13 +196,18 @@ class ImageClassifier(L.LightningModule):
         if self._nonfinite is None:
             self._nonfinite = torch.full((3,), -1, device=loss.device, dtype=torch.long)
         self._nonfinite = torch.where(bad & (self._nonfinite[0] < 0), where, self._nonfinite)
-        every = 1 if loss.device.type == "cpu" else max(1, self.trainer.log_every_n_steps)
+        every = self._watch_read_every(loss.device)
         if (self.global_step + 1) % every == 0 or batch_idx + 1 >= self.trainer.num_training_batches:
             epoch, idx, step = self._nonfinite.tolist()
             if epoch >= 0:
                 raise FloatingPointError(
                     f"the training loss became non-finite at global step {step} (epoch {epoch}, batch {idx}); "
                     "fix: lower model.optimizer's lr, add warm-up (model.warmup_epochs), or check the data")
+
+    def _watch_read_every(self, device: torch.device) -> int:
+        """Steps between reads of the non-finite flag: every step on a CPU, where a read costs nothing, else
+        every logging interval (Lightning reads the logged values from the device then anyway)."""
+        return 1 if device.type == "cpu" else max(1, self.trainer.log_every_n_steps)
 
     def _log_grid(self, batch: Any) -> None:
         logger = self.logger
@@ -233,10 +245,10 @@ class ImageClassifier(L.LightningModule):
         top5(logits, labels)
         ece(logits.float().softmax(-1), labels)
         n = len(labels)
-        # A MeanMetric, not self.log(sync_dist=True): Lightning's mean sync floors the integer image count when
+        # A WeightedMean, not self.log(sync_dist=True): Lightning's mean sync floors the integer image count when
         # ranks hold unequal numbers of images (Lightning issue #21838), inflating the loss under DDP.
         mean_loss = getattr(self, f"{stage}_loss")
-        mean_loss.update(loss.detach(), weight=n)
+        mean_loss.update(loss, n)
         self.log(f"{stage}/loss", mean_loss, on_epoch=True, batch_size=n)
         self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=True, batch_size=n)
         self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)

@@ -1,0 +1,43 @@
+"""A running weighted mean whose update never makes the host wait for the device."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["WeightedMean"]
+
+
+class WeightedMean(Metric):
+    """``sum(w * x) / sum(w)`` over updates of a scalar tensor ``x`` with a Python weight ``w`` (e.g. the batch
+    size), summed exactly over DDP ranks before the division.
+
+    torchmetrics' ``MeanMetric`` is the obvious choice but costs a host-device synchronisation per update on a
+    GPU: it copies a Python weight to the device (``torch.as_tensor``) and tests for NaNs with ``if nans.any()``
+    (and its ``nan_strategy="disable"`` drops the weights). Here an update is two in-place additions with the
+    weight passed as a scalar kernel argument, so a training step can be queued while the GPU is still busy.
+    A NaN input makes the mean NaN, which is what happened.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+    total: Tensor
+    weight: Tensor
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        # float32, not float64: MPS has no float64, and weights up to 2**24 images add exactly in float32.
+        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: int | float) -> None:  # type: ignore[override]
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"WeightedMean.update takes a one-element tensor; got {type(value).__name__} "
+                             f"{list(getattr(value, 'shape', []))}")
+        self.total += value.detach().reshape(()).float() * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight

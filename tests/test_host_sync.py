@@ -1,0 +1,137 @@
+"""A training step queues its work without reading anything back from the device.
+
+On a GPU, reading a value (``item``, ``bool(t)``, ``tolist``, ``unique``, a boolean mask) or building a tensor
+from host data makes the host wait until the device has finished all queued work, so Python can no longer run
+ahead of the GPU. Those operations are visible on a CPU too, as aten ops: ``HostReads`` records them while a real
+Lightning fit runs its training steps, so this runs without a GPU (tests/test_module.py has the CUDA check).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from cutmix_pl.augment import CutMix
+from cutmix_pl.data import CIFAR10DataModule
+from cutmix_pl.metrics import WeightedMean
+from cutmix_pl.module import ImageClassifier
+
+READS = {"_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select",
+         "bincount", "lift_fresh", "lift_fresh_copy"}
+
+
+class HostReads(TorchDispatchMode):
+    """Names of the ops run inside the ``with`` block that read from, or copy host data to, the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten(args[1:])[0])
+        if name in READS or bool_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> HostReads:
+        # Tensor.tolist reads the values without an aten op, so it is watched here.
+        self._tolist = torch.Tensor.tolist
+        found, tolist = self.found, self._tolist
+
+        def watched(t: torch.Tensor) -> Any:
+            found.append("tolist")
+            return tolist(t)
+
+        torch.Tensor.tolist = watched  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+        super().__exit__(*exc)
+
+
+def test_the_detector_sees_each_kind_of_read():
+    x = torch.randn(6)
+    for read in (lambda: x.sum().item(), lambda: bool((x > 0).any()), lambda: x.tolist(), lambda: x[x > 0],
+                 lambda: torch.unique(x), lambda: torch.tensor(0.1), lambda: x.nonzero()):
+        with HostReads() as h:
+            read()
+        assert h.found, read
+    with HostReads() as h:
+        torch.full((), 0.1) * x + x.sum()
+    assert h.found == []
+
+
+def test_weighted_mean_updates_without_reads_and_averages_by_weight():
+    m, two, four = WeightedMean(), torch.tensor([2.0]), torch.tensor(4.0)
+    with HostReads() as h:
+        m.update(two, 3)
+        m.update(four, 1)
+    assert h.found == []
+    assert float(m.compute()) == pytest.approx((2 * 3 + 4) / 4)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        m.update(torch.ones(2), 1)
+
+
+class _Watched(ImageClassifier):
+    """Records each training step's reads; reads the non-finite flag as on a GPU (every logging interval)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reads: list[tuple[int, int, list[str]]] = []
+
+    def _watch_read_every(self, device: torch.device) -> int:
+        return self.trainer.log_every_n_steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        step = self.global_step
+        with HostReads() as h:
+            loss = super().training_step(batch, batch_idx)
+        self.reads.append((batch_idx, step, sorted(set(h.found))))
+        return loss
+
+
+@pytest.mark.parametrize("mixer", [CutMix(prob=0.5), None], ids=["cutmix", "no-mixing"])
+def test_training_steps_read_from_the_device_only_at_logging_steps(tiny_cifar, tmp_path, mixer):
+    every = 4
+    model = _Watched(depth=8, width=4, log_images=True, grid_size=4)
+    data = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, mixer=mixer)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, log_every_n_steps=every,
+                        logger=TensorBoardLogger(str(tmp_path)), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=1)
+    trainer.fit(model, data)
+    per_epoch = trainer.num_training_batches
+    assert len(model.reads) == 2 * per_epoch > 2 * every
+    for batch_idx, step, found in model.reads:
+        if batch_idx == 0:  # the once-an-epoch image grid: captions and pixels are drawn on the host
+            assert "tolist" in found
+        elif (step + 1) % every == 0 or batch_idx == per_epoch - 1:  # the non-finite flag, read as on a GPU
+            assert found == ["tolist"], (batch_idx, step, found)
+        else:
+            assert found == [], f"training step {step} (batch {batch_idx}) reads from the device: {found}"
+
+
+@pytest.mark.cuda
+def test_weighted_mean_and_the_hard_label_loss_do_not_synchronise_a_gpu():
+    from cutmix_pl.module import SoftTargetCrossEntropy
+
+    m = WeightedMean().cuda()
+    logits, labels = torch.randn(8, 10, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        loss = SoftTargetCrossEntropy(0.1)(logits, labels)
+        m.update(loss, 8)
+        m.update(torch.full((), 0.1, device="cuda"), 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(m.compute()) == pytest.approx((float(loss) + 0.1) / 2, rel=1e-5)

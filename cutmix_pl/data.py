@@ -177,7 +177,8 @@ class CIFAR10DataModule(L.LightningDataModule):
             quick experiments; null: all of them.
         mixer: batch mixing applied after crop/flip/normalisation: ``CutMix`` (per-sample by default),
             ``MixUp``, ``CutMixUp``, or null for none.
-        mix_off_epoch: from this (0-based) epoch on, stop mixing (timm's ``mixup_off_epoch``); null: never.
+        mix_off_epoch: from this (0-based) epoch on, stop mixing (timm's ``mixup_off_epoch``); negative counts
+            from the end of training (-2: the last two epochs unmixed, whatever ``trainer.max_epochs``); null: never.
         crop_padding: zero padding of the random crop, in pixels (4 in He et al. 2016); 0 turns cropping off.
         flip: random horizontal flips.
         resident: keep the training set on the training device (GPU-resident pipeline). False keeps it in
@@ -204,8 +205,6 @@ class CIFAR10DataModule(L.LightningDataModule):
                              "(CIFAR-10 has 50000 training images)")
         if train_size is not None and train_size < 2:
             raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all)")
-        if mix_off_epoch is not None and mix_off_epoch < 0:
-            raise ValueError(f"data.mix_off_epoch={mix_off_epoch!r} is out of range: it must be >= 0 or null")
         if mixer is not None and mixer.num_classes != self.num_classes:
             raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match CIFAR-10's "
                              f"{self.num_classes} classes")
@@ -245,6 +244,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         _, _, world = self._topology()
         for name in _STAGE_SPLITS.get(stage or "", ()):
             self._check_enough(name, len(self._splits[name].labels), world)
+        if stage == "fit" and self.mixer is not None:
+            self._mix_off()  # a from-the-end setting that cannot be resolved fails before training
 
     def _load_splits(self) -> None:
         train, test = cifar.load(self.data_dir, download_if_missing=False)
@@ -346,8 +347,22 @@ class CIFAR10DataModule(L.LightningDataModule):
                                                   torch.tensor(cifar.STD, device=images.device))
         return normalize(images, *stats)
 
+    def _mix_off(self) -> int | None:
+        """The first unmixed epoch, with a negative ``mix_off_epoch`` counted back from ``trainer.max_epochs``."""
+        off = self.mix_off_epoch
+        if off is None or off >= 0:
+            return off
+        max_epochs = self.trainer.max_epochs if self.trainer is not None else None
+        if max_epochs is None or max_epochs < 0:
+            raise ValueError(f"data.mix_off_epoch={off} counts from the end of training, but trainer.max_epochs is "
+                             f"{max_epochs} (no known end); fix: set trainer.max_epochs, or a mix_off_epoch >= 0")
+        return max(0, max_epochs + off)
+
     def mixing_on(self, epoch: int) -> bool:
-        return self.mixer is not None and (self.mix_off_epoch is None or epoch < self.mix_off_epoch)
+        if self.mixer is None:
+            return False
+        off = self._mix_off()
+        return off is None or epoch < off
 
     def augment(self, images: Tensor, labels: Tensor, epoch: int = 0,
                 generator: torch.Generator | None = None) -> TrainBatch:

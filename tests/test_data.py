@@ -61,7 +61,7 @@ def test_eval_batches_are_normalised_only(tiny_cifar):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"batch_size": 1}, "batch_size=1 .* >= 2"), ({"val_size": 50000}, "val_size"), ({"val_size": -1}, "val_size"),
-    ({"mixer": CutMix(num_classes=100)}, "num_classes"), ({"mix_off_epoch": -1}, "mix_off_epoch"),
+    ({"mixer": CutMix(num_classes=100)}, "num_classes"),
     ({"train_size": 1}, "train_size"),
 ])
 def test_bad_arguments(kwargs, match):

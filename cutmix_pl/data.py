@@ -208,9 +208,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         if mixer is not None and mixer.num_classes != self.num_classes:
             raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match CIFAR-10's "
                              f"{self.num_classes} classes")
-        # TensorBoard's HPARAMS tab shows these next to the model's; the mixer as its readable repr.
+        # TensorBoard's HPARAMS tab shows these next to the model's; the mixer as its readable repr. The second call
+        # adds it to hparams_initial, which is what Lightning logs (assigning to self.hparams would not).
         self.save_hyperparameters(ignore=["mixer"])
-        self.hparams["mixer"] = repr(mixer) if mixer is not None else "none"
+        self.save_hyperparameters({"mixer": repr(mixer) if mixer is not None else "none"})
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.train_size = val_size, split_seed, train_size

@@ -88,6 +88,20 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def _describe(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimiser's class and settings as loggable scalars, e.g. {"class": "SGD", "lr": 0.1, ...}; switches that
+    pick an implementation (foreach, fused, ...) are left out."""
+    out: dict[str, Any] = {"class": type(optimizer).__name__}
+    for key, value in optimizer.defaults.items():
+        if key in ("foreach", "fused", "differentiable", "capturable") or value is None:
+            continue
+        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+            value = str(tuple(value))  # e.g. Adam's betas
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
 def _default_sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
@@ -126,7 +140,11 @@ class ImageClassifier(L.LightningModule):
         self.net = ResNet(depth, num_classes, shortcut, width=width)
         self.criterion = SoftTargetCrossEntropy(label_smoothing)
         self.optimizer_factory = optimizer or _default_sgd
-        self._check_optimizer()
+        probe = self._check_optimizer()
+        # TensorBoard's HPARAMS tab shows what Lightning logs, hparams_initial: the optimiser goes there, read off
+        # a built instance (so defaults show too), but not into the checkpoint's hyperparameters, which the CLI
+        # re-reads as model arguments on --ckpt_path, where a factory's settings are no argument.
+        self._hparams_initial["optimizer"] = _describe(probe)
         # Training metrics are updated every step, so they must not make the host wait for a GPU (metrics.py).
         self.train_acc = WeightedMean()
         self.train_loss = WeightedMean()
@@ -139,7 +157,7 @@ class ImageClassifier(L.LightningModule):
         self.best_val_acc = 0.0
         self._nonfinite: Tensor | None = None
 
-    def _check_optimizer(self) -> None:
+    def _check_optimizer(self) -> torch.optim.Optimizer:
         """Build the optimiser once on a dummy parameter so a bad setting fails at start-up, not at step 0."""
         try:
             probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
@@ -149,6 +167,7 @@ class ImageClassifier(L.LightningModule):
         lr = probe.defaults.get("lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0")
+        return probe
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:

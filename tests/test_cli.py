@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from cutmix_pl.cli import CONFIG_DIR, main
 
@@ -38,7 +39,14 @@ def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert max(lrs) == pytest.approx(0.1) and lrs[-1] < lrs[len(lrs) // 2]  # warm-up then cosine decay, per step
     hparams = acc.PluginTagToContent("hparams")  # raises KeyError when no hparams were written
-    assert "_hparams_/session_start_info" in hparams
+    start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
+    shown = {k: v.string_value or v.number_value or v.bool_value for k, v in start.items()}
+    # the HPARAMS tab: model, data, the mixer and the optimiser's settings (smoke.yaml over cutmix.yaml)
+    assert shown["depth"] == 20 and shown["batch_size"] == cli.datamodule.batch_size
+    assert shown["mixer"].startswith("CutMix(alpha=1.0, prob=0.5")
+    assert shown["optimizer/class"] == "SGD" and shown["optimizer/lr"] == pytest.approx(0.1)
+    assert shown["optimizer/weight_decay"] == pytest.approx(5e-4, rel=1e-6) and shown["optimizer/nesterov"] == 1
+    assert "optimizer/foreach" not in shown
 
 
 def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):

@@ -357,7 +357,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         if max_epochs is None or max_epochs < 0:
             raise ValueError(f"data.mix_off_epoch={off} counts from the end of training, but trainer.max_epochs is "
                              f"{max_epochs} (no known end); fix: set trainer.max_epochs, or a mix_off_epoch >= 0")
-        return max(0, max_epochs + off)
+        if off < -max_epochs:
+            raise ValueError(f"data.mix_off_epoch={off} counts back past the start of training "
+                             f"(trainer.max_epochs={max_epochs}); fix: a value in [-{max_epochs}, -1], or >= 0")
+        return max_epochs + off
 
     def mixing_on(self, epoch: int) -> bool:
         if self.mixer is None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -31,6 +34,16 @@ class WeightedMean(Metric):
         # float32, not float64: MPS has no float64, and weights up to 2**24 images add exactly in float32.
         self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Any, exclude_state: Sequence[str] = ()) -> WeightedMean:
+        this = super()._apply(fn, exclude_state)
+        # Lightning's 16-true / bf16-true precision casts the whole module with .to(dtype), states included; a
+        # bf16 sum of image counts stops counting at 256, so the sums stay float32.
+        for key in ("total", "weight"):
+            if getattr(this, key).dtype in (torch.float16, torch.bfloat16):
+                setattr(this, key, getattr(this, key).float())
+                this._defaults[key] = this._defaults[key].float()
+        return this
 
     def update(self, value: Tensor, weight: int | float) -> None:  # type: ignore[override]
         if not isinstance(value, Tensor) or value.numel() != 1:

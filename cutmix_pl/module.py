@@ -143,8 +143,10 @@ class ImageClassifier(L.LightningModule):
         probe = self._check_optimizer()
         # TensorBoard's HPARAMS tab shows what Lightning logs, hparams_initial: the optimiser goes there, read off
         # a built instance (so defaults show too), but not into the checkpoint's hyperparameters, which the CLI
-        # re-reads as model arguments on --ckpt_path, where a factory's settings are no argument.
-        self._hparams_initial["optimizer"] = _describe(probe)
+        # re-reads as model arguments on --ckpt_path. Not named "optimizer": load_from_checkpoint(hparams_file=
+        # the logged hparams.yaml) passes keys that name __init__ arguments back in. (A subclass that calls
+        # save_hyperparameters again after this resets hparams_initial and drops the entry.)
+        self._hparams_initial["optimizer_settings"] = _describe(probe)
         # Training metrics are updated every step, so they must not make the host wait for a GPU (metrics.py).
         self.train_acc = WeightedMean()
         self.train_loss = WeightedMean()
@@ -159,6 +161,9 @@ class ImageClassifier(L.LightningModule):
 
     def _check_optimizer(self) -> torch.optim.Optimizer:
         """Build the optimiser once on a dummy parameter so a bad setting fails at start-up, not at step 0."""
+        if not callable(self.optimizer_factory):
+            raise ValueError(f"model.optimizer={self.optimizer_factory!r} is not an optimiser factory; fix: give "
+                             "class_path (e.g. torch.optim.SGD) and init_args in YAML, or a callable params -> optimiser")
         try:
             probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
         except ValueError as err:  # torch's own checks ("Invalid learning rate: -1.0") name no key and no fix
@@ -216,7 +221,7 @@ class ImageClassifier(L.LightningModule):
             self._nonfinite = torch.full((3,), -1, device=loss.device, dtype=torch.long)
         self._nonfinite = torch.where(bad & (self._nonfinite[0] < 0), where, self._nonfinite)
         every = self._watch_read_every(loss.device)
-        if (self.global_step + 1) % every == 0 or batch_idx + 1 >= self.trainer.num_training_batches:
+        if (every > 0 and (self.global_step + 1) % every == 0) or batch_idx + 1 >= self.trainer.num_training_batches:
             epoch, idx, step = self._nonfinite.tolist()
             if epoch >= 0:
                 raise FloatingPointError(
@@ -224,9 +229,10 @@ class ImageClassifier(L.LightningModule):
                     "fix: lower model.optimizer's lr, add warm-up (model.warmup_epochs), or check the data")
 
     def _watch_read_every(self, device: torch.device) -> int:
-        """Steps between reads of the non-finite flag: every step on a CPU, where a read costs nothing, else
-        every logging interval (Lightning reads the logged values from the device then anyway)."""
-        return 1 if device.type == "cpu" else max(1, self.trainer.log_every_n_steps)
+        """Steps between reads of the non-finite flag (0: at the end of each epoch only): every step on a CPU,
+        where a read costs nothing, else every logging interval (Lightning reads the logged values from the
+        device then anyway)."""
+        return 1 if device.type == "cpu" else self.trainer.log_every_n_steps
 
     def _log_grid(self, batch: Any) -> None:
         logger = self.logger

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from cutmix_pl.cli import CONFIG_DIR, main
+from cutmix_pl.module import ImageClassifier
 
 TINY = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
         "--trainer.limit_train_batches", "null", "--trainer.log_every_n_steps", "1",
@@ -44,9 +45,12 @@ def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
     # the HPARAMS tab: model, data, the mixer and the optimiser's settings (smoke.yaml over cutmix.yaml)
     assert shown["depth"] == 20 and shown["batch_size"] == cli.datamodule.batch_size
     assert shown["mixer"].startswith("CutMix(alpha=1.0, prob=0.5")
-    assert shown["optimizer/class"] == "SGD" and shown["optimizer/lr"] == pytest.approx(0.1)
-    assert shown["optimizer/weight_decay"] == pytest.approx(5e-4, rel=1e-6) and shown["optimizer/nesterov"] == 1
-    assert "optimizer/foreach" not in shown
+    assert shown["optimizer_settings/class"] == "SGD" and shown["optimizer_settings/lr"] == pytest.approx(0.1)
+    assert shown["optimizer_settings/weight_decay"] == pytest.approx(5e-4, rel=1e-6) and shown["optimizer_settings/nesterov"] == 1
+    assert "optimizer_settings/foreach" not in shown
+    # The logged hparams.yaml loads back with a checkpoint: its extra keys name no __init__ argument.
+    model = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", hparams_file=run / "hparams.yaml")
+    assert model.hparams.depth == 20 and "optimizer_settings" not in model.hparams
 
 
 def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):

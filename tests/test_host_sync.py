@@ -23,7 +23,9 @@ from cutmix_pl.metrics import WeightedMean
 from cutmix_pl.module import ImageClassifier
 
 READS = {"_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select",
-         "bincount", "lift_fresh", "lift_fresh_copy"}
+         "bincount", "equal", "lift_fresh", "lift_fresh_copy"}
+# Tensor methods that read values back without an aten op on a CPU tensor: watched by patching them.
+METHODS = ("tolist", "cpu", "numpy", "__array__")
 
 
 class HostReads(TorchDispatchMode):
@@ -42,26 +44,29 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> HostReads:
-        # Tensor.tolist reads the values without an aten op, so it is watched here.
-        self._tolist = torch.Tensor.tolist
-        found, tolist = self.found, self._tolist
-
-        def watched(t: torch.Tensor) -> Any:
-            found.append("tolist")
-            return tolist(t)
-
-        torch.Tensor.tolist = watched  # type: ignore[method-assign]
+        self._saved = {name: getattr(torch.Tensor, name) for name in METHODS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._watch(name, method))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
         super().__exit__(*exc)
+
+    def _watch(self, name: str, method: Any) -> Any:
+        def watched(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.found.append(name)
+            return method(t, *args, **kwargs)
+
+        return watched
 
 
 def test_the_detector_sees_each_kind_of_read():
     x = torch.randn(6)
     for read in (lambda: x.sum().item(), lambda: bool((x > 0).any()), lambda: x.tolist(), lambda: x[x > 0],
-                 lambda: torch.unique(x), lambda: torch.tensor(0.1), lambda: x.nonzero()):
+                 lambda: torch.unique(x), lambda: torch.tensor(0.1), lambda: x.nonzero(), lambda: x.cpu(),
+                 lambda: x.numpy(), lambda: torch.equal(x, x)):
         with HostReads() as h:
             read()
         assert h.found, read
@@ -79,6 +84,16 @@ def test_weighted_mean_updates_without_reads_and_averages_by_weight():
     assert float(m.compute()) == pytest.approx((2 * 3 + 4) / 4)
     with pytest.raises(ValueError, match="one-element tensor"):
         m.update(torch.ones(2), 1)
+
+
+def test_weighted_mean_keeps_float32_sums_under_a_half_precision_module():
+    """Lightning's bf16-true precision casts the module with .to(dtype); bf16 would stop counting at 256."""
+    m = torch.nn.ModuleDict({"m": WeightedMean()}).to(torch.bfloat16)["m"]
+    for _ in range(390):
+        m.update(torch.tensor(1.0, dtype=torch.bfloat16), 128)
+    assert m.weight.dtype == torch.float32 and float(m.weight) == 390 * 128
+    m.reset()
+    assert m.total.dtype == m.weight.dtype == torch.float32
 
 
 class _Watched(ImageClassifier):

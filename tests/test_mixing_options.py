@@ -169,9 +169,14 @@ def test_negative_mix_off_epoch_counts_from_the_end_of_training(tmp_path):
     dm = CIFAR10DataModule(str(tmp_path), download=False, mixer=CutMix(), mix_off_epoch=-2)
     with pytest.raises(ValueError, match=r"data.mix_off_epoch=-2 counts from the end .* fix: set trainer.max_epochs"):
         dm.mixing_on(0)  # no trainer: no end to count from
-    for max_epochs, first_off in ((15, 13), (30, 28), (1, 0)):
+    for max_epochs, first_off in ((15, 13), (30, 28), (2, 0)):
         dm.trainer = SimpleNamespace(max_epochs=max_epochs)
         assert [dm.mixing_on(e) for e in range(max_epochs)] == [e < first_off for e in range(max_epochs)]
+    dm.trainer = SimpleNamespace(max_epochs=1)
+    dm.mix_off_epoch = -3  # would never mix: a mistake, not a schedule
+    with pytest.raises(ValueError, match=r"mix_off_epoch=-3 counts back past the start .* \[-1, -1\]"):
+        dm.mixing_on(0)
+    dm.mix_off_epoch = -2
     dm.trainer = SimpleNamespace(max_epochs=-1)  # Lightning's "no limit" (max_steps only)
     with pytest.raises(ValueError, match="trainer.max_epochs is -1"):
         dm.mixing_on(0)

@@ -69,6 +69,8 @@ def test_model_argument_checks():
         ImageClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     with pytest.raises(ValueError, match="6n\\+2"):
         ImageClassifier(depth=21)
+    with pytest.raises(ValueError, match="model.optimizer=.* is not an optimiser factory"):
+        ImageClassifier(optimizer={"class_path": "torch.optim.SGD"})
 
 
 def test_flip_tta_averages_probabilities_of_image_and_mirror():

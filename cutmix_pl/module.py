@@ -46,8 +46,8 @@ class SoftTargetCrossEntropy(nn.Module):
             # reads the labels' range back); smoothed, -t.log_p = (1 - eps) * nll - eps * mean(log_p).
             nll = -log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
             return ((1.0 - eps) * nll - eps * log_p.mean(-1)).mean() if eps else nll.mean()
-        if self.label_smoothing:
-            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
+        if eps:
+            targets = targets * (1.0 - eps) + eps / logits.shape[-1]
         return -(targets * log_p).sum(-1).mean()
 
 

@@ -1,28 +1,36 @@
-"""Stopping a fit cleanly on SIGTERM or Ctrl-C (SIGINT): finish the batch, save ``last.ckpt``, exit.
+"""Callbacks the CLI adds to every run: a clean stop on a signal, and the predictions file of ``predict``.
 
 The CLI adds :class:`StopOnSignal` to every run (through ``trainer_defaults``, so a config that replaces
-``trainer.callbacks`` cannot drop it). On the first SIGTERM or SIGINT the current training batch runs to its end,
+``trainer.callbacks`` cannot drop it). On the first SIGTERM, SIGHUP (a closed terminal or ssh session) or SIGINT
+the current training batch runs to its end,
 then the full training state (weights, optimiser, scheduler, loop position, the DataModule's epoch position and
 augmentation stream, the global RNGs) is written where ``ModelCheckpoint(save_last=True)`` keeps ``last.ckpt``,
 and :class:`Interrupted` ends the fit; ``cutmix_pl.cli.main`` turns it into one line and exit status 128 + the
-signal number (130 for SIGINT, 143 for SIGTERM). ``fit --ckpt_path last`` continues from that checkpoint. A
-second Ctrl-C stops at once, without saving.
+signal number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). ``fit --ckpt_path last`` continues from that
+checkpoint. A signal during a validation lets it finish (its epoch-end checkpoint included), then stops the same way,
+also after the last epoch's. A second Ctrl-C stops at once, without saving.
+
+:class:`PredictionWriter` writes what ``predict`` computes to ``predictions.csv`` in the run's log folder.
 """
 
 from __future__ import annotations
 
+import csv
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["Interrupted", "StopOnSignal", "last_checkpoint_path"]
+__all__ = ["Interrupted", "PredictionWriter", "StopOnSignal", "last_checkpoint_path"]
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 class Interrupted(BaseException):
@@ -45,8 +53,12 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     return Path(root) / "checkpoints" / "last.ckpt"
 
 
-class StopOnSignal(Callback):
-    """On SIGTERM or SIGINT during fit: end the current batch, save ``last.ckpt``, raise :class:`Interrupted`.
+class StopOnSignal(Checkpoint):
+    """On SIGTERM, SIGHUP or SIGINT during fit: end the current batch, save ``last.ckpt``, raise :class:`Interrupted`.
+
+    A ``Checkpoint`` callback, so Lightning runs it after the other checkpoint callbacks (and in the group that runs
+    after the module's ``on_train_epoch_end``): at an epoch's end, ModelCheckpoint saves and records its best model
+    before this stops the fit.
 
     Args:
         check_every: under DDP, ranks agree on stopping every ``check_every`` steps (a collective); a single
@@ -56,6 +68,7 @@ class StopOnSignal(Callback):
     def __init__(self, check_every: int = 10) -> None:
         self.check_every = max(1, int(check_every))
         self.signum: int | None = None
+        self._pending: Interrupted | None = None
         self._previous: dict[int, Any] = {}
 
     # -- handlers --------------------------------------------------------------------------------------
@@ -78,23 +91,44 @@ class StopOnSignal(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum = None
+        self.signum, self._pending = None, None
         self._install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stop = self.signum is not None
-        if trainer.world_size > 1:
-            if (trainer.global_step % self.check_every) != 0:
-                return
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # the epoch's last batch: its validation and epoch-end checkpoint come first (on_train_epoch_end)
+        if trainer.world_size > 1 and (trainer.global_step % self.check_every) != 0:
             return
-        # The same point as ModelCheckpoint(every_n_train_steps=...) saves at, so the resume is exact.
+        if self._agreed(trainer):
+            # The same point as ModelCheckpoint(every_n_train_steps=...) saves at, so the resume is exact. The stop
+            # itself waits for the next batch's start, so that Lightning first logs this step's metrics (a resume
+            # starts after this step and would never log them).
+            self._pending = self._save(trainer, batch_idx, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            raise pending
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the epoch's validation, where ModelCheckpoint(save_on_train_epoch_end=True) saves: a checkpoint taken
+        # at the last batch, before that validation, resumes without it (Lightning counts the epoch as done).
+        if self._agreed(trainer):
+            raise self._save(trainer, max(0, trainer.num_training_batches - 1), trainer.current_epoch)
+
+    def _agreed(self, trainer: L.Trainer) -> bool:
+        """Whether to stop now: this process's flag, or under DDP any rank's (a collective: all ranks call it)."""
+        stop = self.signum is not None
+        return trainer.strategy.reduce_boolean_decision(stop, all=False) if trainer.world_size > 1 else stop
+
+    def _save(self, trainer: L.Trainer, batch_idx: int, epoch: int) -> Interrupted:
+        """Save last.ckpt; return the exception that ends the fit."""
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         signum = self.signum if self.signum is not None else signal.SIGTERM
-        raise Interrupted(signum, str(path), trainer.global_step, trainer.current_epoch, batch_idx)
+        return Interrupted(signum, str(path), trainer.global_step, epoch, batch_idx)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._uninstall()
@@ -104,6 +138,88 @@ class StopOnSignal(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._uninstall()
+        if self.signum is not None:
+            # The signal came during the last validation, after the last training batch: the fit is complete, and
+            # last.ckpt is saved again here in case no ModelCheckpoint keeps one; still, the run was asked to stop.
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)
+            last_epoch = max(0, trainer.current_epoch - 1)  # the loop has counted past the epoch it finished
+            raise Interrupted(self.signum, str(path), trainer.global_step, last_epoch,
+                              max(0, trainer.num_training_batches - 1))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._uninstall()
+
+
+class PredictionWriter(Callback):
+    """Writes ``predict``'s output to ``<log_dir>/predictions.csv`` and prints the path.
+
+    One row per image: ``index`` (its position in the predicted split), ``label`` (the true class, empty when
+    unknown), ``pred`` (the predicted class) and one probability column per class. Under DDP every rank writes its
+    shard to a part file; rank 0 joins them in index order.
+    """
+
+    def __init__(self, filename: str = "predictions.csv") -> None:
+        self.filename = filename
+        self._rows: list[dict[str, torch.Tensor]] = []
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows = []
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(outputs, dict) and "prob" in outputs:
+            self._rows.append({k: v.detach().cpu() for k, v in outputs.items() if isinstance(v, torch.Tensor)})
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = self._folder(trainer)
+        target = folder / self.filename
+        if trainer.world_size == 1:
+            self._write(target, self._rows, getattr(trainer.datamodule, "classes", None))
+        else:
+            part = folder / f".{self.filename}.part{trainer.global_rank}"
+            self._write(part, self._rows, getattr(trainer.datamodule, "classes", None))
+            trainer.strategy.barrier("predictions")
+            if trainer.is_global_zero:
+                self._join([folder / f".{self.filename}.part{r}" for r in range(trainer.world_size)], target)
+            trainer.strategy.barrier("predictions-joined")
+        self._rows = []
+        if trainer.is_global_zero:
+            print(f"cutmix-pl: wrote the predictions to {target}", file=sys.stderr)
+
+    @staticmethod
+    def _write(path: Path, rows: list[dict[str, torch.Tensor]], classes: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        k = rows[0]["prob"].shape[1] if rows else 0
+        names = list(classes) if classes is not None and len(classes) == k else [str(i) for i in range(k)]
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["index", "label", "pred", *(f"prob_{n}" for n in names)])
+            for part in rows:
+                n = len(part["prob"])
+                index = part.get("index", torch.full((n,), -1)).tolist()
+                label = part["label"].tolist() if "label" in part else [""] * n
+                for i, y, p, probs in zip(index, label, part["pred"].tolist(), part["prob"].tolist()):
+                    out.writerow([i, y, p, *(f"{q:.6g}" for q in probs)])
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _join(parts: list[Path], target: Path) -> None:
+        header, rows = None, []
+        for part in parts:
+            with open(part, newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader)
+                rows.extend(reader)
+            part.unlink()
+        rows.sort(key=lambda r: int(r[0]))
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(header or [])
+            out.writerows(rows)
+        os.replace(tmp, target)

@@ -1,31 +1,39 @@
 """``python -m cutmix_pl {fit,validate,test,predict}``: the Lightning CLI over the model and the DataModule.
 
 With no ``--config``, ``configs/cutmix.yaml`` (the default recipe) is loaded; each further ``--config`` is
-applied on top of it, then command-line flags.
+applied on top of it, then command-line flags. Where a run lives, which checkpoint ``--ckpt_path`` means and what a
+resume may change are the rules of ``runs.py``; this file applies them to the parsed config, through LightningCLI's
+public hooks only.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import Interrupted, StopOnSignal
+from . import runs
+from .callbacks import Interrupted, PredictionWriter, StopOnSignal
+from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cutmix.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -54,14 +62,13 @@ def _logger_args(trainer_cfg: Namespace) -> Namespace | None:
     return args if isinstance(args, Namespace) and args.get("save_dir") is not None else None
 
 
-def _version_value(folder: Path) -> int | str:
-    m = re.fullmatch(r"version_(\d+)", folder.name)
-    return int(m.group(1)) if m else folder.name
-
-
 # Model arguments that say how to run the network, not what it is: taken from this run's config even when a
 # checkpoint is loaded (its other hyperparameters win, as Lightning does).
 RUN_OPTIONS = ("tta_flip", "compile", "channels_last", "log_images", "grid_size")
+ARCHITECTURE = ("depth", "width", "shortcut")
+# Set by rank 0 for the processes Lightning launches for DDP, which parse the same command again: they must
+# write into rank 0's run folder, not claim one of their own.
+RUN_ENV = "CUTMIX_PL_RUN"
 
 
 def _blocked(path: Path) -> str | None:
@@ -76,85 +83,175 @@ def _blocked(path: Path) -> str | None:
     return None
 
 
+def _plain(value: Any) -> Any:
+    """A parsed config as YAML would hold it (paths and other objects as strings), for comparing with a saved one."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 class CutMixCLI(LightningCLI):
+    """LightningCLI plus the run rules of ``runs.py``, applied to the config between parsing and instantiation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._run: Path | None = None  # the run folder this command writes into
+        self._before: set[Path] | None = None  # what that folder held before (None: this command created it)
+        self._top: Path | None = None  # the outermost folder the claim created
+        self._lock: runs.RunLock | None = None
+        self._checkpoint: dict[str, Any] | None = None
+        self._asked: dict[str, Any] = {}
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception:
+            if self._run is not None and rank_zero_only.rank == 0:
+                runs.remove_failed(self._run, self._before, self._top)
+            raise
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+    # -- between parsing and instantiation: the config says exactly what will run ------------------------------
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub:
+            cfg = self.config[sub]
+            self._settle_defaults(cfg)
+            self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
+            self._plan(sub, cfg)
+
+    @staticmethod
+    def _settle_defaults(cfg: Namespace) -> None:
+        """Choices made for the user, made here so that config.yaml records them (and a resume compares them)."""
         trainer = cfg.trainer
         if trainer.precision is None:  # bf16 autocast where it pays (GPUs); full precision on CPUs
             on_gpu = torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
             trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+        max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+        if max_epochs is not None and max_epochs < 1 and (max_steps is None or max_steps < 1):
+            raise ValueError(f"trainer.max_epochs={max_epochs} is out of range: the learning-rate schedules need an "
+                             "end; fix: a value >= 1 (or a trainer.max_steps >= 1)")
+        for cb in trainer.get("callbacks") or []:
+            if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+                # one last.ckpt per run, overwritten (atomically) by every save, never last-v1.ckpt beside a stale one
+                cb.init_args.enable_version_counter = False
 
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except ValueError as err:  # name the config key of a failing class (data.mixer...), not just the class
-            cfg = self.config[self.subcommand] if self.subcommand else self.config
-            raise ValueError(_concise(err, cfg)) from None
-
-    # -- checkpoints: `--ckpt_path last` continues the newest run of this logger name, in its own folder --------
-    def _resolve_ckpt_path(self, cfg: Namespace, sub: str) -> None:
+    def _plan(self, sub: str, cfg: Namespace) -> None:
         ckpt = cfg.get("ckpt_path")
-        if ckpt is None or ckpt in ("best", "hpc") or "://" in str(ckpt):
-            return
-        if ckpt != "last":
-            if not Path(ckpt).is_file():
-                raise ValueError(f"--ckpt_path {ckpt} does not exist; fix: pass the path of a .ckpt file (e.g. "
-                                 "runs/<name>/version_N/checkpoints/last.ckpt) or --ckpt_path last")
-            return
-        args = _logger_args(cfg.trainer)
-        if args is None:
-            return  # no save_dir/name layout: Lightning looks in the ModelCheckpoint folders itself
-        base = Path(args.save_dir) / (args.get("name") or "")
-        version = args.get("version")
-        if version is not None:
-            folders = [base / (version if isinstance(version, str) else f"version_{version}")]
-        else:
-            folders = [d for d in base.glob("version_*") if d.is_dir()]
-        found = [d / "checkpoints" / "last.ckpt" for d in folders if (d / "checkpoints" / "last.ckpt").is_file()]
-        if not found:
-            where = f"{base}/{'version_*' if version is None else folders[0].name}/checkpoints"
-            explicit = any(isinstance(c, Namespace) and (c.get("init_args") or {}).get("dirpath")
-                           for c in (cfg.trainer.get("callbacks") or []))
-            if sub == "fit":
-                print(f"cutmix-pl: no last.ckpt in {where}: starting a new run", file=sys.stderr)
-            elif not explicit:
-                raise ValueError(f"--ckpt_path last found no last.ckpt in {where}; fix: pass --ckpt_path PATH to "
-                                 "a .ckpt file, or the logger name/save_dir of the run to load")
-            return
-        last = max(found, key=lambda p: (p.stat().st_mtime, str(p)))
-        cfg.ckpt_path = str(last)
-        if sub == "fit" and version is None:  # the run goes on in its own folder (logs, checkpoints)
-            args.version = _version_value(last.parent.parent)
-            print(f"cutmix-pl: resuming {last} (the run continues in {last.parent.parent})", file=sys.stderr)
-
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``last``, read the checkpoint once (a bad one ends here, in one line, before anything is
-        written), refuse an architecture that contradicts the config, then let Lightning take the checkpoint's
-        model hyperparameters as defaults."""
-        self._checkpoint = None
-        sub = self.config.get("subcommand")
-        if sub:
-            cfg = self.config[sub]
-            self._resolve_ckpt_path(cfg, sub)
+        logger = _logger_args(cfg.trainer)
+        if ckpt is not None and ckpt not in ("best", "hpc") and "://" not in str(ckpt):
+            cfg.ckpt_path = str(self._resolve_checkpoint(sub, cfg, str(ckpt), logger))
             self._checkpoint = self._read_checkpoint(cfg)
-            if self._checkpoint is not None:
-                self._check_architecture(cfg, sub, self._checkpoint)
-        model = self.config[sub].get("model") if sub else None
-        asked = {k: model.get(k) for k in RUN_OPTIONS} if isinstance(model, Namespace) else {}
-        super()._parse_ckpt_path()
-        # Lightning lets every saved hyperparameter override this run's config. How to run the network (TTA,
-        # compile, memory format, image logging) is this run's choice, not the checkpoint's.
-        for key, value in asked.items():
-            self.config[sub].model[key] = value
+            self._check_architecture(cfg)
+        if logger is None:
+            return  # no save_dir/name/version layout: Lightning's own folders
+        ckpt = cfg.get("ckpt_path")
+        has_run = ckpt is not None and Path(ckpt).is_file()
+        if sub != "fit":
+            if has_run:  # evaluation of a checkpoint: into <run>/<command>/, beside the run's own logs
+                self._point_logger(logger, runs.run_of_checkpoint(ckpt) / sub)
+            return
+        resumed = runs.run_of_checkpoint(ckpt) if has_run else None
+        if resumed is not None and runs.saved_config(resumed) is not None:
+            self._resume_into(resumed, cfg, logger)
+        else:
+            self._new_run(cfg, logger)
+
+    def _resolve_checkpoint(self, sub: str, cfg: Namespace, ckpt: str, logger: Namespace | None) -> Path:
+        if ckpt == "last":
+            if logger is None:
+                raise ValueError("--ckpt_path last needs a logger with a save_dir (the run folders live there); fix: "
+                                 "pass --ckpt_path PATH to a .ckpt file or run folder")
+            base = Path(logger.save_dir) / (logger.get("name") or "")
+            if sub != "fit":
+                last = runs.newest_last(base)
+                print(f"cutmix-pl: --ckpt_path last is {last}", file=sys.stderr)
+                return last
+            run = runs.find_resumable(base, self._comparable(cfg))
+            return run / "checkpoints" / "last.ckpt"
+        path = Path(ckpt)
+        if path.is_dir():  # a run folder
+            path = path / "checkpoints" / "last.ckpt"
+            if not path.is_file():
+                raise ValueError(f"--ckpt_path {ckpt} is a folder without checkpoints/last.ckpt; fix: pass a run "
+                                 "folder (runs/<name>/version_N) or a .ckpt file")
+        elif not path.is_file():
+            raise ValueError(f"--ckpt_path {ckpt} does not exist; fix: pass the path of a .ckpt file (e.g. "
+                             "runs/<name>/version_N/checkpoints/last.ckpt), a run folder, or --ckpt_path last")
+        return path
+
+    def _comparable(self, cfg: Namespace) -> dict[str, Any]:
+        return _plain(cfg)
+
+    def _resume_into(self, run: Path, cfg: Namespace, logger: Namespace) -> None:
+        """A resume continues in the run's own folder, with the run's settings (or the few it may change)."""
+        changes = runs.changed_settings(runs.saved_config(run) or {}, self._comparable(cfg))
+        if changes:
+            raise ValueError(f"cannot resume {run} with changed settings: {runs.describe_changes(changes)}; fix: "
+                             f"leave them as the run has them ({run}/config.yaml), or leave out --ckpt_path to start "
+                             "a new run with them")
+        self._point_logger(logger, run)
+        if str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            # TensorBoard hides the run's events from the checkpoint's step on, which the resumed run logs again
+            # (after a kill, steps past the newest checkpoint were logged once already): no doubled stretch.
+            logger.purge_step = int((self._checkpoint or {}).get("global_step", 0))
+        if rank_zero_only.rank == 0:
+            print(f"cutmix-pl: resuming {cfg.ckpt_path} (the run continues in {run})", file=sys.stderr)
+            self._take(run, created=False)
+            for stale in (run / "checkpoints").glob(".*.tmp"):  # a save killed half-way; the target is intact
+                stale.unlink(missing_ok=True)
+
+    def _new_run(self, cfg: Namespace, logger: Namespace) -> None:
+        """A new fit claims its own version_N folder atomically (rank 0; launched DDP ranks reuse it)."""
+        base = Path(logger.save_dir) / (logger.get("name") or "")
+        if rank_zero_only.rank != 0:
+            if os.environ.get(RUN_ENV):
+                self._point_logger(logger, Path(os.environ[RUN_ENV]))
+            return
+        why = _blocked(base)
+        if why is not None:
+            raise ValueError(f"cannot write the run folder {base}: {why}; fix: pass "
+                             "--trainer.logger.init_args.save_dir DIR with a writable folder")
+        self._top = runs.outermost_missing(base)
+        version = logger.get("version")
+        if version is None:
+            run = runs.claim_version(base)
+            self._take(run, created=True)
+        else:
+            run = base / (version if isinstance(version, str) else f"version_{version}")
+            ckpts = run / "checkpoints"
+            if ckpts.is_dir() and any(ckpts.glob("*.ckpt")):
+                raise ValueError(f"{ckpts} already holds the checkpoints of an earlier run, which this run would "
+                                 "overwrite; fix: leave out trainer.logger.init_args.version (each run gets a new "
+                                 "version_N folder), or continue that run with --ckpt_path last")
+            created = not run.exists()
+            run.mkdir(parents=True, exist_ok=True)
+            self._take(run, created=created)
+        self._point_logger(logger, run)
+        os.environ[RUN_ENV] = str(run.absolute())
+
+    def _take(self, run: Path, created: bool) -> None:
+        self._run, self._before = run, None if created else set(run.rglob("*"))
+        self._lock = runs.RunLock(run)
+        self._lock.acquire()
 
     @staticmethod
-    def _read_checkpoint(cfg: Namespace) -> dict[str, Any] | None:
-        ckpt = cfg.get("ckpt_path")
-        if not ckpt or ckpt in ("last", "best", "hpc") or "://" in str(ckpt) or not Path(ckpt).is_file():
-            return None
+    def _point_logger(logger: Namespace, folder: Path) -> None:
+        """Make the logger's log_dir ``folder`` (absolute, so the run is the same from any working directory)."""
+        folder = folder.absolute()
+        logger.save_dir, logger.name, logger.version = str(folder.parent.parent), folder.parent.name, folder.name
+
+    @staticmethod
+    def _read_checkpoint(cfg: Namespace) -> dict[str, Any]:
+        """Read the checkpoint once, so a bad one ends here, in one line, before anything is written."""
+        ckpt = cfg.ckpt_path
         try:  # as Lightning will load it (torch's weights_only default unless --weights_only says otherwise)
             checkpoint = torch.load(ckpt, map_location="cpu", weights_only=cfg.get("weights_only"))
         except Exception as err:  # truncated zip, not a torch file, a global weights_only refuses, ...
@@ -170,95 +267,117 @@ class CutMixCLI(LightningCLI):
                              "file written by this project")
         return checkpoint
 
-    def _check_architecture(self, cfg: Namespace, sub: str, checkpoint: dict[str, Any]) -> None:
+    def _check_architecture(self, cfg: Namespace) -> None:
         """Lightning builds the model the checkpoint was saved from. Where the config names another depth, width
-        or shortcut than its defaults, and so than the checkpoint's, that is a mistake to report, not to override."""
-        saved = checkpoint.get("hyper_parameters") or {}
+        or shortcut than the recipe's, and so than the checkpoint's, that is a mistake to report, not to override."""
+        saved = (self._checkpoint or {}).get("hyper_parameters") or {}
         model = cfg.get("model")
         if not isinstance(model, Namespace):
             return
-        defaults = self._subcommand_parsers[sub].get_defaults().get("model") or Namespace()
-        for key in ("depth", "width", "shortcut"):
+        for key in ARCHITECTURE:
             if key not in saved or model.get(key) == saved[key]:
                 continue
-            if model.get(key) != defaults.get(key):  # set by a --config or flag of this run
+            if model.get(key) != _recipe_default("model", key):  # set by a --config or flag of this run
                 raise ValueError(f"--ckpt_path {cfg.ckpt_path} holds a model with {key}={saved[key]!r} but the config "
                                  f"asks for {key}={model.get(key)!r}; fix: pass --model.{key} {saved[key]} (or leave "
                                  "it out: the checkpoint's is used), or leave out --ckpt_path to train from scratch")
             print(f"cutmix-pl: model.{key}={saved[key]!r} from the checkpoint", file=sys.stderr)
 
-    def _check_checkpoint(self, subcommand: str) -> None:
-        """The instantiated model against the checkpoint read above (num_classes comes from the data)."""
-        checkpoint = getattr(self, "_checkpoint", None)
-        if checkpoint is None:
-            return
-        self.model._check_compatible(checkpoint)
-        logger = self.trainer.logger
-        if (subcommand == "fit" and isinstance(logger, TensorBoardLogger) and logger._experiment is None
-                and isinstance(getattr(logger, "_kwargs", None), dict) and Path(logger.log_dir).is_dir()):
-            # Resuming into the run's own folder: TensorBoard hides the old events from the checkpoint's step on,
-            # which the resumed run logs again, so the curves have no doubled stretch.
-            logger._kwargs.setdefault("purge_step", int(checkpoint.get("global_step", 0)))
+    def before_instantiate_classes(self) -> None:
+        # Lightning let the checkpoint's hyperparameters override the config. How to run the network (TTA, compile,
+        # memory format, image logging) is this command's choice, not the checkpoint's.
+        if self.subcommand and isinstance(self.config[self.subcommand].get("model"), Namespace):
+            for key, value in self._asked.items():
+                self.config[self.subcommand].model[key] = value
 
-    def _check_not_overwriting(self, trainer: Any) -> None:
-        """A fit writes checkpoints only into a folder of its own, or into the one it resumes from."""
-        ckpt = self.config_init["fit"].get("ckpt_path")
-        resumed_from = Path(ckpt).resolve().parent if ckpt and Path(ckpt).is_file() else None
-        for cb in trainer.checkpoint_callbacks:
-            if not isinstance(cb, ModelCheckpoint):
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # name the config key of a failing class (data.mixer...), not just the class
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            raise ValueError(_concise(err, cfg)) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Checkpoints are written atomically (checkpoint_io.py) unless the config brings its own CheckpointIO."""
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = cfg.trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        if self._checkpoint is not None:  # num_classes comes from the data, so only the built model can tell
+            self.model._check_compatible(self._checkpoint)
+
+    # -- around the subcommands (LightningCLI's public before_/after_ hooks) --------------------------------------
+    def before_fit(self) -> None:
+        """Checkpoints of another run in an explicit ModelCheckpoint dirpath would be overwritten: refuse."""
+        own = self._run.absolute() if self._run is not None else None
+        if own is not None:
+            (own / runs.FINISHED).unlink(missing_ok=True)  # training again (a resume that extends the run)
+        for cb in self.trainer.checkpoint_callbacks:
+            if not isinstance(cb, ModelCheckpoint) or not cb.dirpath:
                 continue
-            folder = Path(cb.dirpath) if cb.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-            if folder.is_dir() and any(folder.glob("*.ckpt")) and folder.resolve() != resumed_from:
-                raise ValueError(f"{folder} already holds the checkpoints of an earlier run, which this run would "
-                                 "overwrite; fix: leave out trainer.logger.init_args.version (each run gets a new "
-                                 "version_N folder), or continue that run with --ckpt_path last")
-
-    # -- the run: check the output folder first; after a failed start, remove what this run wrote ------------
-    def _run_subcommand(self, subcommand: str) -> None:
-        trainer = self.trainer
-        folders = [Path(trainer.log_dir)] if trainer.log_dir else []
-        folders += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
-                    if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-        for folder in folders:
+            folder = Path(cb.dirpath).absolute()
             why = _blocked(folder)
             if why is not None:
-                raise ValueError(f"cannot write the run folder {folder}: {why}; fix: pass "
-                                 "--trainer.logger.init_args.save_dir DIR with a writable folder")
-        if subcommand == "fit":
-            self._check_not_overwriting(trainer)
-        self._check_checkpoint(subcommand)
-        watch = folders[0].absolute() if folders and trainer.global_rank == 0 else None
-        top = watch
-        while top is not None and not top.parent.exists():  # the outermost folder this run would create
-            top = top.parent
-        before = set(watch.rglob("*")) if watch is not None and watch.exists() else None
+                raise ValueError(f"cannot write the checkpoint folder {folder}: {why}; fix: pass a writable dirpath")
+            if folder.is_dir() and any(folder.glob("*.ckpt")) and (own is None or own not in folder.parents):
+                raise ValueError(f"{folder} already holds the checkpoints of an earlier run, which this run would "
+                                 "overwrite; fix: give this ModelCheckpoint another dirpath, or continue that run with "
+                                 "--ckpt_path last")
+
+    def before_validate(self) -> None:
+        self._check_eval_folder()
+
+    def before_test(self) -> None:
+        self._check_eval_folder()
+
+    def before_predict(self) -> None:
+        self._check_eval_folder()
+
+    def _check_eval_folder(self) -> None:
+        folder = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        why = _blocked(folder) if folder is not None else None
+        if why is not None:
+            raise ValueError(f"cannot write the evaluation folder {folder}: {why}; fix: copy the checkpoint into a "
+                             "writable folder and pass that path to --ckpt_path")
+
+    def after_fit(self) -> None:
+        if self._run is None or not self.trainer.is_global_zero or not self.trainer.state.finished:
+            return
+        runs.mark_finished(self._run)
+        ckpts = self._run / "checkpoints"
+        print(f"cutmix-pl: run {self._run}\n  checkpoints: {ckpts} (last.ckpt: the final state)\n"
+              f"  TensorBoard: tensorboard --logdir {self._run.parent}", file=sys.stderr)
+
+
+def _recipe_default(section: str, key: str) -> Any:
+    """A setting as the default recipe (configs/cutmix.yaml, else the class's signature) has it."""
+    recipe = yaml.safe_load(DEFAULT_CONFIG.read_text()) if DEFAULT_CONFIG.is_file() else {}
+    value = (recipe.get(section) or {}).get(key, inspect.Parameter.empty)
+    if value is inspect.Parameter.empty:
+        cls = {"model": ImageClassifier, "data": CIFAR10DataModule}[section]
+        value = inspect.signature(cls.__init__).parameters[key].default
+    return value
+
+
+def _check_yaml_files(args: list[str]) -> None:
+    """A config file that is not valid YAML: one line naming the file and the place (jsonargparse names neither)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith(
+            "--config=") else None
+        if not path or not Path(path).is_file():
+            continue
         try:
-            super()._run_subcommand(subcommand)
-        except ValueError:
-            if watch is not None:
-                _remove_new_output(watch, top, before)
-            raise
-
-
-def _remove_new_output(watch: Path, top: Path, before: set[Path] | None) -> None:
-    """After a run failed before saving any checkpoint, delete the files and folders it created."""
-    if not watch.exists():
-        return
-    new = [p for p in watch.rglob("*") if before is None or p not in before]
-    if any(p.suffix == ".ckpt" and p.is_file() for p in new):
-        return  # it trained and saved: keep everything
-    if before is None:  # the run folder is new: remove it, then the parents it needed, if left empty
-        shutil.rmtree(watch, ignore_errors=True)
-        parent = watch.parent
-        while parent != top.parent and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
-        return
-    for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML ({where}{problem}); fix: correct the file (keys as in "
+                             "configs/cutmix.yaml)") from None
 
 
 def main(args: list[str] | None = None) -> CutMixCLI | None:
@@ -270,12 +389,13 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
+        _check_yaml_files(list(args) if args is not None else sys.argv[1:])
         return CutMixCLI(
             ImageClassifier,
             CIFAR10DataModule,
             # Our loaders shard themselves (see data.ShardedBatchSampler), so Lightning must not re-wrap them.
-            # StopOnSignal is added to every run, whatever trainer.callbacks a config sets.
-            trainer_defaults={"use_distributed_sampler": False, "callbacks": [StopOnSignal()]},
+            # StopOnSignal and PredictionWriter are added to every run, whatever trainer.callbacks a config sets.
+            trainer_defaults={"use_distributed_sampler": False, "callbacks": [StopOnSignal(), PredictionWriter()]},
             parser_kwargs=parser_kwargs,
             save_config_callback=SaveConfigNoOverwrite,
             auto_configure_optimizers=False,
@@ -286,6 +406,15 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
             raise
         print(f"cutmix-pl: error: {_concise(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except MisconfigurationException as err:  # Lightning's own checks: no GPU for accelerator gpu, ...
+        if os.environ.get("CUTMIX_PL_TRACEBACK"):
+            raise
+        print(f"cutmix-pl: error: {' '.join(str(err).split())}; fix: check the trainer settings (e.g. "
+              "--trainer.accelerator auto uses a GPU when there is one, else the CPU)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CheckpointWriteError as err:
+        print(f"cutmix-pl: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Interrupted as stop:
         print(f"cutmix-pl: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None

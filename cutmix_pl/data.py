@@ -129,32 +129,35 @@ class TensorBatchLoader:
     ``val_check_interval`` and ``set_epoch`` (through ``batch_sampler``) work as with a DataLoader.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_sampler: ShardedBatchSampler) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, batch_sampler: ShardedBatchSampler,
+                 with_index: bool = False) -> None:
         self.images, self.labels, self.batch_sampler = images, labels, batch_sampler
+        self.with_index = with_index  # predict: each image's position in the split, for the predictions file
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         for idx in self.batch_sampler:
-            yield self.images[idx], self.labels[idx]
+            yield (self.images[idx], self.labels[idx], idx) if self.with_index else (self.images[idx], self.labels[idx])
 
 
 class _HostBatches(torch.utils.data.Dataset):
     """Map-style view for the host DataLoader path: ``__getitems__`` gathers a whole batch in one indexing op."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, labels: Tensor, with_index: bool = False) -> None:
+        self.images, self.labels, self.with_index = images, labels, with_index
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.images[i], self.labels[i]
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        item = (self.images[i], self.labels[i])
+        return (*item, torch.tensor(i)) if self.with_index else item
 
-    def __getitems__(self, idx: list[int] | Tensor) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, idx: list[int] | Tensor) -> tuple[Tensor, ...]:
         idx = torch.as_tensor(idx)
-        return self.images[idx], self.labels[idx]
+        return (self.images[idx], self.labels[idx], idx) if self.with_index else (self.images[idx], self.labels[idx])
 
 
 def _identity(batch: Any) -> Any:
@@ -168,7 +171,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         data_dir: folder that holds (or will hold) ``cifar-10-batches-py/``.
         download: fetch and md5-check the official archive when the folder is missing (needs internet).
         batch_size: global training batch, split evenly over the DDP processes (it must be divisible by
-            their number). Keep it and the learning rate together: see the README's scaling rule.
+            their number). Keep it and the learning rate together: see the scaling rule in docs/distributed.md.
         eval_batch_size: global batch for validation, test and predict.
         val_size: training images held out for validation (seeded by ``split_seed``), in [0, 49999].
             0 validates on the test set.
@@ -299,8 +302,9 @@ class CIFAR10DataModule(L.LightningDataModule):
             key = (name, str(device))
             if key not in self._on_device:  # one copy per split and device, made once
                 self._on_device[key] = (split.images.to(device), split.labels.to(device))
-            return TensorBatchLoader(*self._on_device[key], sampler)
-        return DataLoader(_HostBatches(split.images, split.labels), batch_sampler=sampler, collate_fn=_identity,
+            return TensorBatchLoader(*self._on_device[key], sampler, with_index=name == "predict")
+        return DataLoader(_HostBatches(split.images, split.labels, with_index=name == "predict"),
+                          batch_sampler=sampler, collate_fn=_identity,
                           num_workers=self.num_workers, pin_memory=device.type == "cuda",
                           persistent_workers=self.num_workers > 0)
 
@@ -388,7 +392,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             done = self._position[1] if self._position[0] == epoch else 0
             self._position = (epoch, done + 1)
             return self.augment(images, labels, epoch, self._aug_gen)
-        return self._normalize(images), labels
+        return (self._normalize(images), *batch[1:])  # labels (and, for predict, the images' indices)
 
     # -- checkpointed state: where the epoch stands and the augmentation stream ----------------------
     def state_dict(self) -> dict[str, Any]:

@@ -136,6 +136,9 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose cosine, linear, step or constant")
         if not warmup_epochs >= 0:
             raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be >= 0")
+        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
+            raise ValueError(f"model.grid_size={grid_size!r} is out of range: it must be an integer >= 1 (images in "
+                             "the logged grid); fix: e.g. 16, or model.log_images false for no grid")
         self.save_hyperparameters(ignore=["optimizer"])
         self.net = ResNet(depth, num_classes, shortcut, width=width)
         self.criterion = SoftTargetCrossEntropy(label_smoothing)
@@ -344,4 +347,6 @@ class ImageClassifier(L.LightningModule):
         out = {"pred": probs.argmax(-1), "prob": probs}
         if isinstance(batch, (tuple, list)) and len(batch) > 1:
             out["label"] = batch[1]
+        if isinstance(batch, (tuple, list)) and len(batch) > 2:
+            out["index"] = batch[2]
         return out

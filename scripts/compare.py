@@ -54,9 +54,8 @@ def scalars(path: Path) -> dict[str, list[tuple[int, float, float]]]:
 
 def summarize(out: Path, method: str) -> dict[str, object]:
     """Fit curves and timing from the fit run's events; test metrics from the test run's events."""
-    runs = sorted(p for p in (out / "runs" / method).glob("version_*") if p.is_dir())
-    tests = [scalars(p) for p in runs if p != run_dir(out, method)]
-    test = next((s for s in reversed(tests) if "test/acc" in s), {})
+    test_dir = run_dir(out, method) / "test"  # `test --ckpt_path` of a run writes into the run's test/ folder
+    test = read_fit(test_dir)[0] if test_dir.is_dir() else {}
     fit, seconds = read_fit(run_dir(out, method))
     curve = [v for _, v, _ in fit.get("val/acc", [])]
     return {
@@ -138,9 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             resume = ["--ckpt_path", str(last)] if args.reuse and last.is_file() else []
             cli("fit", method, args, [*extra, *resume])
             done.write_text(json.dumps({"resumed": bool(resume)}))
-        if not (args.reuse and any((args.out / "runs" / method).glob("version_1"))):
-            cli("test", method, args, [*extra, "--ckpt_path", str(last),
-                                        "--trainer.logger.init_args.version", "null"])
+        if not (args.reuse and any((run_dir(args.out, method) / "test").glob("events.out.tfevents.*"))):
+            cli("test", method, args, [*extra, "--ckpt_path", str(last)])
     rows = [summarize(args.out, m) for m in args.methods]
     header = (f"Budget `configs/{args.budget}`" + (f" with max_epochs={args.epochs}" if args.epochs else "")
               + f", seed {args.seed}; test metrics of the last epoch's checkpoint.")

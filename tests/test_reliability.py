@@ -28,134 +28,9 @@ from cutmix_pl import cifar
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
 
+from cli_runs import (STEPS_PER_EPOCH, STEP_CHECKPOINTS, assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
+                      finish, small, spawn, wait_paused)
 from conftest import REPO, make_tiny_cifar
-
-STEPS_PER_EPOCH = 6
-
-
-def small(data_dir: Path | str) -> list[str]:
-    return ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir),
-            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "null",
-            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--data.batch_size", "16", "--data.eval_batch_size", "50", "--data.val_size", "50",
-            "--data.train_size", "96", "--data.download", "false",
-            "--model.depth", "8", "--model.width", "4", "--model.log_images", "false"]
-
-
-# A checkpoint every 4 steps (steps 4 and 8 fall mid-epoch), on top of the default callbacks.
-STEP_CHECKPOINTS = """\
-trainer:
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args:
-        monitor: null
-        mode: min
-        every_n_train_steps: 4
-        save_top_k: -1
-        save_last: true
-        filename: step{step:03d}
-        auto_insert_metric_name: false
-"""
-
-# `python -m cutmix_pl` plus two test hooks: PAUSE_AT_STEP holds training after that global step (until a signal
-# arrives, so that a kill lands at a known point), and the final metrics are written to metrics.json.
-WRAPPER = textwrap.dedent("""
-    import json, os, sys, time
-    from pathlib import Path
-    from cutmix_pl.callbacks import StopOnSignal
-    from cutmix_pl.cli import main
-    from cutmix_pl.module import ImageClassifier
-
-    pause_at = int(os.environ.get("PAUSE_AT_STEP", "-1"))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.global_step == pause_at:
-            Path("paused").write_text(str(self.global_step))
-            stop = next(c for c in self.trainer.callbacks if isinstance(c, StopOnSignal))
-            deadline = time.monotonic() + 300
-            while stop.signum is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-
-    ImageClassifier.on_train_batch_end = on_train_batch_end
-    cli = main(sys.argv[1:])
-    if cli is not None and cli.trainer.state.finished:
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-        Path("metrics.json").write_text(json.dumps(metrics))
-""")
-
-
-def last_err_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "nothing on stderr"
-    return err[-1]
-
-
-def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    """Run the CLI in-process, expect exit status 2 and a one-line error; return that line."""
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    assert exit_.value.code == 2
-    line = last_err_line(capsys)
-    assert line.startswith("cutmix-pl: error:"), line
-    return line
-
-
-def files_under(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def spawn(cwd: Path, args: list[str], pause_at: int | None = None, tag: str = "run") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("CUTMIX_PL_TRACEBACK", None)
-    env.pop("PAUSE_AT_STEP", None)
-    if pause_at is not None:
-        env["PAUSE_AT_STEP"] = str(pause_at)
-    (cwd / "paused").unlink(missing_ok=True)
-    out, err = open(cwd / f"{tag}.out", "w"), open(cwd / f"{tag}.err", "w")
-    with out, err:
-        return subprocess.Popen([sys.executable, "-c", WRAPPER, *args], cwd=cwd, env=env, stdout=out, stderr=err)
-
-
-def wait_paused(proc: subprocess.Popen, cwd: Path, limit: float = 480) -> None:
-    """Wait until the run holds at PAUSE_AT_STEP (a hang guard only: the pause itself is deterministic)."""
-    deadline = time.monotonic() + limit
-    while not (cwd / "paused").exists():
-        assert proc.poll() is None, f"the run ended early (rc {proc.returncode}):\n{(cwd / 'run.err').read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "the run never reached its pause step"
-        time.sleep(0.05)
-
-
-def finish(proc: subprocess.Popen, limit: float = 480) -> int:
-    try:
-        return proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-
-
-def ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_training_state(a: Path, b: Path, tol: float = 1e-6) -> None:
-    ca, cb = ckpt(a), ckpt(b)
-    assert ca["global_step"] == cb["global_step"] and ca["epoch"] == cb["epoch"]
-    assert ca["state_dict"].keys() == cb["state_dict"].keys()
-    for k, v in ca["state_dict"].items():
-        torch.testing.assert_close(cb["state_dict"][k], v, atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    sa, sb = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
-    for i in sa:
-        torch.testing.assert_close(sb[i]["momentum_buffer"], sa[i]["momentum_buffer"], atol=tol, rtol=0)
-    assert ca["lr_schedulers"][0]["last_epoch"] == cb["lr_schedulers"][0]["last_epoch"]
-
-
-def assert_same_metrics(a: Path, b: Path, tol: float = 1e-5) -> None:
-    ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
-    for key in ("val/acc", "val/loss", "val/acc_top5", "hp_metric"):
-        assert mb[key] == pytest.approx(ma[key], abs=tol), key
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures
@@ -216,6 +91,9 @@ CONFIG_CASES = {
     "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
     "data missing offline": (["--data.data_dir", "nowhere"], ["nowhere/cifar-10-batches-py", "--data.download true"]),
     "checkpoint path missing": (["--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist", "--ckpt_path last"]),
+    "grid_size 0": (["--model.grid_size", "0"], ["model.grid_size=0", "integer >= 1", "fix:"]),
+    "grid_size negative": (["--model.grid_size", "-3"], ["model.grid_size=-3", "integer >= 1", "fix:"]),
+    "max_epochs -1": (["--trainer.max_epochs", "-1"], ["trainer.max_epochs=-1", "a value >= 1", "fix:"]),
 }
 
 
@@ -232,6 +110,20 @@ def test_unknown_key_in_a_config_file(tiny_cifar, in_tmp, capsys):
     (in_tmp / "typo.yaml").write_text("model:\n  dpth: 20\n")
     line = fails(capsys, "fit", *small(tiny_cifar), "--config", "typo.yaml")
     assert "model.dpth" in line and "--help" in line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tiny_cifar, in_tmp, capsys):
+    (in_tmp / "broken.yaml").write_text("trainer:\n  max_epochs: [1,\n")
+    line = fails(capsys, "fit", *small(tiny_cifar), "--config", "broken.yaml")
+    assert "broken.yaml is not valid YAML (line 3, column 1:" in line and "fix:" in line
+    assert not (in_tmp / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu(tiny_cifar, in_tmp, capsys):
+    line = fails(capsys, "fit", *small(tiny_cifar), "--trainer.accelerator", "gpu")
+    assert "gpu" in line.lower() and "--trainer.accelerator auto" in line
     assert not (in_tmp / "runs").exists()
 
 
@@ -442,17 +334,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifar, steps_config, tmp_path):
     args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
     run = tmp_path / "runs" / "smoke" / "version_0"
-    proc = spawn(tmp_path, args, pause_at=6)  # the signal lands after step 6; the run stops after the next batch
+    # The signal lands after step 6, the last batch of epoch 0: the epoch's validation and its checkpoint come
+    # first, then the run stops at the epoch's end (a stop before that validation would resume without it).
+    proc = spawn(tmp_path, args, pause_at=6)
     wait_paused(proc, tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc) == 128 + signal.SIGTERM
     lines = (tmp_path / "run.err").read_text().strip().splitlines()
     assert "Traceback" not in "\n".join(lines)
-    assert lines[-1].startswith("cutmix-pl: stopped by SIGTERM after global step 7 (epoch 1, batch 0); saved ")
+    assert lines[-1].startswith("cutmix-pl: stopped by SIGTERM after global step 6 (epoch 0, batch 5); saved ")
     assert lines[-1].endswith("resume: run the same command with --ckpt_path last")
     last = ckpt(run / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 7 and last["epoch"] == 1
-    assert last["CIFAR10DataModule"]["epoch"] == 1 and last["CIFAR10DataModule"]["batches_done"] == 1
+    assert last["global_step"] == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    assert len(events.Scalars("val/acc")) == 1, "epoch 0's validation ran before the stop"
+    assert last["CIFAR10DataModule"]["epoch"] == 0 and last["CIFAR10DataModule"]["batches_done"] == 6
 
     resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
     assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]

@@ -29,10 +29,10 @@ def assert_png(path, min_size=(64, 64)):
 @pytest.mark.slow
 def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_path):
     out = tmp_path / "cmp"
-    rows = load("compare").main([
-        "--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
-        "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-        "--data.batch_size", "32", "--data.eval_batch_size", "100"])
+    settings = ["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
+                "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+                "--data.batch_size", "32", "--data.eval_batch_size", "100"]
+    rows = load("compare").main(settings)
     assert [r["method"] for r in rows] == ["cutmix", "baseline", "mixup"]
     for r in rows:
         assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["test_ece"] <= 1.0
@@ -44,8 +44,7 @@ def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_pa
     marker = out / "runs" / "cutmix" / "version_0" / "fit_done.json"
     assert json.loads(marker.read_text())["resumed"] is False
     marker.unlink()  # as if the cutmix fit had been killed after its last checkpoint: --reuse resumes it
-    again = load("compare").main(["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
-                                  "--reuse"])
+    again = load("compare").main([*settings, "--reuse"])  # a resume must repeat the run's settings
     assert json.loads(marker.read_text())["resumed"] is True
     # the fit time sums each process's span: the pause between the two processes (the other fits and tests ran
     # in it) is not counted, so the total is below the span from the first event to the last, whatever the load

@@ -1,0 +1,65 @@
+"""Checkpoints written atomically: a temporary file beside the target, flushed to disk, then renamed over it.
+
+Lightning's own writer stages the bytes in a temporary file in ``$TMPDIR`` and then moves it onto the target; when
+the run folder is on another filesystem (node-local ``/tmp``, shared output disk: the usual cluster layout) that move
+is a copy into the target, and a kill or a full disk during it leaves a truncated ``last.ckpt`` that cannot resume.
+Here the target is replaced only by a complete file: the temporary file lies beside it, so the rename stays within one
+folder and is atomic on any filesystem. A failed write removes its temporary file and ends in one line.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "atomic_save"]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the file, the cause and the fix."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` so that ``path`` is either its old self or the complete new file, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = io.BytesIO()
+    torch.save(obj, data)  # serialised in memory first: a full disk then fails a plain write, with its errno
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        why = err.strerror or type(err).__name__
+        raise CheckpointWriteError(f"could not write the checkpoint {path} ({why}); nothing was left half-written; "
+                                   "fix: free space or choose another trainer.logger.init_args.save_dir, then resume "
+                                   "with --ckpt_path last") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (a crash right after it must not bring the old file back)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a folder; the file itself is complete
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with :func:`atomic_save` for writing (loading is unchanged)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_save(checkpoint, path)

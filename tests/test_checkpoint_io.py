@@ -1,0 +1,144 @@
+"""Atomic checkpoint writes: a kill half-way through a save, or a full disk, never leaves a truncated checkpoint.
+
+Where the tests run as root and may mount, the checkpoint folder is a tmpfs of its own (another filesystem than the
+temporary folder, as a shared output disk is on a cluster); elsewhere it is an ordinary folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from cutmix_pl.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, atomic_save
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path):
+    """A folder on a tmpfs of its own when possible (yields the folder and whether it is one)."""
+    folder = tmp_path / "shared_disk"
+    mounted = _mount_tmpfs(folder, "64m")
+    yield folder, mounted
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+# Saves a checkpoint with the writer named in argv[2], the process killed (SIGKILL) while it writes the checkpoint's
+# bytes to disk: `open` is patched so that the first file opened for writing with "ckpt" in its name takes half of
+# what is written to it (or nothing, when it is filled by sendfile), then the process dies. Lightning's writer stages
+# the bytes in $TMPDIR and then moves them; across filesystems that move is a copy into the target, which the kill
+# truncates.
+KILL_HALF_WAY = textwrap.dedent("""
+    import builtins, os, signal, sys
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from cutmix_pl.checkpoint_io import AtomicCheckpointIO
+
+    real_open = builtins.open
+
+    class HalfThenKill:
+        def __init__(self, f):
+            self.f = f
+        def write(self, data):
+            data = bytes(data)
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        def fileno(self):  # a copy by sendfile (shutil across filesystems) asks for this before writing
+            os.kill(os.getpid(), signal.SIGKILL)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def killing_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return HalfThenKill(f) if "w" in mode and "ckpt" in str(file) else f
+
+    builtins.open = killing_open
+    writer = {"atomic": AtomicCheckpointIO, "lightning": TorchCheckpointIO}[sys.argv[2]]()
+    writer.save_checkpoint({"step": 2, "w": torch.ones(50_000)}, sys.argv[1])
+""")
+
+
+def kill_during_save(path: Path, writer: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", KILL_HALF_WAY, str(path), writer], capture_output=True, timeout=120)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("writer", ["atomic", "lightning"])
+def test_kill_half_way_through_a_save(writer, other_fs):
+    folder, mounted = other_fs
+    if writer == "lightning" and not mounted:
+        pytest.skip("Lightning's writer moves its staged file with a rename on one filesystem: needs a tmpfs mount")
+    path = folder / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.zeros(50_000)}, path)
+    assert kill_during_save(path, writer) == -signal.SIGKILL
+    if writer == "lightning":  # the failure this guards against: Lightning's writer leaves a truncated file
+        with pytest.raises(Exception):
+            torch.load(path, weights_only=True)
+        return
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.zeros(50_000)), "the old checkpoint is intact"
+    # the killed save's partial temporary file is beside it, never under the checkpoint's name
+    assert [p.name for p in path.parent.iterdir() if p.name != "last.ckpt"] == [f".last.ckpt.{p}.tmp" for p in
+                                                                             _tmp_pids(path.parent)]
+
+
+def _tmp_pids(folder: Path) -> list[str]:
+    return [p.name.split(".")[-2] for p in folder.glob(".last.ckpt.*.tmp")]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(other_fs, monkeypatch):
+    folder, mounted = other_fs
+    path = folder / "best.ckpt"
+    if mounted:  # a real full disk: fill the tmpfs, leaving less room than the checkpoint needs
+        with open(folder / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        os.truncate(folder / "filler", os.path.getsize(folder / "filler") - 100_000)
+    else:  # simulated: the write fails half-way with ENOSPC
+        real = torch.save
+
+        def no_space(obj, f, *a, **k):
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", no_space)
+        assert real is not no_space
+    with pytest.raises(CheckpointWriteError) as err:
+        atomic_save({"w": torch.zeros(1_000_000)}, path)
+    msg = str(err.value)
+    assert str(path) in msg and "No space left on device" in msg and "fix:" in msg and "\n" not in msg
+    assert not path.exists() and not list(folder.glob(".*.tmp")), "no unloadable file is left behind"
+
+
+def test_atomic_writer_round_trips_like_lightnings(tmp_path):
+    state = {"state_dict": {"w": torch.arange(10.0)}, "global_step": 7}
+    AtomicCheckpointIO().save_checkpoint(state, tmp_path / "a.ckpt")
+    TorchCheckpointIO().save_checkpoint(state, tmp_path / "b.ckpt")
+    a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.ckpt", "b.ckpt"))
+    assert a["global_step"] == b["global_step"] == 7 and torch.equal(a["state_dict"]["w"], b["state_dict"]["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt"]

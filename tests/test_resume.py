@@ -1,0 +1,232 @@
+"""Trustworthy runs through the CLI: interrupt and resume any number of times, `--ckpt_path last` picks the run it is
+asked to, a resume refuses changed settings, evaluation writes into the checkpoint's run, predict writes a file,
+concurrent fits never share a folder, and a kill during a checkpoint save leaves a checkpoint that resumes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cutmix_pl import runs
+from cutmix_pl.cli import main
+
+from cli_runs import (STEP_CHECKPOINTS, assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
+                      finish, small, spawn, wait_paused)
+
+
+@pytest.fixture(scope="module")
+def steps_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "steps.yaml"
+    path.write_text(STEP_CHECKPOINTS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run (a subprocess, like the interrupted ones): its working folder, with metrics.json."""
+    cwd = tmp_path_factory.mktemp("reference")
+    proc = spawn(cwd, ["fit", *small(tiny_cifar), "--config", str(steps_config)])
+    assert finish(proc) == 0, (cwd / "run.err").read_text()[-3000:]
+    return cwd
+
+
+def event_steps(run: Path) -> dict[str, list[int]]:
+    """Each scalar tag's steps as TensorBoard shows them (all event files of the run folder, purges applied)."""
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_three_interrupts_end_where_an_uninterrupted_run_ends(reference_run, tiny_cifar, steps_config, tmp_path):
+    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    stops = [(None, 2, signal.SIGINT), ("last", 5, signal.SIGTERM), ("last", 9, signal.SIGHUP)]
+    for k, (resume, pause, sig) in enumerate(stops):
+        tag = f"part{k}"
+        proc = spawn(tmp_path, args + (["--ckpt_path", resume] if resume else []), pause_at=pause, tag=tag)
+        wait_paused(proc, tmp_path, tag=tag)
+        proc.send_signal(sig)
+        assert finish(proc) == 128 + sig, (tmp_path / f"{tag}.err").read_text()[-3000:]
+        assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == pause + 1, "last.ckpt is the newest state"
+    final = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="final")
+    assert finish(final) == 0, (tmp_path / "final.err").read_text()[-3000:]
+
+    ref = reference_run / "runs" / "smoke" / "version_0"
+    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"], "every resume went on in the run's folder"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (ref / "checkpoints").iterdir()), "exactly one last.ckpt, no last-v1"
+    got, want = event_steps(run), event_steps(ref)
+    for tag in ("train/loss", "train/lr", "val/acc", "val/loss"):
+        assert got[tag] == want[tag], f"{tag}: steps {got[tag]} vs uninterrupted {want[tag]}"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 4 and (run / "config.resume3.yaml").is_file()
+
+
+def test_signal_in_the_last_validation_still_stops_non_zero(tiny_cifar, tmp_path):
+    proc = spawn(tmp_path, ["fit", *small(tiny_cifar)], PAUSE_IN_LAST_VAL="1")
+    wait_paused(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == 128 + signal.SIGINT
+    err = (tmp_path / "run.err").read_text().strip().splitlines()
+    assert err[-1].startswith("cutmix-pl: stopped by SIGINT after global step 12 (epoch 1"), err[-1]
+    assert ckpt(tmp_path / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 12
+
+
+def test_kill_during_a_checkpoint_save_leaves_a_last_ckpt_that_resumes(reference_run, tiny_cifar, steps_config,
+                                                                     tmp_path):
+    """The run folder on a tmpfs of its own when the tests may mount one (as on a cluster's shared disk)."""
+    shared = tmp_path / "shared_disk"
+    shared.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(shared)],
+                                                   capture_output=True).returncode == 0
+    try:
+        args = ["fit", *small(tiny_cifar), "--config", str(steps_config),
+                "--trainer.logger.init_args.save_dir", str(shared / "runs")]
+        run = shared / "runs" / "smoke" / "version_0"
+        # saves: step004.ckpt, last.ckpt (step 4), best-epoch000.ckpt, last.ckpt (step 6): die inside the fourth
+        proc = spawn(tmp_path, args, KILL_IN_SAVE="4")
+        assert finish(proc) == -signal.SIGKILL
+        assert "last.ckpt" in (tmp_path / "killed_in_save").read_text()
+        assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4, "the previous last.ckpt is intact"
+        resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
+        assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
+        ref = reference_run / "runs" / "smoke" / "version_0"
+        assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+        assert not list((run / "checkpoints").glob(".*.tmp")), "the killed save's temporary file is cleared"
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(shared)], check=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# which run `--ckpt_path last` means, and what a resume may change (in-process, tiny runs)
+# ----------------------------------------------------------------------------------------------------------------
+def quick(data: Path, *extra: str) -> list[str]:
+    return ["fit", *small(data), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *extra]
+
+
+def unfinish(run: Path) -> Path:
+    """Make a finished run look interrupted (no FINISHED marker), as a Ctrl-C would leave it."""
+    (run / runs.FINISHED).unlink()
+    return run
+
+
+def test_last_resumes_the_experiment_it_is_asked_to(tiny_cifar, in_tmp, capsys):
+    a = unfinish(Path(main(quick(tiny_cifar)).trainer.log_dir))
+    b = unfinish(Path(main(quick(tiny_cifar, "--model.optimizer.init_args.lr", "0.05")).trainer.log_dir))
+    assert (a.name, b.name) == ("version_0", "version_1")
+    cli = main(quick(tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert Path(cli.trainer.log_dir) == a.absolute() and cli.trainer.global_step == 4
+    cli = main(quick(tiny_cifar, "--model.optimizer.init_args.lr", "0.05", "--ckpt_path", "last"))
+    assert Path(cli.trainer.log_dir) == b.absolute()
+    unfinish(a)
+    unfinish(b)
+    line = fails(capsys, *quick(tiny_cifar, "--data.mixer", "null", "--ckpt_path", "last"))
+    assert "found no run in runs/smoke with this command's settings" in line
+    assert "version_0: data.mixer" in line and "version_1: data.mixer" in line
+    other = in_tmp / "elsewhere"
+    other.mkdir()
+    os.chdir(other)
+    line = fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))
+    assert f"in {other}/runs/smoke (relative to the working directory {other})" in line
+    assert not (other / "runs").exists()
+
+
+def test_resume_applies_max_epochs_and_records_it(tiny_cifar, in_tmp):
+    run = unfinish(Path(main(quick(tiny_cifar)).trainer.log_dir))
+    cli = main(quick(tiny_cifar, "--trainer.max_epochs", "3", "--ckpt_path", str(run)))
+    assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 6
+    assert "max_epochs: 3" in (run / "config.resume1.yaml").read_text()
+    assert (run / runs.FINISHED).is_file()
+
+
+@pytest.mark.parametrize("change,key", [
+    (["--model.optimizer.init_args.lr", "0.01"], "model.optimizer.init_args.lr (0.1 -> 0.01)"),
+    (["--model.warmup_epochs", "0"], "model.warmup_epochs (1.0 -> 0.0)"),
+    (["--data.batch_size", "32"], "data.batch_size (16 -> 32)"),
+    (["--data.mixer", "null"], "data.mixer.class_path ('cutmix_pl.augment.CutMix' -> None)"),
+])
+def test_resume_refuses_a_changed_setting_by_name(change, key, tiny_cifar, in_tmp, capsys):
+    run = unfinish(Path(main(quick(tiny_cifar)).trainer.log_dir))
+    before = files_under(run)
+    line = fails(capsys, *quick(tiny_cifar, *change, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")))
+    assert f"cannot resume {run.absolute()} with changed settings: {key}" in line and "fix:" in line
+    assert files_under(run) == before, "a refused resume writes nothing into the run"
+
+
+def test_a_second_concurrent_resume_is_refused(tiny_cifar, in_tmp, capsys):
+    run = unfinish(Path(main(quick(tiny_cifar)).trainer.log_dir))
+    holder = runs.RunLock(run)  # as the fit that is still running holds it
+    holder.acquire()
+    try:
+        line = fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))
+    finally:
+        holder.release()
+    assert f"{run.absolute()} is in use by another running fit (pid {os.getpid()})" in line
+
+
+def test_fit_prints_where_the_run_is(tiny_cifar, in_tmp, capsys):
+    cli = main(quick(tiny_cifar))
+    err = capsys.readouterr().err
+    run = Path(cli.trainer.log_dir)
+    assert f"cutmix-pl: run {run.relative_to(in_tmp.resolve()) if run.is_absolute() else run}" in err or \
+        f"cutmix-pl: run runs/smoke/version_0" in err
+    assert "checkpoints: runs/smoke/version_0/checkpoints" in err and "tensorboard --logdir runs/smoke" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation writes into the checkpoint's run; predict writes its file
+# ----------------------------------------------------------------------------------------------------------------
+def test_evaluation_writes_into_the_checkpoints_run(tiny_cifar, in_tmp, capsys):
+    run = Path(main(quick(tiny_cifar, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "null"))
+               .trainer.log_dir).absolute()
+    ckpt_path = str(run / "checkpoints" / "last.ckpt")
+    evals = ["--config", str(Path(small(tiny_cifar)[1])), *small(tiny_cifar)[2:], "--ckpt_path", ckpt_path,
+             "--trainer.limit_test_batches", "null", "--trainer.limit_predict_batches", "null"]
+    main(["validate", *evals])
+    test = main(["test", *evals])
+    capsys.readouterr()
+    pred = main(["predict", *evals])
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"], "no new version_N for evaluation"
+    assert {p.name for p in run.iterdir() if p.is_dir()} == {"checkpoints", "validate", "test", "predict"}
+    acc = float(test.trainer.callback_metrics["test/acc"])
+    shown = EventAccumulator(str(run / "test"), size_guidance={"scalars": 0}).Reload().Scalars("test/acc")
+    assert shown[-1].value == pytest.approx(acc), "the test metrics are in the run's TensorBoard"
+
+    target = run / "predict" / "predictions.csv"
+    assert f"wrote the predictions to {target}" in capsys.readouterr().err
+    with open(target, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = pred.datamodule.split("test").labels
+    assert [int(r["index"]) for r in rows] == list(range(len(labels)))
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    probs = torch.tensor([[float(r[f"prob_{c}"]) for c in pred.datamodule.classes] for r in rows])
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(rows)), atol=1e-4, rtol=0)
+    assert [int(r["pred"]) for r in rows] == probs.argmax(1).tolist()
+    recount = sum(int(r["pred"]) == int(r["label"]) for r in rows) / len(rows)
+    assert recount == pytest.approx(acc), "the file's predictions give the test command's accuracy"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# concurrent fits
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fits_started_together_get_a_folder_each(tiny_cifar, tmp_path):
+    procs = [spawn(tmp_path, quick(tiny_cifar), tag=f"p{i}") for i in range(3)]
+    assert [finish(p) for p in procs] == [0, 0, 0], [(tmp_path / f"p{i}.err").read_text()[-2000:] for i in range(3)]
+    folders = sorted((tmp_path / "runs" / "smoke").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1", "version_2"]
+    for run in folders:
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    claimed = Counter(line.split()[2] for i in range(3)
+                      for line in (tmp_path / f"p{i}.err").read_text().splitlines() if line.startswith("cutmix-pl: run "))
+    assert sorted(claimed.values()) == [1, 1, 1]

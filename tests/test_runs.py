@@ -1,0 +1,156 @@
+"""runs.py on its own: claiming run folders, the run lock, what a resume may change, which run `last` means."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cutmix_pl import runs
+
+
+def make_run(folder: Path, config: dict, finished: bool = False) -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    if finished:
+        runs.mark_finished(folder)
+    return folder
+
+
+CONFIG = {"seed_everything": 0, "trainer": {"max_epochs": 10, "logger": {"init_args": {"version": "version_0"}}},
+          "model": {"depth": 20, "optimizer": {"init_args": {"lr": 0.1}}}, "data": {"batch_size": 128}}
+
+
+def changed(**edits: object) -> dict:
+    cfg = yaml.safe_load(yaml.safe_dump(CONFIG))
+    for key, value in edits.items():
+        node = cfg
+        *path, leaf = key.split("__")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+def test_claims_are_distinct_under_a_race(tmp_path):
+    base = tmp_path / "runs" / "x"
+    (base / "version_3").mkdir(parents=True)
+    (base / "notes").mkdir()
+    got: list[Path] = []
+    barrier = threading.Barrier(12)
+
+    def claim() -> None:
+        barrier.wait()
+        got.append(runs.claim_version(base))
+
+    threads = [threading.Thread(target=claim) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in got) == sorted(f"version_{n}" for n in range(4, 16))
+    assert all(p.is_dir() for p in got)
+
+
+def test_lock_refuses_a_second_holder_until_released(tmp_path):
+    first, second = runs.RunLock(tmp_path), runs.RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(ValueError, match=r"is in use by another running fit \(pid \d+\)"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again
+    second.release()
+
+
+def test_changed_settings_lists_what_a_resume_may_not_change():
+    assert runs.changed_settings(CONFIG, changed()) == []
+    # how long, where the data is, how to log: allowed
+    assert runs.changed_settings(CONFIG, changed(trainer__max_epochs=20, trainer__logger={"init_args": {}})) == []
+    got = runs.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.01}}, data__batch_size=32))
+    assert got == [("data.batch_size", 128, 32), ("model.optimizer.init_args.lr", 0.1, 0.01)]
+    assert runs.changed_settings(CONFIG, changed(seed_everything=1)) == [("seed_everything", 0, 1)]
+    # a setting that disappears (mixer: null) or appears counts as a change; 1e-12 of float noise does not
+    with_mixer = changed(data__mixer={"class_path": "CutMix"})
+    assert runs.changed_settings(with_mixer, changed()) == [("data.mixer.class_path", "CutMix", None)]
+    assert runs.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.1 + 1e-12}})) == []
+
+
+def test_flatten_keeps_list_positions():
+    flat = runs.flatten({"trainer": {"callbacks": [{"a": 1}, {"b": {"c": 2}}]}, "x": [1, 2]})
+    assert flat == {"trainer.callbacks.0.a": 1, "trainer.callbacks.1.b.c": 2, "x": [1, 2]}
+
+
+def test_saved_config_is_the_newest_restart(tmp_path):
+    run = make_run(tmp_path / "v", CONFIG)
+    (run / "config.resume2.yaml").write_text(yaml.safe_dump(changed(trainer__max_epochs=30)))
+    (run / "config.resume10.yaml").write_text(yaml.safe_dump(changed(trainer__max_epochs=40)))
+    assert runs.saved_config(run)["trainer"]["max_epochs"] == 40
+
+
+def test_last_is_the_one_unfinished_run_with_these_settings(tmp_path):
+    base = tmp_path / "runs" / "cutmix"
+    make_run(base / "version_0", CONFIG, finished=True)
+    other = make_run(base / "version_1", changed(model__optimizer={"init_args": {"lr": 0.05}}))
+    mine = make_run(base / "version_2", CONFIG)
+    assert runs.find_resumable(base, changed()) == mine
+    assert runs.find_resumable(base, changed(model__optimizer={"init_args": {"lr": 0.05}})) == other
+    with pytest.raises(ValueError) as err:  # a third experiment: nothing to resume, and the candidates say why
+        runs.find_resumable(base, changed(data__batch_size=64))
+    msg = str(err.value)
+    assert "found no run" in msg and "version_2: data.batch_size (128 -> 64)" in msg and "fix:" in msg
+    assert "\n" not in msg
+    make_run(base / "version_3", CONFIG)
+    with pytest.raises(ValueError, match="ambiguous: 2 unfinished runs.*version_2.*version_3.*fix: pass --ckpt_path"):
+        runs.find_resumable(base, changed())
+
+
+def test_last_of_a_finished_run_says_how_to_extend_it(tmp_path):
+    base = tmp_path / "runs" / "cutmix"
+    done = make_run(base / "version_0", CONFIG, finished=True)
+    with pytest.raises(ValueError, match=f"{done}, has finished; fix: pass --ckpt_path {done} with a larger"):
+        runs.find_resumable(base, changed())
+
+
+def test_last_without_runs_names_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as err:
+        runs.find_resumable(Path("runs/cutmix"), CONFIG)
+    assert f"found no run with a last.ckpt in {tmp_path}/runs/cutmix" in str(err.value)
+    assert "run from the folder that holds the runs" in str(err.value)
+
+
+def test_newest_last_for_evaluation(tmp_path):
+    base = tmp_path / "runs"
+    a = make_run(base / "version_0", CONFIG)
+    b = make_run(base / "version_1", CONFIG)
+    import os
+    os.utime(a / "checkpoints" / "last.ckpt", (2e9, 2e9))  # newer, though the lower version
+    assert runs.newest_last(base) == a / "checkpoints" / "last.ckpt"
+    assert b.is_dir()
+
+
+def test_run_of_checkpoint(tmp_path):
+    assert runs.run_of_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt") == tmp_path / "r"
+    assert runs.run_of_checkpoint(tmp_path / "downloads" / "model.ckpt") == tmp_path / "downloads"
+
+
+def test_remove_failed_keeps_runs_that_saved(tmp_path):
+    top = tmp_path / "runs"
+    run = top / "x" / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("a: 1")
+    runs.remove_failed(run, None, top)
+    assert not top.exists(), "a folder this command created goes, with the empty parents it created"
+    run.mkdir(parents=True)
+    before = set(run.rglob("*"))
+    (run / "config.resume1.yaml").write_text("a: 2")
+    (run / "checkpoints").mkdir()
+    runs.remove_failed(run, before, top)
+    assert run.is_dir() and not any(run.iterdir()), "only what this command added goes"
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    runs.remove_failed(run, set(), top)
+    assert (run / "checkpoints" / "last.ckpt").is_file(), "a run that saved a checkpoint is kept"

@@ -230,3 +230,33 @@ def test_fits_started_together_get_a_folder_each(tiny_cifar, tmp_path):
     claimed = Counter(line.split()[2] for i in range(3)
                       for line in (tmp_path / f"p{i}.err").read_text().splitlines() if line.startswith("cutmix-pl: run "))
     assert sorted(claimed.values()) == [1, 1, 1]
+
+
+def test_a_full_disk_during_fit_is_one_line_and_leaves_no_checkpoint(tiny_cifar, in_tmp, capsys, monkeypatch):
+    import builtins
+    import errno
+
+    from cutmix_pl import checkpoint_io
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data)[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(checkpoint_io, "open", lambda path, mode: Full(builtins.open(path, mode)), raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(quick(tiny_cifar))
+    assert exit_.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("cutmix-pl: error: could not write the checkpoint ") and "No space left on device" in line
+    run = in_tmp / "runs" / "smoke" / "version_0"
+    assert not [p for p in run.rglob("*") if ".ckpt" in p.name], "no checkpoint and no partial file is left"

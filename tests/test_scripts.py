@@ -115,3 +115,21 @@ def test_curves_rejects_a_folder_without_events_and_a_threshold_out_of_range(tmp
     unvalidated = _fake_fit_run(tmp_path / "n" / "version_0", [])
     with pytest.raises(SystemExit, match=r"version_0: no val/acc in its event files \(was validation switched off"):
         curves.main(["--out", str(tmp_path / "x.png"), str(unvalidated)])
+
+
+def test_data_efficiency_table_and_plot(tmp_path):
+    made = {(5000, 0): (0.70, 0.66), (5000, 1): (0.72, 0.67), (10000, 0): (0.80, 0.79)}
+    args = []
+    for (size, seed), (cut, base) in made.items():
+        folder = tmp_path / f"n{size}-s{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps([{"method": "cutmix", "test_acc": cut},
+                                                         {"method": "baseline", "test_acc": base}]))
+        args.append(f"{size}={folder}")
+    rows = load("data_efficiency").main([*args, "--out", str(tmp_path / "gain.png")])
+    assert [r["size"] for r in rows] == [5000, 10000]
+    assert rows[0]["gain"] == pytest.approx(0.045) and rows[0]["gain_spread"] == pytest.approx(0.005)
+    assert rows[0]["cutmix"] == pytest.approx(0.71) and rows[0]["cutmix_spread"] == pytest.approx(0.01)
+    assert rows[1]["gain"] == pytest.approx(0.01) and rows[1]["seeds"] == 1
+    assert "| 5,000 | 2 | 71.00% ± 1.00 | 66.50% ± 0.50 | +4.50 ± 0.50 | +4.00, +5.00 |" in load("data_efficiency").table(rows)
+    assert_png(tmp_path / "gain.png", (300, 200))

@@ -23,10 +23,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import runs
+from .run_plan import RunPlan, blocked
 from .callbacks import Interrupted, PredictionWriter, StopOnSignal
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
@@ -53,66 +53,25 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-def _logger_args(trainer_cfg: Namespace) -> Namespace | None:
-    """init_args of the (first) logger when it has a save_dir/name/version layout (TensorBoard, CSV)."""
-    logger = trainer_cfg.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    args = logger.get("init_args") if isinstance(logger, Namespace) else None
-    return args if isinstance(args, Namespace) and args.get("save_dir") is not None else None
-
-
 # Model arguments that say how to run the network, not what it is: taken from this run's config even when a
 # checkpoint is loaded (its other hyperparameters win, as Lightning does).
 RUN_OPTIONS = ("tta_flip", "compile", "channels_last", "log_images", "grid_size")
 ARCHITECTURE = ("depth", "width", "shortcut")
-# Set by rank 0 for the processes Lightning launches for DDP, which parse the same command again: they must
-# write into rank 0's run folder, not claim one of their own.
-RUN_ENV = "CUTMIX_PL_RUN"
-
-
-def _blocked(path: Path) -> str | None:
-    """Why ``path`` (a folder, perhaps not there yet) cannot be created and written, or None if it can."""
-    probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
-    return None
-
-
-def _plain(value: Any) -> Any:
-    """A parsed config as YAML would hold it (paths and other objects as strings), for comparing with a saved one."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 class CutMixCLI(LightningCLI):
     """LightningCLI plus the run rules of ``runs.py``, applied to the config between parsing and instantiation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._run: Path | None = None  # the run folder this command writes into
-        self._before: set[Path] | None = None  # what that folder held before (None: this command created it)
-        self._top: Path | None = None  # the outermost folder the claim created
-        self._lock: runs.RunLock | None = None
-        self._checkpoint: dict[str, Any] | None = None
+        self.plan = RunPlan()
         self._asked: dict[str, Any] = {}
         try:
             super().__init__(*args, **kwargs)
         except Exception:
-            if self._run is not None and rank_zero_only.rank == 0:
-                runs.remove_failed(self._run, self._before, self._top)
+            self.plan.failed()
             raise
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            self.plan.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -125,7 +84,8 @@ class CutMixCLI(LightningCLI):
             cfg = self.config[sub]
             self._settle_defaults(cfg)
             self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
-            self._plan(sub, cfg)
+            self.plan.apply(sub, cfg)
+            self._check_architecture(cfg)
 
     @staticmethod
     def _settle_defaults(cfg: Namespace) -> None:
@@ -143,134 +103,10 @@ class CutMixCLI(LightningCLI):
                 # one last.ckpt per run, overwritten (atomically) by every save, never last-v1.ckpt beside a stale one
                 cb.init_args.enable_version_counter = False
 
-    def _plan(self, sub: str, cfg: Namespace) -> None:
-        ckpt = cfg.get("ckpt_path")
-        logger = _logger_args(cfg.trainer)
-        if ckpt is not None and ckpt not in ("best", "hpc") and "://" not in str(ckpt):
-            cfg.ckpt_path = str(self._resolve_checkpoint(sub, cfg, str(ckpt), logger))
-            self._checkpoint = self._read_checkpoint(cfg)
-            self._check_architecture(cfg)
-        if logger is None:
-            return  # no save_dir/name/version layout: Lightning's own folders
-        ckpt = cfg.get("ckpt_path")
-        has_run = ckpt is not None and Path(ckpt).is_file()
-        if sub != "fit":
-            if has_run:  # evaluation of a checkpoint: into <run>/<command>/, beside the run's own logs
-                self._point_logger(logger, runs.run_of_checkpoint(ckpt) / sub)
-            return
-        resumed = runs.run_of_checkpoint(ckpt) if has_run else None
-        if resumed is not None and runs.saved_config(resumed) is not None:
-            self._resume_into(resumed, cfg, logger)
-        else:
-            self._new_run(cfg, logger)
-
-    def _resolve_checkpoint(self, sub: str, cfg: Namespace, ckpt: str, logger: Namespace | None) -> Path:
-        if ckpt == "last":
-            if logger is None:
-                raise ValueError("--ckpt_path last needs a logger with a save_dir (the run folders live there); fix: "
-                                 "pass --ckpt_path PATH to a .ckpt file or run folder")
-            base = Path(logger.save_dir) / (logger.get("name") or "")
-            if sub != "fit":
-                last = runs.newest_last(base)
-                print(f"cutmix-pl: --ckpt_path last is {last}", file=sys.stderr)
-                return last
-            run = runs.find_resumable(base, self._comparable(cfg))
-            return run / "checkpoints" / "last.ckpt"
-        path = Path(ckpt)
-        if path.is_dir():  # a run folder
-            path = path / "checkpoints" / "last.ckpt"
-            if not path.is_file():
-                raise ValueError(f"--ckpt_path {ckpt} is a folder without checkpoints/last.ckpt; fix: pass a run "
-                                 "folder (runs/<name>/version_N) or a .ckpt file")
-        elif not path.is_file():
-            raise ValueError(f"--ckpt_path {ckpt} does not exist; fix: pass the path of a .ckpt file (e.g. "
-                             "runs/<name>/version_N/checkpoints/last.ckpt), a run folder, or --ckpt_path last")
-        return path
-
-    def _comparable(self, cfg: Namespace) -> dict[str, Any]:
-        return _plain(cfg)
-
-    def _resume_into(self, run: Path, cfg: Namespace, logger: Namespace) -> None:
-        """A resume continues in the run's own folder, with the run's settings (or the few it may change)."""
-        changes = runs.changed_settings(runs.saved_config(run) or {}, self._comparable(cfg))
-        if changes:
-            raise ValueError(f"cannot resume {run} with changed settings: {runs.describe_changes(changes)}; fix: "
-                             f"leave them as the run has them ({run}/config.yaml), or leave out --ckpt_path to start "
-                             "a new run with them")
-        self._point_logger(logger, run)
-        if str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
-            # TensorBoard hides the run's events from the checkpoint's step on, which the resumed run logs again
-            # (after a kill, steps past the newest checkpoint were logged once already): no doubled stretch.
-            logger.purge_step = int((self._checkpoint or {}).get("global_step", 0))
-        if rank_zero_only.rank == 0:
-            print(f"cutmix-pl: resuming {cfg.ckpt_path} (the run continues in {run})", file=sys.stderr)
-            self._take(run, created=False)
-            for stale in (run / "checkpoints").glob(".*.tmp"):  # a save killed half-way; the target is intact
-                stale.unlink(missing_ok=True)
-
-    def _new_run(self, cfg: Namespace, logger: Namespace) -> None:
-        """A new fit claims its own version_N folder atomically (rank 0; launched DDP ranks reuse it)."""
-        base = Path(logger.save_dir) / (logger.get("name") or "")
-        if rank_zero_only.rank != 0:
-            if os.environ.get(RUN_ENV):
-                self._point_logger(logger, Path(os.environ[RUN_ENV]))
-            return
-        why = _blocked(base)
-        if why is not None:
-            raise ValueError(f"cannot write the run folder {base}: {why}; fix: pass "
-                             "--trainer.logger.init_args.save_dir DIR with a writable folder")
-        self._top = runs.outermost_missing(base)
-        version = logger.get("version")
-        if version is None:
-            run = runs.claim_version(base)
-            self._take(run, created=True)
-        else:
-            run = base / (version if isinstance(version, str) else f"version_{version}")
-            ckpts = run / "checkpoints"
-            if ckpts.is_dir() and any(ckpts.glob("*.ckpt")):
-                raise ValueError(f"{ckpts} already holds the checkpoints of an earlier run, which this run would "
-                                 "overwrite; fix: leave out trainer.logger.init_args.version (each run gets a new "
-                                 "version_N folder), or continue that run with --ckpt_path last")
-            created = not run.exists()
-            run.mkdir(parents=True, exist_ok=True)
-            self._take(run, created=created)
-        self._point_logger(logger, run)
-        os.environ[RUN_ENV] = str(run.absolute())
-
-    def _take(self, run: Path, created: bool) -> None:
-        self._run, self._before = run, None if created else set(run.rglob("*"))
-        self._lock = runs.RunLock(run)
-        self._lock.acquire()
-
-    @staticmethod
-    def _point_logger(logger: Namespace, folder: Path) -> None:
-        """Make the logger's log_dir ``folder`` (absolute, so the run is the same from any working directory)."""
-        folder = folder.absolute()
-        logger.save_dir, logger.name, logger.version = str(folder.parent.parent), folder.parent.name, folder.name
-
-    @staticmethod
-    def _read_checkpoint(cfg: Namespace) -> dict[str, Any]:
-        """Read the checkpoint once, so a bad one ends here, in one line, before anything is written."""
-        ckpt = cfg.ckpt_path
-        try:  # as Lightning will load it (torch's weights_only default unless --weights_only says otherwise)
-            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=cfg.get("weights_only"))
-        except Exception as err:  # truncated zip, not a torch file, a global weights_only refuses, ...
-            detail = " ".join(str(err).split())
-            if "Weights only load failed" in detail:
-                raise ValueError(f"--ckpt_path {ckpt} holds objects that a weights-only load refuses; fix: pass "
-                                 "--weights_only false if you trust the file") from None
-            raise ValueError(f"--ckpt_path {ckpt} is not a readable checkpoint ({type(err).__name__}: "
-                             f"{detail[:200]}); fix: pass an intact .ckpt file (e.g. an earlier one of the run, "
-                             "step*.ckpt or best-*.ckpt) or leave out --ckpt_path to train from scratch") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"--ckpt_path {ckpt} is not a Lightning checkpoint (no state_dict); fix: pass a .ckpt "
-                             "file written by this project")
-        return checkpoint
-
     def _check_architecture(self, cfg: Namespace) -> None:
         """Lightning builds the model the checkpoint was saved from. Where the config names another depth, width
         or shortcut than the recipe's, and so than the checkpoint's, that is a mistake to report, not to override."""
-        saved = (self._checkpoint or {}).get("hyper_parameters") or {}
+        saved = (self.plan.checkpoint or {}).get("hyper_parameters") or {}
         model = cfg.get("model")
         if not isinstance(model, Namespace):
             return
@@ -307,20 +143,20 @@ class CutMixCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
-        if self._checkpoint is not None:  # num_classes comes from the data, so only the built model can tell
-            self.model._check_compatible(self._checkpoint)
+        if self.plan.checkpoint is not None:  # num_classes comes from the data, so only the built model can tell
+            self.model._check_compatible(self.plan.checkpoint)
 
     # -- around the subcommands (LightningCLI's public before_/after_ hooks) --------------------------------------
     def before_fit(self) -> None:
         """Checkpoints of another run in an explicit ModelCheckpoint dirpath would be overwritten: refuse."""
-        own = self._run.absolute() if self._run is not None else None
+        own = self.plan.run.absolute() if self.plan.run is not None else None
         if own is not None:
             (own / runs.FINISHED).unlink(missing_ok=True)  # training again (a resume that extends the run)
         for cb in self.trainer.checkpoint_callbacks:
             if not isinstance(cb, ModelCheckpoint) or not cb.dirpath:
                 continue
             folder = Path(cb.dirpath).absolute()
-            why = _blocked(folder)
+            why = blocked(folder)
             if why is not None:
                 raise ValueError(f"cannot write the checkpoint folder {folder}: {why}; fix: pass a writable dirpath")
             if folder.is_dir() and any(folder.glob("*.ckpt")) and (own is None or own not in folder.parents):
@@ -339,18 +175,18 @@ class CutMixCLI(LightningCLI):
 
     def _check_eval_folder(self) -> None:
         folder = Path(self.trainer.log_dir) if self.trainer.log_dir else None
-        why = _blocked(folder) if folder is not None else None
+        why = blocked(folder) if folder is not None else None
         if why is not None:
             raise ValueError(f"cannot write the evaluation folder {folder}: {why}; fix: copy the checkpoint into a "
                              "writable folder and pass that path to --ckpt_path")
 
     def after_fit(self) -> None:
-        if self._run is None or not self.trainer.is_global_zero or not self.trainer.state.finished:
+        run = self.plan.run
+        if run is None or not self.trainer.is_global_zero or not self.trainer.state.finished:
             return
-        runs.mark_finished(self._run)
-        ckpts = self._run / "checkpoints"
-        print(f"cutmix-pl: run {self._run}\n  checkpoints: {ckpts} (last.ckpt: the final state)\n"
-              f"  TensorBoard: tensorboard --logdir {self._run.parent}", file=sys.stderr)
+        runs.mark_finished(run)
+        print(f"cutmix-pl: run {run}\n  checkpoints: {run / 'checkpoints'} (last.ckpt: the final state)\n"
+              f"  TensorBoard: tensorboard --logdir {run.parent}", file=sys.stderr)
 
 
 def _recipe_default(section: str, key: str) -> Any:

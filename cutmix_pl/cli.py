@@ -9,6 +9,7 @@ public hooks only.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 import sys
@@ -224,6 +225,7 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     parser_kwargs["exit_on_error"] = False  # parse errors come back as ArgumentError: one line below, no usage dump
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    _quiet()
     try:
         _check_yaml_files(list(args) if args is not None else sys.argv[1:])
         return CutMixCLI(
@@ -258,6 +260,21 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
         print("cutmix-pl: stopped by SIGTERM; the last finished batch is in last.ckpt if training had started; "
               "resume: run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
+
+
+def _quiet() -> None:
+    """Drop the output that says nothing about this run: Lightning's advert for its cloud logger, and a deprecation
+    warning that Lightning's own code triggers under newer torch (not ours to fix)."""
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvert) for f in logger.filters):
+            logger.addFilter(_NoAdvert())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 def run() -> None:

@@ -385,6 +385,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         return TrainBatch(mixed.images, mixed.targets, labels, labels[mixed.index], mixed.lam, mixed.is_cutmix)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, Tensor):  # images alone (the model's example input for its summary): normalise
+            return self._normalize(batch)
         images, labels = batch[0], batch[1]
         trainer = self.trainer
         if trainer is not None and trainer.training:

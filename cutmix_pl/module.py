@@ -141,6 +141,8 @@ class ImageClassifier(L.LightningModule):
                              "the logged grid); fix: e.g. 16, or model.log_images false for no grid")
         self.save_hyperparameters(ignore=["optimizer"])
         self.net = ResNet(depth, num_classes, shortcut, width=width)
+        # one uint8 image, as batches arrive: lets Lightning's model summary count FLOPs (else a column of zeros)
+        self.example_input_array = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
         self.criterion = SoftTargetCrossEntropy(label_smoothing)
         self.optimizer_factory = optimizer or _default_sgd
         probe = self._check_optimizer()

@@ -119,3 +119,16 @@ def test_console_script_exits_zero_after_a_run(tiny_cifar, in_tmp):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert list((in_tmp / "runs" / "smoke").glob("version_0/checkpoints/last.ckpt"))
+
+
+def test_output_is_quiet_and_the_summary_counts_flops(tiny_cifar, in_tmp):
+    # a subprocess: Lightning's log handler holds the stderr of the process that imported it first
+    args = ["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar), *TINY,
+            "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "true"]
+    done = subprocess.run([sys.executable, "-m", "cutmix_pl", *args], cwd=in_tmp, capture_output=True, text=True,
+                          timeout=600)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    assert "litlogger" not in text and "LeafSpec" not in text and "weights_only" not in text
+    total = next(line for line in text.splitlines() if line.rstrip().endswith("Total Flops"))
+    assert total.split()[:2] == ["81.1", "M"], total  # ResNet-20, one 32x32 image: about 41 M multiply-adds

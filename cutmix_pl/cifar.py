@@ -1,6 +1,7 @@
 """Reading (and fetching) CIFAR-10 in the python-pickle layout of the official archive.
 
-The pickles are read straight into uint8 tensors: no PIL, no per-image objects. The copy made by
+The pickles are read straight into uint8 tensors: no PIL, no per-image objects. They are read with a restricted
+unpickler that knows only what CIFAR-10 batches contain, so a crafted file cannot run code. The copy made by
 ``../shared/data/make_cifar10.py`` has the same layout and is read unchanged.
 """
 
@@ -40,8 +41,19 @@ def _fix_hint(folder: Path) -> str:
             f"{folder} (offline: python make_cifar10.py --out {folder.parent}, from the shared data folder)")
 
 
+def check_root(root: str | Path) -> None:
+    """``data_dir`` must be a folder (or not exist yet): a file there gets one line, not download advice."""
+    probe = Path(root)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DataError(f"data.data_dir={str(root)!r}: {probe} is a file, not a folder; fix: pass the folder that "
+                        f"holds (or will hold) {FOLDER}/, e.g. --data.data_dir data")
+
+
 def find(root: str | Path) -> Path | None:
     """The ``cifar-10-batches-py`` folder under ``root`` if it is complete, else None."""
+    check_root(root)
     folder = Path(root) / FOLDER
     return folder if all((folder / f).is_file() for f in TRAIN_FILES + TEST_FILES) else None
 
@@ -50,6 +62,7 @@ def download(root: str | Path) -> Path:
     """Fetch and md5-check the official archive into ``root``; raise DataError on one line when that fails."""
     from torchvision.datasets.utils import download_and_extract_archive
 
+    check_root(root)
     root = Path(root)
     archive, folder = root / "cifar-10-python.tar.gz", root / FOLDER
     made = [p for p in (root, archive, folder) if not p.exists()]  # what a failed attempt must not leave behind
@@ -71,24 +84,64 @@ def download(root: str | Path) -> Path:
     return folder
 
 
+# Everything a CIFAR-10 batch pickle refers to by name: numpy's array reconstruction (old and new module paths) and
+# the codec that protocol-2 pickles use for bytes. Plain pickle.load would import and call anything a file names.
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10 batches and nothing else: any other global is refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-10 batches never do")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path) -> Split:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data, labels = entry["data"], entry.get("labels", entry.get("fine_labels"))
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        if "CIFAR-10 batches never do" in str(err):
+            raise DataError(f"{path} is not a CIFAR-10 batch and was not loaded: {err} (a pickle can run code); "
+                            f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})") from None
+        raise DataError(f"{path} is truncated or corrupt (UnpicklingError: {' '.join(str(err).split())}); "
+                        f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})") from None
     except Exception as err:
         raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {' '.join(str(err).split())}); "
                         f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})") from None
-    data = np.asarray(data)
+    if not isinstance(entry, dict) or "data" not in entry:
+        raise DataError(f"{path} holds a {type(entry).__name__} without 'data'; CIFAR-10 batches are dicts with "
+                        f"'data' and 'labels'; fix: delete {path.parent} and fetch or rebuild it")
+    data, labels = np.asarray(entry["data"]), entry.get("labels", entry.get("fine_labels"))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; CIFAR-10 batches "
                         f"hold uint8 [N, 3072]; fix: delete {path.parent} and fetch or rebuild it")
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES))):
-        raise DataError(f"{path} has {labels.size} labels for {data.shape[0]} images, or labels outside "
-                        f"[0, {len(CLASSES) - 1}]; fix: delete {path.parent} and fetch or rebuild it")
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return Split(images, torch.from_numpy(labels))
+    if data.shape[0] == 0:
+        raise DataError(f"{path} holds no images; fix: delete {path.parent} and fetch or rebuild it")
+    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), _labels(path, labels, data.shape[0]))
+
+
+def _labels(path: Path, labels: object, count: int) -> Tensor:
+    """The labels as int64, refusing what is not an integer class index (3.7, 3.0, "3", True)."""
+    values = labels.tolist() if isinstance(labels, np.ndarray) else labels
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        n = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise DataError(f"{path} has {n} labels for {count} images; fix: delete {path.parent} and fetch or rebuild it")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+    if bad is not None:
+        raise DataError(f"{path} has a label {bad!r} of type {type(bad).__name__}: labels are integer class indices; "
+                        f"fix: delete {path.parent} and fetch or rebuild it")
+    out = torch.tensor(values, dtype=torch.int64)
+    if out.min() < 0 or out.max() >= len(CLASSES):
+        raise DataError(f"{path} has labels outside [0, {len(CLASSES) - 1}]; fix: delete {path.parent} and fetch or "
+                        "rebuild it")
+    return out
 
 
 def load(root: str | Path, download_if_missing: bool = False) -> tuple[Split, Split]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -18,9 +18,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from . import cifar
 from .metrics import WeightedMean
 from .resnet import ResNet, Shortcut
+from .schedules import SCHEDULES, Schedule, lr_factor
 from .viz import captioned_grid, confusion_image, denormalize, mix_captions
-
-Schedule = Literal["cosine", "linear", "step", "constant"]
 
 __all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
 
@@ -49,20 +48,6 @@ class SoftTargetCrossEntropy(nn.Module):
         if eps:
             targets = targets * (1.0 - eps) + eps / logits.shape[-1]
         return -(targets * log_p).sum(-1).mean()
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: Schedule) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` of ``total``, after linear warm-up."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "step":  # x0.1 at 50% and 75% of training, as He et al. 2016 (at 32k and 48k of 64k)
-        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    return 1.0
 
 
 def _rng_states() -> dict[str, Any]:
@@ -116,8 +101,8 @@ class ImageClassifier(L.LightningModule):
         width: channels of the first stage (16 in the paper).
         optimizer: optimiser factory from YAML (``class_path: torch.optim.SGD`` + ``init_args``); default SGD,
             lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4.
-        lr_schedule: per-step multiplier: ``cosine`` to 0, ``linear`` to 0, ``step`` (x0.1 at 50% and 75%)
-            or ``constant``.
+        lr_schedule: per-step multiplier, a name in ``schedules.SCHEDULES``: ``cosine`` to 0, ``linear`` to 0,
+            ``step`` (x0.1 at 50% and 75%) or ``constant``.
         warmup_epochs: linear warm-up from 0, in epochs (fractions allowed), >= 0.
         label_smoothing: smoothing of the targets in the loss, in [0, 1); applied once, mixed or not.
         channels_last: run the network in channels-last memory format (faster convolutions on GPUs).
@@ -132,8 +117,8 @@ class ImageClassifier(L.LightningModule):
                  warmup_epochs: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = False,
                  compile: bool = False, tta_flip: bool = False, log_images: bool = True, grid_size: int = 16) -> None:
         super().__init__()
-        if lr_schedule not in ("cosine", "linear", "step", "constant"):
-            raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose cosine, linear, step or constant")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
         if not warmup_epochs >= 0:
             raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be >= 0")
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy, lr_factor
+from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
+from cutmix_pl.schedules import SCHEDULES, lr_factor
 
 
 def test_soft_ce_equals_cross_entropy_on_one_hot_and_integer_targets():
@@ -120,3 +121,11 @@ def test_watching_the_loss_between_logging_steps_does_not_make_the_host_wait_for
     model._trainer.global_step = 49
     with pytest.raises(FloatingPointError, match=r"global step 10 \(epoch 2, batch 4\)"):
         model._watch_finite(loss, 5)
+
+
+def test_a_schedule_is_one_table_entry(monkeypatch):
+    monkeypatch.setitem(SCHEDULES, "half", lambda p: 0.5)
+    assert lr_factor(50, 100, 10, "half") == 0.5
+    assert ImageClassifier(depth=8, width=4, lr_schedule="half").hparams.lr_schedule == "half"
+    with pytest.raises(ValueError, match="choose one of cosine, linear, step, constant, half"):
+        ImageClassifier(depth=8, width=4, lr_schedule="nope")

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from cutmix_pl import runs
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.module import ImageClassifier
 
@@ -95,6 +97,17 @@ def test_print_config_for_every_config(config, capsys):
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
     assert "model:" in out and "data:" in out and "trainer:" in out
+    if config == "cutmix.yaml":
+        return
+    # an overlay states only what differs from the recipe: each value it sets changes the resolved config
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    recipe = runs.flatten(yaml.safe_load(capsys.readouterr().out))
+    resolved = runs.flatten(yaml.safe_load(out))
+    stated = runs.flatten(yaml.safe_load((CONFIG_DIR / config).read_text()))
+    swapped = [k[: -len("class_path")] for k in stated if k.endswith("class_path") and recipe.get(k) != stated[k]]
+    same = [k for k in stated if k in recipe and recipe[k] == resolved[k] and not k.startswith(tuple(swapped))]
+    assert not same, f"{config} repeats the recipe's values: {same}"
 
 
 def test_num_classes_is_linked_from_data(tiny_cifar, in_tmp):

@@ -42,13 +42,18 @@ def _fix_hint(folder: Path) -> str:
 
 
 def check_root(root: str | Path) -> None:
-    """``data_dir`` must be a folder (or not exist yet): a file there gets one line, not download advice."""
+    """``data_dir`` must be a folder (or not exist yet), and so must its ``cifar-10-batches-py``: a file in either
+    place gets one line here, not download advice that cannot help."""
     probe = Path(root)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise DataError(f"data.data_dir={str(root)!r}: {probe} is a file, not a folder; fix: pass the folder that "
                         f"holds (or will hold) {FOLDER}/, e.g. --data.data_dir data")
+    folder = Path(root) / FOLDER
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder; fix: delete it and fetch or rebuild it "
+                        f"({_fix_hint(folder)})")
 
 
 def find(root: str | Path) -> Path | None:
@@ -93,28 +98,37 @@ _SAFE_GLOBALS = {
 }
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A batch file names a global outside ``_SAFE_GLOBALS``; the message is its ``module.name``."""
+
+
 class _BatchUnpickler(pickle.Unpickler):
     """Reads CIFAR-10 batches and nothing else: any other global is refused before it is imported."""
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-10 batches never do")
+            raise _ForbiddenGlobal(f"{module}.{name}")
         return super().find_class(module, name)
 
 
-def _read_batch(path: Path) -> Split:
+def _unpickle(path: Path) -> object:
+    """What ``path`` holds, read with ``_BatchUnpickler``; DataError (one line) if it names a forbidden global or is
+    damaged. latin1 because the official batches were pickled by Python 2 (its byte strings become str)."""
+    refetch = f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})"
     try:
         with open(path, "rb") as f:
-            entry = _BatchUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        if "CIFAR-10 batches never do" in str(err):
-            raise DataError(f"{path} is not a CIFAR-10 batch and was not loaded: {err} (a pickle can run code); "
-                            f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})") from None
-        raise DataError(f"{path} is truncated or corrupt (UnpicklingError: {' '.join(str(err).split())}); "
-                        f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})") from None
-    except Exception as err:
+            return _BatchUnpickler(f, encoding="latin1").load()
+    except _ForbiddenGlobal as err:
+        raise DataError(f"{path} is not a CIFAR-10 batch and was not loaded: it refers to {err}, which CIFAR-10 "
+                        f"batches never do (a pickle can run code); {refetch}") from None
+    except Exception as err:  # truncated, garbage, unreadable: all end the same way
         raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {' '.join(str(err).split())}); "
-                        f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})") from None
+                        f"{refetch}") from None
+
+
+def _read_batch(path: Path) -> Split:
+    """One batch file as uint8 images [N, 3, 32, 32] and int64 labels; DataError naming the file otherwise."""
+    entry = _unpickle(path)
     if not isinstance(entry, dict) or "data" not in entry:
         raise DataError(f"{path} holds a {type(entry).__name__} without 'data'; CIFAR-10 batches are dicts with "
                         f"'data' and 'labels'; fix: delete {path.parent} and fetch or rebuild it")
@@ -122,7 +136,7 @@ def _read_batch(path: Path) -> Split:
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; CIFAR-10 batches "
                         f"hold uint8 [N, 3072]; fix: delete {path.parent} and fetch or rebuild it")
-    if data.shape[0] == 0:
+    if data.shape[0] == 0:  # caught here, not as a division by zero or an empty loader deep inside training
         raise DataError(f"{path} holds no images; fix: delete {path.parent} and fetch or rebuild it")
     return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), _labels(path, labels, data.shape[0]))
 

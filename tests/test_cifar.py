@@ -24,6 +24,16 @@ class WritesAMarker:
         return os.system, (f"touch {self.marker}",)
 
 
+class OpensAMarker:
+    """Unpickling this calls builtins.exec, which writes a file: the other usual route."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     return make_tiny_cifar(tmp_path / "data", n_train=50, n_test=20)
@@ -36,20 +46,34 @@ def rewrite(data: Path, name: str, entry: object) -> Path:
     return path
 
 
-def test_a_crafted_pickle_runs_no_code(data, tmp_path):
+@pytest.mark.parametrize("payload,named", [(WritesAMarker, f"{os.system.__module__}.system"),  # posix on Linux
+                                           (OpensAMarker, "builtins.exec")])
+def test_a_crafted_pickle_runs_no_code(payload, named, data, tmp_path):
     marker = tmp_path / "ran"
     path = rewrite(data, "data_batch_1", {"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 10,
-                                          "payload": WritesAMarker(marker)})
+                                          "payload": payload(marker)})
     with pytest.raises(cifar.DataError) as err:
         cifar.load(data)
     assert not marker.exists(), "the crafted file ran code"
     msg = str(err.value)
-    assert str(path) in msg and "posix.system" in msg and "was not loaded" in msg and "fix: delete" in msg
-    assert "\n" not in msg
+    assert f"{path} is not a CIFAR-10 batch and was not loaded: it refers to {named}," in msg
+    assert f"fix: delete {path.parent} and fetch or rebuild it" in msg and "\n" not in msg
     # the same file through plain pickle does run it: the test's payload is real
     with open(path, "rb") as f:
         pickle.load(f, encoding="latin1")
     assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_every_pickle_protocol_of_a_plain_batch_loads(protocol, data):
+    """Protocol 2 writes bytes through _codecs.encode, 5 arrays through _frombuffer: both are on the list."""
+    entry = {"data": np.full((10, 3072), 7, np.uint8), "labels": list(range(10)), b"batch_label": b"x",
+             "filenames": [f"{i}.png" for i in range(10)]}
+    path = data / cifar.FOLDER / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=protocol)
+    batch = cifar._read_batch(path)
+    assert batch.labels.tolist() == list(range(10)) and int(batch.images.sum()) == 7 * 10 * 3072
 
 
 def test_files_from_both_writers_load(data, real_cifar):
@@ -90,5 +114,17 @@ def test_data_dir_that_is_a_file(tmp_path):
     for call in (lambda: cifar.load(notes), lambda: cifar.download(notes), lambda: cifar.find(notes / "sub")):
         with pytest.raises(cifar.DataError) as err:
             call()
-        assert f"{notes} is a file, not a folder" in str(err.value) and "fix: pass the folder" in str(err.value)
+        msg = str(err.value)
+        assert f"{notes} is a file, not a folder" in msg and "fix: pass the folder" in msg and "\n" not in msg
+        assert "downloading" not in msg
     assert notes.read_text() == "not data"
+
+
+def test_a_batches_folder_that_is_a_file(tmp_path):
+    (tmp_path / cifar.FOLDER).write_text("not data")
+    for call in (lambda: cifar.load(tmp_path, download_if_missing=True), lambda: cifar.download(tmp_path)):
+        with pytest.raises(cifar.DataError) as err:
+            call()
+        msg = str(err.value)
+        assert f"{tmp_path / cifar.FOLDER} is a file, not a folder; fix: delete it" in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cifar.FOLDER], "nothing fetched or written"

@@ -85,8 +85,9 @@ class CutMixCLI(LightningCLI):
             cfg = self.config[sub]
             self._settle_defaults(cfg)
             self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
-            self.plan.apply(sub, cfg)
-            self._check_architecture(cfg)
+            self.plan.read(sub, cfg)
+            self._check_architecture(cfg)  # before a resume's settings check: the more specific message
+            self.plan.place(sub, cfg)
 
     @staticmethod
     def _settle_defaults(cfg: Namespace) -> None:

@@ -1,8 +1,9 @@
 """The run plan of one command: ``runs.py``'s rules applied to a parsed config, before anything is built.
 
-``RunPlan.apply`` resolves ``--ckpt_path`` (``last``, a run folder, a file), reads the checkpoint once, and points the
-logger at the folder the command writes into: a new ``version_N`` claimed for a fit, the run's own folder for a
-resume (after checking what it changes), ``<run>/<command>/`` for an evaluation of a checkpoint. The plan holds the
+``RunPlan.read`` resolves ``--ckpt_path`` (``last``, a run folder, a file) and reads the checkpoint once;
+``RunPlan.place`` points the logger at the folder the command writes into: a new ``version_N`` claimed for a fit,
+the run's own folder for a resume (after checking what it changes), ``<run>/<command>/`` for an evaluation of a
+checkpoint. The plan holds the
 run's lock while the command runs and, when the command fails before it saved a checkpoint, removes what it wrote.
 """
 
@@ -46,13 +47,17 @@ class RunPlan:
         if self.lock is not None:
             self.lock.release()
 
-    def apply(self, sub: str, cfg: Namespace) -> None:
-        """Resolve ``cfg.ckpt_path`` and point ``cfg``'s logger at this command's folder (claiming or locking it)."""
+    def read(self, sub: str, cfg: Namespace) -> None:
+        """Resolve ``cfg.ckpt_path`` (``last``, a run folder, a file) and read the checkpoint once."""
         ckpt = cfg.get("ckpt_path")
-        logger = logger_args(cfg.trainer)
         if ckpt is not None and ckpt not in ("best", "hpc") and "://" not in str(ckpt):
-            cfg.ckpt_path = str(self._resolve_checkpoint(sub, cfg, str(ckpt), logger))
+            cfg.ckpt_path = str(self._resolve_checkpoint(sub, cfg, str(ckpt), logger_args(cfg.trainer)))
             self.checkpoint = read_checkpoint(cfg)
+
+    def place(self, sub: str, cfg: Namespace) -> None:
+        """Point ``cfg``'s logger at this command's folder: a claimed new run, the resumed run (after checking what
+        the resume changes; locked), or ``<run>/<command>/`` for an evaluation of a checkpoint."""
+        logger = logger_args(cfg.trainer)
         if logger is None:
             return  # no save_dir/name/version layout: Lightning's own folders
         ckpt = cfg.get("ckpt_path")

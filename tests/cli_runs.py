@@ -73,37 +73,10 @@ WRAPPER = textwrap.dedent("""
         if os.environ.get("PAUSE_IN_LAST_VAL") and last and not self.trainer.sanity_checking and batch_idx == 0:
             hold(self.trainer, "validation")
 
-    import builtins
-    kill_in_save, saves = int(os.environ.get("KILL_IN_SAVE", "0")), [0]
-    real_open = builtins.open
-
-    class HalfThenKill:  # takes half of what is written to it, then the process dies
-        def __init__(self, f):
-            self.f = f
-        def write(self, data):
-            data = bytes(data)
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        def fileno(self):  # filled by sendfile: die before any byte
-            os.kill(os.getpid(), signal.SIGKILL)
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def killing_open(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        if "w" in mode and "ckpt" in str(file):
-            saves[0] += 1
-            if saves[0] == kill_in_save:
-                Path("killed_in_save").write_text(str(file))
-                return HalfThenKill(f)
-        return f
-
-    builtins.open = killing_open
+    if int(os.environ.get("KILL_IN_SAVE", "0")):
+        sys.path.insert(0, os.environ["TESTS_DIR"])
+        import kill_on_write
+        kill_on_write.install(int(os.environ["KILL_IN_SAVE"]), Path("killed_in_save"))
     ImageClassifier.on_train_batch_end = on_train_batch_end
     ImageClassifier.on_validation_batch_end = on_validation_batch_end
     cli = main(sys.argv[1:])
@@ -141,7 +114,7 @@ def spawn(cwd: Path, args: list[str], pause_at: int | None = None, tag: str = "r
         env.pop(key, None)
     if pause_at is not None:
         env["PAUSE_AT_STEP"] = str(pause_at)
-    env.update(hooks)
+    env.update(hooks, TESTS_DIR=str(Path(__file__).resolve().parent))
     (cwd / "paused").unlink(missing_ok=True)
     out, err = open(cwd / f"{tag}.out", "w"), open(cwd / f"{tag}.err", "w")
     with out, err:

@@ -65,3 +65,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def steps_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config that adds a checkpoint every 4 steps (see cli_runs.STEP_CHECKPOINTS)."""
+    from cli_runs import STEP_CHECKPOINTS
+
+    path = tmp_path_factory.mktemp("cfg") / "steps.yaml"
+    path.write_text(STEP_CHECKPOINTS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run (a subprocess, like the interrupted ones): its working folder, with metrics.json."""
+    from cli_runs import finish, small, spawn
+
+    cwd = tmp_path_factory.mktemp("reference")
+    proc = spawn(cwd, ["fit", *small(tiny_cifar), "--config", str(steps_config)])
+    assert finish(proc) == 0, (cwd / "run.err").read_text()[-3000:]
+    return cwd

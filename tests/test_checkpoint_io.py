@@ -40,47 +40,27 @@ def other_fs(tmp_path: Path):
 
 
 # Saves a checkpoint with the writer named in argv[2], the process killed (SIGKILL) while it writes the checkpoint's
-# bytes to disk: `open` is patched so that the first file opened for writing with "ckpt" in its name takes half of
-# what is written to it (or nothing, when it is filled by sendfile), then the process dies. Lightning's writer stages
+# bytes to disk (tests/kill_on_write.py). Lightning's writer stages
 # the bytes in $TMPDIR and then moves them; across filesystems that move is a copy into the target, which the kill
 # truncates.
 KILL_HALF_WAY = textwrap.dedent("""
-    import builtins, os, signal, sys
+    import sys
+    sys.path.insert(0, sys.argv[3])
     import torch
     from lightning.pytorch.plugins.io import TorchCheckpointIO
     from cutmix_pl.checkpoint_io import AtomicCheckpointIO
+    import kill_on_write
 
-    real_open = builtins.open
-
-    class HalfThenKill:
-        def __init__(self, f):
-            self.f = f
-        def write(self, data):
-            data = bytes(data)
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        def fileno(self):  # a copy by sendfile (shutil across filesystems) asks for this before writing
-            os.kill(os.getpid(), signal.SIGKILL)
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def killing_open(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        return HalfThenKill(f) if "w" in mode and "ckpt" in str(file) else f
-
-    builtins.open = killing_open
+    kill_on_write.install(1)
     writer = {"atomic": AtomicCheckpointIO, "lightning": TorchCheckpointIO}[sys.argv[2]]()
     writer.save_checkpoint({"step": 2, "w": torch.ones(50_000)}, sys.argv[1])
 """)
 
 
 def kill_during_save(path: Path, writer: str) -> int:
-    proc = subprocess.run([sys.executable, "-c", KILL_HALF_WAY, str(path), writer], capture_output=True, timeout=120)
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", KILL_HALF_WAY, str(path), writer, tests], capture_output=True,
+                          timeout=120)
     return proc.returncode
 
 

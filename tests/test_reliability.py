@@ -8,15 +8,11 @@ so each CLI run takes seconds; the subprocess runs pay mostly for importing torc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from contextlib import chdir
 from pathlib import Path
 
@@ -25,32 +21,16 @@ import pytest
 import torch
 
 from cutmix_pl import cifar
-from cutmix_pl.cli import CONFIG_DIR, main
+from cutmix_pl.cli import main
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
 
-from cli_runs import (STEPS_PER_EPOCH, STEP_CHECKPOINTS, assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
+from cli_runs import (STEPS_PER_EPOCH, assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
                       finish, small, spawn, wait_paused)
 from conftest import REPO, make_tiny_cifar
 
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def steps_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "steps.yaml"
-    path.write_text(STEP_CHECKPOINTS)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run (a subprocess, like the interrupted ones): its folder, with metrics.json."""
-    cwd = tmp_path_factory.mktemp("reference")
-    proc = spawn(cwd, ["fit", *small(tiny_cifar), "--config", str(steps_config)])
-    assert finish(proc) == 0, (cwd / "run.err").read_text()[-3000:]
-    return cwd
-
-
 @pytest.fixture(scope="module")
 def small_ckpt(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """last.ckpt of a one-epoch ResNet-8 (width 4) run."""

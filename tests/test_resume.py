@@ -18,24 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cutmix_pl import runs
 from cutmix_pl.cli import main
 
-from cli_runs import (STEP_CHECKPOINTS, assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
+from cli_runs import (assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
                       finish, small, spawn, wait_paused)
-
-
-@pytest.fixture(scope="module")
-def steps_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "steps.yaml"
-    path.write_text(STEP_CHECKPOINTS)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run (a subprocess, like the interrupted ones): its working folder, with metrics.json."""
-    cwd = tmp_path_factory.mktemp("reference")
-    proc = spawn(cwd, ["fit", *small(tiny_cifar), "--config", str(steps_config)])
-    assert finish(proc) == 0, (cwd / "run.err").read_text()[-3000:]
-    return cwd
 
 
 def event_steps(run: Path) -> dict[str, list[int]]:
@@ -174,11 +158,9 @@ def test_a_second_concurrent_resume_is_refused(tiny_cifar, in_tmp, capsys):
 
 
 def test_fit_prints_where_the_run_is(tiny_cifar, in_tmp, capsys):
-    cli = main(quick(tiny_cifar))
+    main(quick(tiny_cifar))
     err = capsys.readouterr().err
-    run = Path(cli.trainer.log_dir)
-    assert f"cutmix-pl: run {run.relative_to(in_tmp.resolve()) if run.is_absolute() else run}" in err or \
-        f"cutmix-pl: run runs/smoke/version_0" in err
+    assert "cutmix-pl: run runs/smoke/version_0\n" in err
     assert "checkpoints: runs/smoke/version_0/checkpoints" in err and "tensorboard --logdir runs/smoke" in err
 
 

@@ -1,0 +1,258 @@
+"""scripts/sweep.py and scripts/gpu_suite.py on tiny synthetic data: the table and CSV, the images/s arithmetic, the
+budget, resuming with --reuse (after removed outputs and after a real SIGTERM mid-fit), the throughput maths, and
+the GPU suite's smoke mode end to end."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_scripts import SCRIPTS, assert_png, load
+
+SMOKE = ["--grid", "smoke", "--parallel", "2", "--threads", "1", "--quiet"]
+
+
+def sweep_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--out", str(out), *SMOKE, *extra]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def event_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """The smoke grid (CutMix and no mixing, seed 0, 2 epochs of 3 batches), 2 processes at once."""
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    rows = load("sweep").main(sweep_args(tiny_cifar, out))
+    return out, rows
+
+
+def test_sweep_writes_one_row_per_run_with_metrics_in_range(swept):
+    out, rows = swept
+    sweep = load("sweep")
+    assert [r["name"] for r in rows] == ["smoke-cutmix-s0", "smoke-baseline-s0"]
+    assert [(r["method"], r["seed"], r["setting"], r["status"]) for r in rows] == [
+        ("cutmix", 0, "smoke", "done"), ("baseline", 0, "smoke", "done")]
+    for r in rows:
+        assert 0.0 <= r["test_acc"] <= r["test_top5"] <= 1.0 and 0.0 <= r["test_ece"] <= 1.0
+        assert len(r["val_acc_curve"]) == 2 and all(0.0 <= v <= 1.0 for v in r["val_acc_curve"])
+        folder = out / "runs" / r["name"] / "version_0"
+        assert (folder / "FINISHED").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+        assert len(event_files(folder / "test")) == 1
+        ledger = json.loads((out / "runs" / r["name"] / "sweep.json").read_text())
+        assert [e["rc"] for e in ledger["fit"]] == [0] and [e["rc"] for e in ledger["test"]] == [0]
+        assert r["fit_minutes"] == pytest.approx(ledger["fit"][0]["seconds"] / 60)
+        # the test accuracy is the one in the test run's own events
+        test = sweep.scalars(event_files(folder / "test")[0])
+        assert r["test_acc"] == pytest.approx(test["test/acc"][-1][1])
+    # the CSV holds the same rows and numbers
+    table = read_csv(out / "results.csv")
+    assert [t["name"] for t in table] == [r["name"] for r in rows]
+    for t, r in zip(table, rows):
+        assert t["status"] == "done" and float(t["test_acc"]) == pytest.approx(r["test_acc"])
+        assert float(t["images_per_s"]) == pytest.approx(r["images_per_s"])
+        assert t["configs"] == "smoke.yaml" and "--trainer.max_epochs 2" in t["flags"]
+    md = (out / "results.md").read_text()
+    assert f"| smoke-cutmix-s0 | cutmix | 0 | smoke | done | {rows[0]['test_acc']:.2%} |" in md
+    assert "| baseline | smoke | 1 | 1 (0) |" in md  # the summary over seeds: one tested seed per method
+    assert_png(out / "val_acc.png", (300, 200))
+
+
+def test_images_per_second_is_images_between_logged_steps_over_their_time(swept):
+    out, rows = swept
+    sweep = load("sweep")
+    folder = out / "runs" / rows[0]["name"] / "version_0"
+    # 640 training images - 100 held out = 540; 3 batches of 32 an epoch (limit_train_batches 3)
+    assert sweep.images_per_step(folder) == 32
+    lr = sweep.scalars(event_files(folder)[0])["train/lr"]  # logged every step: global steps 0 .. 5
+    assert [s for s, _, _ in lr] == list(range(6))
+    assert rows[0]["images_per_s"] == pytest.approx(5 * 32 / (lr[-1][2] - lr[0][2]))
+
+
+def test_epoch_images_follow_the_data_module_and_lightning_rules():
+    epoch = load("sweep").epoch_images_and_steps
+
+    def cfg(batch, limit=None, val=0, train_size=None):
+        return {"data": {"batch_size": batch, "val_size": val, "train_size": train_size},
+                "trainer": {"limit_train_batches": limit}}
+
+    assert epoch(cfg(128, val=5000), 50000) == (45000, 352)  # a short last batch of 72 counts as it is
+    assert epoch(cfg(512, 1.0, val=5000), 50000) == (45000, 88)  # 1.0 is a fraction: every batch
+    assert epoch(cfg(32, 3.0, val=100), 640) == (96, 3)  # a whole float above 1 is a count
+    assert epoch(cfg(32, 0.5), 640) == (320, 10)  # a fraction of the 20 batches
+    assert epoch(cfg(10), 21) == (20, 2)  # a lone last image waits for the next epoch
+    assert epoch(cfg(64, train_size=100), 1000) == (100, 2)
+
+
+def test_reuse_redoes_only_the_removed_parts_and_gives_the_same_results(swept, tiny_cifar, tmp_path):
+    src, before = swept
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)  # leave the module's sweep as it was
+    cutmix, baseline = (out / "runs" / n / "version_0" for n in ("smoke-cutmix-s0", "smoke-baseline-s0"))
+    shutil.rmtree(cutmix / "test")  # as if the sweep had stopped before this test
+    (baseline / "FINISHED").unlink()  # as if the fit had been killed after its last checkpoint
+    sweep = load("sweep")
+    with pytest.raises(SystemExit, match="already holds smoke-cutmix-s0, smoke-baseline-s0; fix: pass --reuse"):
+        sweep.main(sweep_args(Path("unused"), out))
+    after = sweep.main(sweep_args(tiny_cifar, out, "--reuse"))
+    assert [r["status"] for r in after] == ["done (test rerun)", "done (resumed)"]
+    # cutmix: the fit was not run again, only its test
+    assert len(event_files(cutmix)) == 1 and not (cutmix / "config.resume1.yaml").exists()
+    ledger = json.loads((out / "runs" / "smoke-cutmix-s0" / "sweep.json").read_text())
+    assert len(ledger["fit"]) == 1 and len(ledger["test"]) == 2
+    # baseline: the fit continued in its own folder from last.ckpt (a resume, not a new run), then a fresh test
+    ledger = json.loads((out / "runs" / "smoke-baseline-s0" / "sweep.json").read_text())
+    assert [e["resumed"] for e in ledger["fit"]] == [False, True] and len(ledger["test"]) == 2
+    assert (baseline / "config.resume1.yaml").is_file() and (baseline / "FINISHED").is_file()
+    assert sorted(p.name for p in (out / "runs" / "smoke-baseline-s0").iterdir() if p.is_dir()) == ["version_0"]
+    assert len(event_files(baseline / "test")) == 1  # the stale test was replaced, not added to
+    for b, a in zip(before, after):
+        assert a["test_acc"] == b["test_acc"] and a["test_ece"] == pytest.approx(b["test_ece"])
+        assert a["val_acc_curve"][:2] == pytest.approx(b["val_acc_curve"])
+    # a third --reuse has nothing left to do: no process is started
+    again = sweep.main(sweep_args(tiny_cifar, out, "--reuse"))
+    assert [r["status"] for r in again] == ["done (reused)", "done (reused)"]
+    assert len(json.loads((out / "runs" / "smoke-cutmix-s0" / "sweep.json").read_text())["test"]) == 2
+
+
+def test_a_tiny_budget_starts_nothing_and_lists_every_run_as_not_run(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "budget"
+    rows = load("sweep").main(sweep_args(tiny_cifar, out, "--budget-minutes", "0.01"))
+    assert [r["status"] for r in rows] == ["not run (budget)"] * 2
+    assert all(r["test_acc"] is None and r["fit_minutes"] is None for r in rows)
+    assert not (out / "runs").exists()
+    assert [t["status"] for t in read_csv(out / "results.csv")] == ["not run (budget)"] * 2
+    assert (out / "results.md").read_text().count("| not run (budget) |") == 2
+    # the preset's 0.3 min alone, x 2 processes sharing the machine (no --speedup: sharing assumed to gain nothing)
+    assert "smoke-cutmix-s0 not run: estimated 0.6 min, 0.0 min of the budget left" in capsys.readouterr().out
+
+
+def test_the_estimate_scales_the_preset_minutes_and_then_learns_from_finished_runs():
+    sweep = load("sweep")
+    args = argparse.Namespace(parallel=4, speedup=2.0, budget_minutes=10.0)
+    s = sweep.Sweep(args, [])
+    a = sweep.Run("cutmix", 0, "a", minutes=6.0)
+    b = sweep.Run("baseline", 0, "b", minutes=12.0)
+    unknown = sweep.Run("cutmix", 0, "c")
+    # before any run finished: K / speedup = 4 / 2 processes' worth of slow-down
+    assert s.estimate(a) == pytest.approx(12.0) and s.estimate(unknown) is None
+    s.done.append((a, 9.0))  # a took 9 minutes: 1.5x its preset estimate, under this sweep's sharing
+    assert s.estimate(b) == pytest.approx(18.0) and s.estimate(unknown) == pytest.approx(9.0)
+    s.done.append((unknown, 3.0))  # a run without a preset estimate does not change the factor
+    assert s.estimate(b) == pytest.approx(18.0) and s.estimate(unknown) == pytest.approx(6.0)
+
+
+def _fake_run(folder: Path, data: Path, steps_walls: list[tuple[int, float]], batch: int = 32) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"data_dir": str(data), "batch_size": batch, "val_size": 0, "train_size": None},
+        "trainer": {"limit_train_batches": None}}))
+    with SummaryWriter(str(folder)) as w:
+        for step, wall in steps_walls:
+            w.add_scalar("train/lr", 0.1, step, walltime=wall)
+    return folder
+
+
+def test_throughput_of_concurrent_runs_is_measured_where_all_of_them_train(tiny_cifar, tmp_path):
+    sweep = load("sweep")
+    # 640 images in batches of 32: 20 steps of 32 images an epoch
+    alone = _fake_run(tmp_path / "alone", tiny_cifar, [(0, 100.0), (10, 110.0), (20, 120.0)])
+    assert sweep.train_rate(alone) == pytest.approx(20 * 32 / 20.0)
+    # two runs sharing the machine: one 10 steps in 10 s from t=0, the other 10 steps in 10 s from t=5
+    r1 = _fake_run(tmp_path / "r1", tiny_cifar, [(0, 0.0), (10, 10.0)])
+    r2 = _fake_run(tmp_path / "r2", tiny_cifar, [(0, 5.0), (10, 15.0)])
+    total, overlap = sweep.aggregate_rate([r1, r2])
+    # in [5, 10] each did 5 steps: 2 x 5 x 32 images in 5 s; the interval is half a run's window
+    assert total == pytest.approx(2 * 5 * 32 / 5.0) and overlap == pytest.approx(0.5)
+    r3 = _fake_run(tmp_path / "r3", tiny_cifar, [(0, 20.0), (10, 30.0)])  # never ran at the same time as r1
+    assert sweep.aggregate_rate([r1, r3]) == (None, 0.0)
+
+
+@pytest.mark.slow
+def test_a_sigterm_mid_fit_is_passed_on_and_reuse_resumes_to_the_uninterrupted_result(tiny_cifar, tmp_path):
+    longer = ["--only", "smoke-cutmix", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "8"]
+    reference = load("sweep").main(sweep_args(tiny_cifar, tmp_path / "ref", *longer))
+    out = tmp_path / "cut"
+    run = out / "runs" / "smoke-cutmix-s0" / "version_0"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "sweep.py"), *sweep_args(tiny_cifar, out, *longer)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.ckpt").is_file():  # epoch 0 is over: stop it during epoch 1
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output
+    assert "interrupted: smoke-cutmix-s0" in output
+    assert read_csv(out / "results.csv")[0]["status"] == "interrupted"
+    ledger = json.loads((out / "runs" / "smoke-cutmix-s0" / "sweep.json").read_text())
+    assert [e["rc"] for e in ledger["fit"]] == [128 + signal.SIGTERM] and ledger["test"] == []
+    assert not (run / "FINISHED").exists() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "cutmix-pl: stopped by SIGTERM after global step" in (run.parent / "fit.log").read_text()
+    resumed = load("sweep").main(sweep_args(tiny_cifar, out, *longer, "--reuse"))
+    assert resumed[0]["status"] == "done (resumed)"
+    assert resumed[0]["test_acc"] == reference[0]["test_acc"]
+    assert resumed[0]["test_ece"] == pytest.approx(reference[0]["test_ece"], abs=1e-6)
+    assert resumed[0]["val_acc_curve"] == pytest.approx(reference[0]["val_acc_curve"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_runs_every_step_on_the_cpu_in_under_three_minutes(tmp_path):
+    out = tmp_path / "suite"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "gpu_suite.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=400, env=env)
+    seconds = time.monotonic() - start
+    print(f"gpu_suite --smoke: {seconds:.0f} s")  # reported with -s
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert seconds < 180
+    report = json.loads((out / "suite.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["env", "data", "pytest", "ddp", "bench_augment", "bench_train", "throughput", "sweep"]
+    assert all(s["status"] == "passed" for s in steps.values()) and report["ok"] is True
+    assert all(s["seconds"] <= s["limit"] for s in steps.values())
+    assert "8 skipped" in steps["pytest"]["figures"] or "skipped (of" in steps["pytest"]["figures"]
+    assert "2 ranks" in steps["ddp"]["figures"] and "backend gloo" in steps["ddp"]["figures"]
+    assert "parameters identical" in steps["ddp"]["figures"]
+    # the summary is printed last and saved
+    summary = (out / "summary.md").read_text()
+    assert proc.stdout.rstrip().endswith(summary.rstrip())
+    assert summary.count("| passed |") == 8 and "all steps passed" in summary
+    assert report["env"]["torch"] and report["env"]["lightning"] and report["env"]["device"] == "CPU"
+    # the device machine returns <= 8 files, none deeper than $OUT/a/b/file: everything else must be deeper
+    returned = [p for p in out.rglob("*") if p.is_file() and len(p.relative_to(out).parts) <= 3]
+    assert sorted(p.name for p in returned) == ["logs.tar.gz", "results.csv", "results.md", "suite.json",
+                                                "summary.md", "throughput.md", "val_acc.png"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"pytest/junit.xml", "ddp/report/rank0.json", "ddp/report/rank1.json", "sweep/results.csv",
+            "bench_train/bench_train.json", "throughput/throughput.json"} <= names
+    assert not any(n.endswith(".ckpt") or n.startswith("data/") for n in names)
+    ranks = [json.loads((out / "work" / "steps" / "ddp" / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    rows = read_csv(out / "results.csv")
+    assert [r["status"] for r in rows] == ["done", "done"] and all(0 <= float(r["test_acc"]) <= 1 for r in rows)
+    throughput = json.loads((out / "work" / "steps" / "throughput" / "throughput.json").read_text())
+    assert throughput["processes"] == 2 and throughput["ratio"] > 0 and len(throughput["x2"]["each"]) == 2

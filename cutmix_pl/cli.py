@@ -271,6 +271,9 @@ def _quiet() -> None:
         if not any(isinstance(f, _NoAdvert) for f in logger.filters):
             logger.addFilter(_NoAdvert())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # validate/test/predict write into <run>/<command>/, so a checkpoint callback's folder differs from the fit's;
+    # its best-model record matters only to training
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 class _NoAdvert(logging.Filter):

@@ -69,6 +69,7 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
         ax.scatter([r["size"]] * len(r["gains"]), [100 * g for g in r["gains"]], color="gray", s=12, zorder=3)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
     ax.set_xlabel("training images")
     ax.set_ylabel("CutMix - no mixing (test acc. points)")

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from .runs import (RunLock, changed_settings, claim_version, describe_changes, find_resumable, newest_last,
                    outermost_missing, remove_failed, run_of_checkpoint, saved_config)
 
-__all__ = ["RUN_ENV", "RunPlan", "blocked", "logger_args", "plain", "point_logger", "read_checkpoint"]
+__all__ = ["RUN_ENV", "RunPlan", "blocked", "logger_args", "runs_base", "plain", "point_logger", "read_checkpoint"]
 
 # Set by rank 0 for the processes Lightning launches for DDP, which parse the same command again: they must
 # write into rank 0's run folder, not claim one of their own.
@@ -77,7 +77,7 @@ class RunPlan:
             if logger is None:
                 raise ValueError("--ckpt_path last needs a logger with a save_dir (the run folders live there); fix: "
                                  "pass --ckpt_path PATH to a .ckpt file or run folder")
-            base = Path(logger.save_dir) / (logger.get("name") or "")
+            base = runs_base(logger)
             if sub != "fit":
                 last = newest_last(base)
                 print(f"cutmix-pl: --ckpt_path last is {last}", file=sys.stderr)
@@ -115,7 +115,7 @@ class RunPlan:
 
     def _new_run(self, cfg: Namespace, logger: Namespace) -> None:
         """A new fit claims its own version_N folder atomically (rank 0; launched DDP ranks reuse it)."""
-        base = Path(logger.save_dir) / (logger.get("name") or "")
+        base = runs_base(logger)
         if rank_zero_only.rank != 0:
             if os.environ.get(RUN_ENV):
                 point_logger(logger, Path(os.environ[RUN_ENV]))
@@ -155,6 +155,11 @@ def logger_args(trainer_cfg: Namespace) -> Namespace | None:
         logger = logger[0] if logger else None
     args = logger.get("init_args") if isinstance(logger, Namespace) else None
     return args if isinstance(args, Namespace) and args.get("save_dir") is not None else None
+
+
+def runs_base(logger: Namespace) -> Path:
+    """The folder that holds the logger's ``version_N`` runs: ``<save_dir>/<name>``."""
+    return Path(logger.save_dir) / (logger.get("name") or "")
 
 
 def blocked(path: Path) -> str | None:

@@ -135,7 +135,8 @@ def saved_config(run: Path) -> dict[str, Any] | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) | isinstance(b, bool):
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
 

@@ -49,7 +49,7 @@ trainer:
 # the last epoch's validation (each until a signal arrives, so that it lands at a known point), KILL_IN_SAVE=N kills
 # the process with SIGKILL half-way through writing its N-th checkpoint file; the final metrics go to metrics.json.
 WRAPPER = textwrap.dedent("""
-    import json, os, signal, sys, time
+    import json, os, sys, time
     from pathlib import Path
     from cutmix_pl.callbacks import StopOnSignal
     from cutmix_pl.cli import main

@@ -4,7 +4,8 @@ from .augment import CutMix, CutMixUp, MixCollate, Mixer, MixUp
 from .data import CIFAR10DataModule
 from .module import ImageClassifier, SoftTargetCrossEntropy
 from .resnet import ResNet
+from .transform import TrainTransform
 
 __all__ = ["CutMix", "CutMixUp", "MixCollate", "Mixer", "MixUp", "CIFAR10DataModule", "ImageClassifier",
-           "SoftTargetCrossEntropy", "ResNet"]
+           "SoftTargetCrossEntropy", "ResNet", "TrainTransform"]
 __version__ = "0.1.0"

@@ -8,7 +8,6 @@ public hooks only.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -31,7 +30,8 @@ from .run_plan import RunPlan, blocked
 from .callbacks import Interrupted, PredictionWriter, StopOnSignal
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
-from .module import ImageClassifier
+from .module import ImageClassifier, net_differences
+from .upgrade import is_old
 
 # The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -57,7 +57,6 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
 # Model arguments that say how to run the network, not what it is: taken from this run's config even when a
 # checkpoint is loaded (its other hyperparameters win, as Lightning does).
 RUN_OPTIONS = ("tta_flip", "compile", "channels_last", "log_images", "grid_size")
-ARCHITECTURE = ("depth", "width", "shortcut")
 
 
 class CutMixCLI(LightningCLI):
@@ -76,6 +75,7 @@ class CutMixCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
 
     # -- between parsing and instantiation: the config says exactly what will run ------------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -106,20 +106,26 @@ class CutMixCLI(LightningCLI):
                 cb.init_args.enable_version_counter = False
 
     def _check_architecture(self, cfg: Namespace) -> None:
-        """Lightning builds the model the checkpoint was saved from. Where the config names another depth, width
-        or shortcut than the recipe's, and so than the checkpoint's, that is a mistake to report, not to override."""
-        saved = (self.plan.checkpoint or {}).get("hyper_parameters") or {}
-        model = cfg.get("model")
-        if not isinstance(model, Namespace):
+        """Lightning builds the network the checkpoint was saved with. Where this run's config names another
+        ``model.net`` than the recipe's, and so than the checkpoint's, that is a mistake to report, not to override."""
+        if self.plan.checkpoint is not None and is_old(self.plan.checkpoint):
+            raise ValueError(f"--ckpt_path {cfg.ckpt_path} was written before the network became model.net (it records "
+                             f"model.depth/width/shortcut); fix: python -m cutmix_pl.upgrade {cfg.ckpt_path} NEW.ckpt, "
+                             "then pass --ckpt_path NEW.ckpt")
+        saved = ((self.plan.checkpoint or {}).get("hyper_parameters") or {}).get("net")
+        net = cfg.model.get("net") if isinstance(cfg.get("model"), Namespace) else None
+        if not isinstance(saved, dict) or not isinstance(net, Namespace):
             return
-        for key in ARCHITECTURE:
-            if key not in saved or model.get(key) == saved[key]:
-                continue
-            if model.get(key) != _recipe_default("model", key):  # set by a --config or flag of this run
-                raise ValueError(f"--ckpt_path {cfg.ckpt_path} holds a model with {key}={saved[key]!r} but the config "
-                                 f"asks for {key}={model.get(key)!r}; fix: pass --model.{key} {saved[key]} (or leave "
-                                 "it out: the checkpoint's is used), or leave out --ckpt_path to train from scratch")
-            print(f"cutmix-pl: model.{key}={saved[key]!r} from the checkpoint", file=sys.stderr)
+        asked = net.as_dict()
+        diffs = net_differences(saved, asked)
+        if diffs and net_differences(_recipe_net(), asked):  # set by a --config or flag of this run
+            key, old, new = diffs[0]
+            flag = f"--model.net {old}" if key == "class_path" else f"--model.net.{key} {old}"
+            raise ValueError(f"--ckpt_path {cfg.ckpt_path} holds a model with {key}={old!r} but the config asks for "
+                             f"{key}={new!r}; fix: pass {flag} (or leave it out: the checkpoint's is used), or leave "
+                             "out --ckpt_path to train from scratch")
+        for key, old, _ in diffs:
+            print(f"cutmix-pl: model.net {key}={old!r} from the checkpoint", file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
         # Lightning let the checkpoint's hyperparameters override the config. How to run the network (TTA, compile,
@@ -146,7 +152,7 @@ class CutMixCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         if self.plan.checkpoint is not None:  # num_classes comes from the data, so only the built model can tell
-            self.model._check_compatible(self.plan.checkpoint)
+            self.model.check_compatible(self.plan.checkpoint, where=self.config[self.subcommand].ckpt_path)
 
     # -- around the subcommands (LightningCLI's public before_/after_ hooks) --------------------------------------
     def before_fit(self) -> None:
@@ -191,14 +197,10 @@ class CutMixCLI(LightningCLI):
               f"  TensorBoard: tensorboard --logdir {run.parent}", file=sys.stderr)
 
 
-def _recipe_default(section: str, key: str) -> Any:
-    """A setting as the default recipe (configs/cutmix.yaml, else the class's signature) has it."""
+def _recipe_net() -> dict[str, Any]:
+    """``model.net`` as the default recipe (configs/cutmix.yaml) has it."""
     recipe = yaml.safe_load(DEFAULT_CONFIG.read_text()) if DEFAULT_CONFIG.is_file() else {}
-    value = (recipe.get(section) or {}).get(key, inspect.Parameter.empty)
-    if value is inspect.Parameter.empty:
-        cls = {"model": ImageClassifier, "data": CIFAR10DataModule}[section]
-        value = inspect.signature(cls.__init__).parameters[key].default
-    return value
+    return (recipe.get("model") or {}).get("net") or {"class_path": "cutmix_pl.resnet.ResNet"}
 
 
 def _check_yaml_files(args: list[str]) -> None:

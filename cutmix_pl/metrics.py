@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -35,22 +32,23 @@ class WeightedMean(Metric):
         self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
 
-    def _apply(self, fn: Any, exclude_state: Sequence[str] = ()) -> WeightedMean:
-        this = super()._apply(fn, exclude_state)
-        # Lightning's 16-true / bf16-true precision casts the whole module with .to(dtype), states included; a
-        # bf16 sum of image counts stops counting at 256, so the sums stay float32.
-        for key in ("total", "weight"):
-            if getattr(this, key).dtype in (torch.float16, torch.bfloat16):
-                setattr(this, key, getattr(this, key).float())
-                this._defaults[key] = this._defaults[key].float()
-        return this
-
     def update(self, value: Tensor, weight: int | float) -> None:  # type: ignore[override]
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError(f"WeightedMean.update takes a one-element tensor; got {type(value).__name__} "
                              f"{list(getattr(value, 'shape', []))}")
+        self._keep_float32()
         self.total += value.detach().reshape(()).float() * weight
         self.weight += weight
+
+    def reset(self) -> None:
+        super().reset()
+        self._keep_float32()
+
+    def _keep_float32(self) -> None:
+        # Lightning's 16-true / bf16-true precision casts the whole module with .to(dtype), metric states included
+        # (torchmetrics guards only .half()/.float()/...); a bf16 sum of image counts stops counting at 256.
+        if self.weight.dtype != torch.float32:
+            self.total, self.weight = self.total.float(), self.weight.float()
 
     def compute(self) -> Tensor:
         return self.total / self.weight

@@ -1,25 +1,26 @@
-"""The LightningModule: a CIFAR ResNet trained with a soft-target cross-entropy, its metrics and optimiser."""
+"""The LightningModule: a network (ResNet-20 by default) trained with a soft-target cross-entropy, its metrics and
+optimiser. What it reports besides metrics, and the global random state, live in ``model_callbacks.py``."""
 
 from __future__ import annotations
 
+import importlib
 import math
-import random
+import warnings
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from . import cifar
 from .metrics import WeightedMean
-from .resnet import ResNet, Shortcut
+from .model_callbacks import GlobalRNGState, MixedImageGrid, ValConfusionMatrix
+from .resnet import ResNet
 from .schedules import SCHEDULES, Schedule, lr_factor
-from .viz import captioned_grid, confusion_image, denormalize, mix_captions
 
 __all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
 
@@ -50,41 +51,27 @@ class SoftTargetCrossEntropy(nn.Module):
         return -(targets * log_p).sum(-1).mean()
 
 
-def _rng_states() -> dict[str, Any]:
-    """The global torch (CPU and CUDA), NumPy and Python RNG states, as tensors and ints only, so that
-    checkpoints still load with ``torch.load(weights_only=True)`` (Lightning's default)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["torch.cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def build(spec: dict[str, Any]) -> Any:
+    """An object from ``{"class_path": "pkg.mod.Class", "init_args": {...}}``, the form the YAML configs use."""
+    module, _, name = str(spec.get("class_path", "")).rpartition(".")
+    if not module:
+        raise ValueError(f"{spec!r} names no class; fix: give class_path as package.module.Class")
+    return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if "torch.cuda" in states and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["torch.cuda"])
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in states:
-        kind, keys, pos, has_gauss, gauss = states["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+def describe(obj: Any, init_args: dict[str, Any]) -> dict[str, Any]:
+    """The ``{"class_path", "init_args"}`` form of an object (the inverse of :func:`build`)."""
+    cls = type(obj)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
 
 
-def _describe(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """An optimiser's class and settings as loggable scalars, e.g. {"class": "SGD", "lr": 0.1, ...}; switches that
-    pick an implementation (foreach, fused, ...) are left out."""
-    out: dict[str, Any] = {"class": type(optimizer).__name__}
-    for key, value in optimizer.defaults.items():
-        if key in ("foreach", "fused", "differentiable", "capturable") or value is None:
-            continue
-        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
-            value = str(tuple(value))  # e.g. Adam's betas
-        if isinstance(value, (bool, int, float, str)):
-            out[key] = value
-    return out
+def net_differences(saved: dict[str, Any], built: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, built value) for each way two ``model.net`` records differ: the class, then the init
+    arguments both name (``num_classes`` aside: the model checks it)."""
+    if saved.get("class_path") != built.get("class_path"):
+        return [("class_path", saved.get("class_path"), built.get("class_path"))]
+    a, b = saved.get("init_args") or {}, built.get("init_args") or {}
+    return [(k, a[k], b[k]) for k in a if k in b and k != "num_classes" and a[k] != b[k]]
 
 
 def _default_sgd(params: Any) -> torch.optim.Optimizer:
@@ -92,13 +79,14 @@ def _default_sgd(params: Any) -> torch.optim.Optimizer:
 
 
 class ImageClassifier(L.LightningModule):
-    """CIFAR ResNet trained on (possibly mixed) soft targets.
+    """An image classifier (a CIFAR ResNet by default) trained on (possibly mixed) soft targets.
 
     Args:
-        depth: ResNet depth, 6n+2 (20, 32, 44, 56, 110, ...).
+        net: the network, any ``nn.Module`` from images to ``num_classes`` logits; in YAML ``class_path`` +
+            ``init_args`` (the CLI links ``init_args.num_classes`` to the data). Default: ResNet-20
+            (``cutmix_pl.resnet.ResNet``, depth 20, shortcut A, width 16). A network built in Python is recorded in
+            checkpoints by its class and its ``init_args`` attribute (the ResNet has one), and rebuilt from them.
         num_classes: output classes; linked from ``data.num_classes`` by the CLI.
-        shortcut: ``A`` (parameter-free, the paper's) or ``B`` (1x1 projections).
-        width: channels of the first stage (16 in the paper).
         optimizer: optimiser factory from YAML (``class_path: torch.optim.SGD`` + ``init_args``); default SGD,
             lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4.
         lr_schedule: per-step multiplier, a name in ``schedules.SCHEDULES``: ``cosine`` to 0, ``linear`` to 0,
@@ -112,10 +100,10 @@ class ImageClassifier(L.LightningModule):
         grid_size: number of images in that grid.
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: Shortcut = "A", width: int = 16,
-                 optimizer: OptimizerCallable | None = None, lr_schedule: Schedule = "cosine",
-                 warmup_epochs: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = False,
-                 compile: bool = False, tta_flip: bool = False, log_images: bool = True, grid_size: int = 16) -> None:
+    def __init__(self, net: nn.Module | None = None, num_classes: int = 10, optimizer: OptimizerCallable | None = None,
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
+                 channels_last: bool = False, compile: bool = False, tta_flip: bool = False, log_images: bool = True,
+                 grid_size: int = 16) -> None:
         super().__init__()
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
@@ -124,30 +112,56 @@ class ImageClassifier(L.LightningModule):
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
             raise ValueError(f"model.grid_size={grid_size!r} is out of range: it must be an integer >= 1 (images in "
                              "the logged grid); fix: e.g. 16, or model.log_images false for no grid")
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.net = ResNet(depth, num_classes, shortcut, width=width)
+        self.net = self._network(net, num_classes)
+        self.optimizer_factory = optimizer or _default_sgd
+        self._check_optimizer()
+        # From the CLI, the network and the optimiser arrive here built, and Lightning records them as the config
+        # gave them (class_path + init_args): what TensorBoard's HPARAMS tab shows and what a checkpoint rebuilds.
+        # Built in Python, the network is recorded in that same form instead of as an object (which would pickle
+        # code), and an optimiser factory (a function) is not recorded.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        if not isinstance(self.hparams.get("optimizer"), dict):
+            self.hparams.pop("optimizer", None)
+        recorded = self.hparams.get("net")
+        self.save_hyperparameters({"net": recorded if isinstance(recorded, dict) else
+                                   describe(self.net, getattr(self.net, "init_args", {}))})
         # one uint8 image, as batches arrive: lets Lightning's model summary count FLOPs (else a column of zeros)
         self.example_input_array = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
         self.criterion = SoftTargetCrossEntropy(label_smoothing)
-        self.optimizer_factory = optimizer or _default_sgd
-        probe = self._check_optimizer()
-        # TensorBoard's HPARAMS tab shows what Lightning logs, hparams_initial: the optimiser goes there, read off
-        # a built instance (so defaults show too), but not into the checkpoint's hyperparameters, which the CLI
-        # re-reads as model arguments on --ckpt_path. Not named "optimizer": load_from_checkpoint(hparams_file=
-        # the logged hparams.yaml) passes keys that name __init__ arguments back in. (A subclass that calls
-        # save_hyperparameters again after this resets hparams_initial and drops the entry.)
-        self._hparams_initial["optimizer_settings"] = _describe(probe)
         # Training metrics are updated every step, so they must not make the host wait for a GPU (metrics.py).
         self.train_acc = WeightedMean()
         self.train_loss = WeightedMean()
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_loss", WeightedMean())  # weighted by images, synced exactly
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
-            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
-            setattr(self, f"{stage}_ece", MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"))
-        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        # Evaluation: the loss weighted by images (synced exactly), and the classification metrics of each stage.
+        self.eval_loss = nn.ModuleDict({stage: WeightedMean() for stage in ("val", "test")})
+        self.eval_metrics = nn.ModuleDict({stage: self._metrics(stage, num_classes) for stage in ("val", "test")})
         self.best_val_acc = 0.0
         self._nonfinite: Tensor | None = None
+
+    @staticmethod
+    def _network(net: nn.Module | dict[str, Any] | None, num_classes: int) -> nn.Module:
+        if net is None:
+            return ResNet(num_classes=num_classes)
+        if isinstance(net, dict):  # a checkpoint's record, loaded outside the CLI
+            net = build({**net, "init_args": {**(net.get("init_args") or {}), "num_classes": num_classes}})
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model.net={net!r} is not a torch.nn.Module; fix: class_path (e.g. "
+                             "cutmix_pl.resnet.ResNet) and init_args in YAML")
+        theirs = getattr(net, "num_classes", num_classes)
+        if theirs != num_classes:
+            raise ValueError(f"model.net has num_classes={theirs} but the model has num_classes={num_classes}; fix: "
+                             "build the network for the data's classes (the CLI links them)")
+        return net
+
+    @staticmethod
+    def _metrics(stage: str, num_classes: int) -> MetricCollection:
+        # compute_groups off: top-1 and top-5 accuracy keep states of the same shape, and a first batch on which
+        # they happen to agree would merge them for good.
+        top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "acc_top5": top5,
+                                 "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")},
+                                prefix=f"{stage}/", compute_groups=False)
 
     def _check_optimizer(self) -> torch.optim.Optimizer:
         """Build the optimiser once on a dummy parameter so a bad setting fails at start-up, not at step 0."""
@@ -163,6 +177,12 @@ class ImageClassifier(L.LightningModule):
         if isinstance(lr, (int, float)) and not lr > 0:
             raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0")
         return probe
+
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [GlobalRNGState(), ValConfusionMatrix(self.hparams.num_classes)]
+        if self.hparams.log_images:
+            callbacks.append(MixedImageGrid(self.hparams.grid_size))
+        return callbacks
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:
@@ -195,8 +215,6 @@ class ImageClassifier(L.LightningModule):
         # torch.full writes it with a kernel instead.
         lr = torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"], device=loss.device)
         self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=n)
-        if batch_idx == 0 and self.hparams.log_images:
-            self._log_grid(batch)
         return loss
 
     def _watch_finite(self, loss: Tensor, batch_idx: int) -> None:
@@ -224,16 +242,6 @@ class ImageClassifier(L.LightningModule):
         device then anyway)."""
         return 1 if device.type == "cpu" else self.trainer.log_every_n_steps
 
-    def _log_grid(self, batch: Any) -> None:
-        logger = self.logger
-        if not isinstance(logger, TensorBoardLogger) or self.global_rank != 0:
-            return
-        k = min(self.hparams.grid_size, len(batch.images))
-        images = denormalize(batch.images[:k], cifar.MEAN, cifar.STD)
-        captions = mix_captions(batch.labels[:k], batch.partner[:k], batch.lam[:k], cifar.CLASSES)
-        grid = captioned_grid(images, captions)
-        logger.experiment.add_image("train/mixed_images", grid, self.global_step, dataformats="HWC")
-
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -254,76 +262,61 @@ class ImageClassifier(L.LightningModule):
     def _eval_step(self, stage: str, batch: Any) -> Tensor:
         images, labels = batch
         logits = self._predict_logits(images)
-        loss = self.criterion(logits, labels)
-        acc, top5, ece = (getattr(self, f"{stage}_{k}") for k in ("acc", "top5", "ece"))
-        acc(logits, labels)
-        top5(logits, labels)
-        ece(logits.float().softmax(-1), labels)
         n = len(labels)
         # A WeightedMean, not self.log(sync_dist=True): Lightning's mean sync floors the integer image count when
         # ranks hold unequal numbers of images (Lightning issue #21838), inflating the loss under DDP.
-        mean_loss = getattr(self, f"{stage}_loss")
-        mean_loss.update(loss, n)
-        self.log(f"{stage}/loss", mean_loss, on_epoch=True, batch_size=n)
-        self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)
-        self.log(f"{stage}/ece", ece, on_epoch=True, batch_size=n)
+        loss = self.eval_loss[stage]
+        loss.update(self.criterion(logits, labels), n)
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n)
+        metrics = self.eval_metrics[stage]
+        metrics.update(logits.float().softmax(-1), labels)  # probabilities: the calibration error needs them
+        for name, metric in metrics.items():
+            self.log(name, metric, on_epoch=True, prog_bar=name == f"{stage}/acc", batch_size=n)
         return logits
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.val_confusion.update(self._eval_step("val", batch), batch[1])
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step("val", batch)  # the logits, for ValConfusionMatrix
 
     def on_validation_epoch_end(self) -> None:
-        matrix = self.val_confusion.compute()  # every rank joins the reduction under DDP
-        self.val_confusion.reset()
-        if self.trainer.sanity_checking:
-            return
-        per_class = matrix.diag().float() / matrix.sum(1).clamp_min(1)
-        names = cifar.CLASSES if len(cifar.CLASSES) == len(per_class) else [str(i) for i in range(len(per_class))]
-        for name, acc in zip(names, per_class):
-            self.log(f"val_class/{name}", acc, sync_dist=False)
-        if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
-            self.logger.experiment.add_image("val/confusion_matrix", confusion_image(matrix, names),
-                                             self.global_step, dataformats="HWC")
         acc = self.trainer.callback_metrics.get("val/acc")
-        if acc is not None:
+        if acc is not None and not self.trainer.sanity_checking:
             self.best_val_acc = max(self.best_val_acc, float(acc))
             self.log("hp_metric", self.best_val_acc, sync_dist=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["best_val_acc"] = self.best_val_acc
-        checkpoint["global_rng_states"] = _rng_states()  # anything drawing from them resumes exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written while the network was wrapped by torch.compile(module) carry "_orig_mod." keys.
         state = checkpoint.get("state_dict")
         if state and any("._orig_mod." in k for k in state):
             checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
-        self._check_compatible(checkpoint)
+        self.check_compatible(checkpoint)
         self.best_val_acc = checkpoint.get("best_val_acc", 0.0)
-        if "global_rng_states" in checkpoint:
-            _set_rng_states(checkpoint["global_rng_states"])
 
-    def _check_compatible(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of another architecture fails here in one line, not in load_state_dict's size dump."""
-        where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+    def check_compatible(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
+        """A checkpoint of another network fails here in one line, not in load_state_dict's size dump."""
         what = f"the checkpoint {where}" if where else "the checkpoint"
         saved = checkpoint.get("hyper_parameters") or {}
-        diffs = [(k, saved[k], self.hparams[k]) for k in ("depth", "num_classes", "width", "shortcut")
-                 if k in saved and k in self.hparams and saved[k] != self.hparams[k]]
-        if diffs:
-            theirs = ", ".join(f"{k}={a!r}" for k, a, _ in diffs)
-            ours = ", ".join(f"{k}={b!r}" for k, _, b in diffs)
-            flags = " ".join(f"--model.{k} {a}" for k, a, _ in diffs if k != "num_classes")
-            fix = f"pass {flags}" if flags else "use a checkpoint trained on this data set"
-            raise ValueError(f"{what} holds a model with {theirs} but this run builds {ours}; fix: {fix}, "
-                             "or leave out --ckpt_path to train from scratch")
+        theirs, ours = saved.get("net"), self.hparams.get("net")
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            diffs = net_differences(theirs, ours)
+            if saved.get("num_classes", self.hparams.num_classes) != self.hparams.num_classes:
+                diffs.append(("num_classes", saved["num_classes"], self.hparams.num_classes))
+            if diffs:
+                old = ", ".join(f"{k}={a!r}" for k, a, _ in diffs)
+                new = ", ".join(f"{k}={b!r}" for k, _, b in diffs)
+                fix = ("use a checkpoint trained on this data set" if diffs[0][0] == "num_classes" else
+                       "pass " + " ".join(f"--model.net.{k} {a}" for k, a, _ in diffs))
+                raise ValueError(f"{what} holds a model with {old} but this run builds {new}; fix: {fix}, "
+                                 "or leave out --ckpt_path to train from scratch")
         own = self.state_dict()
         for key, value in (checkpoint.get("state_dict") or {}).items():
             if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(f"{what} does not fit this model: {key} has shape {list(value.shape)} there and "
-                                 f"{list(own[key].shape)} here; fix: pass the --model.depth/width/shortcut it was "
-                                 "trained with, or leave out --ckpt_path to train from scratch")
+                                 f"{list(own[key].shape)} here; fix: pass the --model.net settings it was trained with "
+                                 "(e.g. --model.net.depth, --model.net.width), or "
+                                 "leave out --ckpt_path to train from scratch")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step("test", batch)

@@ -83,6 +83,9 @@ class ResNet(nn.Module):
         if width < 1:
             raise ValueError(f"width={width!r} is out of range: it must be >= 1")
         self.depth, self.num_classes = depth, num_classes
+        # what builds this network again (ImageClassifier records it in checkpoints as model.net's init_args)
+        self.init_args = {"depth": depth, "num_classes": num_classes, "shortcut": shortcut, "in_channels": in_channels,
+                          "width": width}
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True))
         stages, in_ch = [], width

@@ -42,6 +42,8 @@ MAY_CHANGE = (
     "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
     "data.data_dir", "data.download", "data.eval_batch_size", "data.num_workers",
     "model.compile", "model.channels_last", "model.tta_flip", "model.log_images", "model.grid_size",
+    # filled in from data.num_classes by the CLI's links, so not a setting of its own (and unset before instantiation)
+    "model.num_classes", "model.net.init_args.num_classes",
 )
 FINISHED = "FINISHED"  # written into a run folder when its fit ends normally
 LOCK = ".lock"

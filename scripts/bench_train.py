@@ -94,7 +94,7 @@ def ours(dm: CIFAR10DataModule, split: cifar.Split, batch_size: int, device: tor
     gen = torch.Generator(device=device).manual_seed(0)
     while True:
         for images, labels in loader:
-            batch = dm.augment(images, labels, 0, gen)
+            batch = dm.transform(images, labels, 0, gen)
             yield batch.images, batch.targets
         loader.batch_sampler.set_epoch(loader.batch_sampler.epoch + 1)
 
@@ -112,7 +112,7 @@ def conventional(split: cifar.Split, batch_size: int, workers: int, device: torc
 
 def ceiling(split: cifar.Split, batch_size: int, device: torch.device, dm: CIFAR10DataModule
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    batch = dm.augment(split.images[:batch_size].to(device), split.labels[:batch_size].to(device), 0)
+    batch = dm.transform(split.images[:batch_size].to(device), split.labels[:batch_size].to(device), 0)
     while True:
         yield batch.images, batch.targets
 

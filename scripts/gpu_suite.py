@@ -14,6 +14,7 @@ after a grace period), its own log, and a status; a failing step is recorded and
   ddp            a 2-process DDP fit with BOTH ranks on cuda:0, over gloo (smoke: 2 CPU processes over gloo);
                  each rank reports its device, backend and a parameter checksum, which must agree
   bench_augment  scripts/bench_augment.py on the device
+  bench_randaugment  scripts/bench_randaugment.py on the device (ours per image against torchvision and kornia)
   bench_train    scripts/bench_train.py on the device
   throughput     scripts/sweep.py --throughput: one short fit alone, then --parallel K at once; the ratio
   sweep          scripts/sweep.py --grid gpu-results --parallel K --reuse, with --budget-minutes set to what is left
@@ -69,12 +70,12 @@ from lightning.pytorch.strategies import DDPStrategy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STEPS = ("env", "data", "pytest", "ddp", "bench_augment", "bench_train", "throughput", "sweep")
+STEPS = ("env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "bench_train", "throughput", "sweep")
 # Seconds per step: (on the GPU, in --smoke); each is also clipped to what is left of --minutes. The sweep gets the
 # rest. The GPU limits are generous guesses (a few of these steps have never run on a GPU): a step that needs less
 # leaves the difference to the sweep.
 LIMITS = {"env": (60, 45), "data": (90, 30), "pytest": (150, 60), "ddp": (120, 60), "bench_augment": (60, 40),
-          "bench_train": (90, 45), "throughput": (120, 75)}
+          "bench_randaugment": (45, 40), "bench_train": (90, 45), "throughput": (120, 75)}
 SUMMARY_RESERVE = 20  # seconds kept for the summary and the archive
 GRACE = (30, 10)  # seconds between SIGTERM and SIGKILL at a step's limit: a fit saves last.ckpt in it
 ARCHIVE_LIMIT = 15 * 2**20  # the device machine returns files up to 16 MiB
@@ -350,20 +351,37 @@ class Suite:
                             f"across ranks; run finished: {finished}")
 
     # - benchmarks -
-    def step_bench_augment(self, step: Step) -> None:
-        argv = (["--devices", "cpu", "--batch-sizes", "64", "--reps", "1", "--min-time", "0"] if self.smoke else
-                ["--devices", "cuda", "--reps", "11", "--min-time", "0.1"])
-        result = self.folder(step.name) / "bench_augment.json"
-        rc, rows = self.python_call(step, "bench_augment", result, argv)
+    def bench(self, step: Step, script: str, argv: list[str]) -> Any:
+        """Rows of scripts/<script>.py's ``main(argv)``, kept as <script>.json among the step's files."""
+        result = self.folder(step.name) / f"{script}.json"
+        rc, rows = self.python_call(step, script, result, argv)
         self.settle(step, rc, None if rows else "no results")
         if rows:
             step.files.append(str(result))
+        return rows
+
+    def step_bench_augment(self, step: Step) -> None:
+        argv = (["--devices", "cpu", "--batch-sizes", "64", "--reps", "1", "--min-time", "0"] if self.smoke else
+                ["--devices", "cuda", "--reps", "11", "--min-time", "0.1"])
+        rows = self.bench(step, "bench_augment", argv)
+        if rows:
             top = max(r["batch"] for r in rows)
             ours = next(r for r in rows if r["batch"] == top and r["method"] == "ours CutMix elem")
             ratios = ", ".join(f"{ours[k]:.2f}x {label}" for k, label in (("vs_torchvision", "torchvision"),
                                                                              ("vs_timm_elem", "timm elem"))
                                if ours.get(k) is not None)
             step.figures = f"batch {top} on {ours['device']}: ours elem {ours['img_per_s']:,.0f} img/s ({ratios})"
+
+    def step_bench_randaugment(self, step: Step) -> None:
+        argv = (["--devices", "cpu", "--batch-sizes", "32", "--reps", "1", "--min-time", "0", "--workers", "0"]
+                if self.smoke else ["--devices", "cuda", "--batch-sizes", "128", "512", "--reps", "5", "--min-time", "0.2",
+                                    "--workers", "0"])
+        rows = self.bench(step, "bench_randaugment", argv)
+        if rows:
+            top = max(r["batch"] for r in rows)
+            ours = next(r for r in rows if r["batch"] == top and r["method"] == "ours per image")
+            step.figures = (f"batch {top} on {ours['device']}: ours per image {ours['img_per_s']:,.0f} img/s "
+                            f"({ours['vs_base']:.2f}x torchvision per image)")
 
     def step_bench_train(self, step: Step) -> None:
         if not self.need_data(step):

@@ -126,7 +126,7 @@ PRESETS: dict[str, list[Run]] = {
         *grid(PAIR, (0, 1), "b128-200ep", (), ("--trainer.accelerator", "gpu"), minutes=12.0),
         # lower priority: a longer budget, a deeper network, the other weight decay, a smaller mixing alpha
         *grid(PAIR, (0,), "fast-400ep", ("fast.yaml",), ("--trainer.max_epochs", "400"), minutes=12.0),
-        *grid(PAIR, (0,), "fast-200ep-depth56", ("fast.yaml",), (*E200, "--model.depth", "56"), minutes=14.0),
+        *grid(PAIR, (0,), "fast-200ep-depth56", ("fast.yaml",), (*E200, "--model.net.depth", "56"), minutes=14.0),
         # weight decay 5e-4 is fast.yaml's own: its arm is fast-200ep above
         *grid(PAIR, (0,), "fast-200ep-wd1e-4", ("fast.yaml",),
               (*E200, "--model.optimizer.init_args.weight_decay", "1e-4"), minutes=6.5),

@@ -31,7 +31,7 @@ def grid(args: argparse.Namespace) -> Path:
     train = dm.split("train")
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(train.labels), generator=gen)[: args.n]
-    batch = dm.augment(train.images[idx], train.labels[idx], 0, gen)
+    batch = dm.transform(train.images[idx], train.labels[idx], 0, gen)
     images = denormalize(batch.images, cifar.MEAN, cifar.STD)
     picture = captioned_grid(images, mix_captions(batch.labels, batch.partner, batch.lam, cifar.CLASSES))
     Image.fromarray(picture).save(args.out)
@@ -70,7 +70,7 @@ def cam(args: argparse.Namespace) -> Path:
     test = dm.split("test")
     idx = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(args.seed))[: args.n]
     raw, labels = test.images[idx], test.labels[idx]
-    x = dm._normalize(raw)
+    x = dm.transform.normalize(raw)
     scale, pad, font = 4, 14, ImageFont.load_default()
     side = 32 * scale
     columns = ["image", *models]

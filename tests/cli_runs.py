@@ -27,7 +27,7 @@ def small(data_dir: Path | str) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--data.batch_size", "16", "--data.eval_batch_size", "50", "--data.val_size", "50",
             "--data.train_size", "96", "--data.download", "false",
-            "--model.depth", "8", "--model.width", "4", "--model.log_images", "false"]
+            "--model.net.depth", "8", "--model.net.width", "4", "--model.log_images", "false"]
 
 
 # A checkpoint every 4 steps (steps 4 and 8 fall mid-epoch), on top of the default callbacks.

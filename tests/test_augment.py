@@ -193,12 +193,18 @@ def test_bench_script_runs(capsys):
     spec = importlib.util.spec_from_file_location("bench_augment", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--batch-sizes", "4", "--reps", "1", "--min-time", "0", "--devices", "cpu"])
-    methods = {r["method"] for r in rows}
-    assert {"ours CutMix elem", "ours CutMix batch", "timm Mixup elem", "timm Mixup batch",
-            "torchvision v2.CutMix"} == methods
-    assert all(r["img_per_s"] > 0 for r in rows)
-    assert "img/s" in capsys.readouterr().out
+    rows = bench.main(["--batch-sizes", "4", "8", "--reps", "3", "--min-time", "0", "--devices", "cpu"])
+    assert [(r["batch"], r["method"]) for r in rows] == [
+        (b, m) for b in (4, 8) for m in ("ours CutMix elem", "ours CutMix batch", "timm Mixup elem", "timm Mixup batch",
+                                         "torchvision v2.CutMix")]
+    by = {(r["batch"], r["method"]): r for r in rows}
+    for r in rows:  # the ratios are of the medians measured in the same run, and the median lies in its quartiles
+        tv, timm_elem = by[(r["batch"], "torchvision v2.CutMix")], by[(r["batch"], "timm Mixup elem")]
+        assert r["vs_torchvision"] == pytest.approx(r["img_per_s"] / tv["img_per_s"])
+        assert r["vs_timm_elem"] == pytest.approx(r["img_per_s"] / timm_elem["img_per_s"])
+        assert r["q1"] <= r["img_per_s"] <= r["q3"]
+    out = capsys.readouterr().out
+    assert f"{by[(8, 'ours CutMix elem')]['img_per_s']:,.0f}" in out  # the printed table shows the measured rates
 
 
 @pytest.mark.cuda

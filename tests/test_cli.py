@@ -44,15 +44,20 @@ def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
     hparams = acc.PluginTagToContent("hparams")  # raises KeyError when no hparams were written
     start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
     shown = {k: v.string_value or v.number_value or v.bool_value for k, v in start.items()}
-    # the HPARAMS tab: model, data, the mixer and the optimiser's settings (smoke.yaml over cutmix.yaml)
-    assert shown["depth"] == 20 and shown["batch_size"] == cli.datamodule.batch_size
+    # the HPARAMS tab: model (the network and the optimiser as configured), data, the mixer (smoke.yaml over cutmix.yaml)
+    assert shown["net/class_path"] == "cutmix_pl.resnet.ResNet" and shown["net/init_args/depth"] == 20
+    assert shown["net/init_args/num_classes"] == 10 and shown["batch_size"] == cli.datamodule.batch_size
     assert shown["mixer"].startswith("CutMix(alpha=1.0, prob=0.5")
-    assert shown["optimizer_settings/class"] == "SGD" and shown["optimizer_settings/lr"] == pytest.approx(0.1)
-    assert shown["optimizer_settings/weight_decay"] == pytest.approx(5e-4, rel=1e-6) and shown["optimizer_settings/nesterov"] == 1
-    assert "optimizer_settings/foreach" not in shown
-    # The logged hparams.yaml loads back with a checkpoint: its extra keys name no __init__ argument.
+    assert shown["optimizer/class_path"] == "torch.optim.SGD" and shown["optimizer/init_args/lr"] == pytest.approx(0.1)
+    assert shown["optimizer/init_args/weight_decay"] == pytest.approx(5e-4, rel=1e-6)
+    assert shown["optimizer/init_args/nesterov"] == 1
+    # The logged hparams.yaml loads back with a checkpoint (its data keys name no __init__ argument), into the same
+    # network and optimiser.
     model = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", hparams_file=run / "hparams.yaml")
-    assert model.hparams.depth == 20 and "optimizer_settings" not in model.hparams
+    assert model.hparams.net["init_args"]["depth"] == 20 and len(model.net.stages[0]) == 3
+    assert model.optimizer_factory(model.parameters()).defaults["weight_decay"] == pytest.approx(5e-4)
+    for key, value in cli.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
 
 
 def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):
@@ -83,11 +88,17 @@ def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):
     assert (probs.argmax(-1) == labels).float().mean().item() == pytest.approx(acc, abs=1e-6)
 
 
-def test_no_mixing_and_mixup_configs_train(tiny_cifar, in_tmp):
-    for cfg in ("baseline.yaml", "mixup.yaml"):
+def test_no_mixing_mixup_and_randaugment_configs_train(tiny_cifar, in_tmp):
+    for cfg, mixer in (("baseline.yaml", "none"), ("mixup.yaml", "MixUp(alpha=1.0"), ("randaugment.yaml", "CutMix(")):
         cli = main(["fit", "--config", str(CONFIG_DIR / cfg), "--config", str(CONFIG_DIR / "smoke.yaml"),
                     "--data.data_dir", str(tiny_cifar), *TINY, "--trainer.max_epochs", "1"])
-        assert cli.trainer.state.finished
+        assert cli.trainer.state.finished and cli.trainer.global_step == cli.trainer.num_training_batches
+        saved = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+        chosen = saved["datamodule_hyper_parameters"]
+        assert chosen["mixer"].startswith(mixer)  # the config chose the mixing
+        assert chosen["randaugment"].startswith("RandAugment(num_ops=2, magnitude=9" if "rand" in cfg else "none")
+        events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
+        assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
@@ -96,15 +107,18 @@ def test_print_config_for_every_config(config, capsys):
         main(["fit", "--config", str(CONFIG_DIR / config), "--print_config"])
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "model:" in out and "data:" in out and "trainer:" in out
+    resolved = runs.flatten(yaml.safe_load(out))
+    stated = runs.flatten(yaml.safe_load((CONFIG_DIR / config).read_text()))
+    # every value the file states is in the resolved config (other keys of a swapped class aside)
+    assert {k: v for k, v in stated.items() if k in resolved} == {k: resolved[k] for k in stated if k in resolved}
+    assert [k for k in stated if k not in resolved and ".init_args." not in k and "callbacks" not in k] == []
+    assert {"model.net.class_path", "data.batch_size", "trainer.max_epochs"} <= set(resolved)
     if config == "cutmix.yaml":
         return
     # an overlay states only what differs from the recipe: each value it sets changes the resolved config
     with pytest.raises(SystemExit):
         main(["fit", "--print_config"])
     recipe = runs.flatten(yaml.safe_load(capsys.readouterr().out))
-    resolved = runs.flatten(yaml.safe_load(out))
-    stated = runs.flatten(yaml.safe_load((CONFIG_DIR / config).read_text()))
     swapped = [k[: -len("class_path")] for k in stated if k.endswith("class_path") and recipe.get(k) != stated[k]]
     same = [k for k in stated if k in recipe and recipe[k] == resolved[k] and not k.startswith(tuple(swapped))]
     assert not same, f"{config} repeats the recipe's values: {same}"
@@ -117,7 +131,7 @@ def test_num_classes_is_linked_from_data(tiny_cifar, in_tmp):
 
 def test_bad_value_gives_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--model.depth", "21", "--trainer.accelerator", "cpu"])
+        main(["fit", "--model.net.depth", "21", "--trainer.accelerator", "cpu"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cutmix-pl: error:") and "6n+2" in err[-1]
@@ -145,3 +159,26 @@ def test_output_is_quiet_and_the_summary_counts_flops(tiny_cifar, in_tmp):
     assert "litlogger" not in text and "LeafSpec" not in text and "weights_only" not in text
     total = next(line for line in text.splitlines() if line.rstrip().endswith("Total Flops"))
     assert total.split()[:2] == ["81.1", "M"], total  # ResNet-20, one 32x32 image: about 41 M multiply-adds
+
+
+def test_code_defaults_are_the_recipe():
+    """One recipe: the constructors' defaults are configs/cutmix.yaml's values, so Python and the CLI train alike."""
+    import inspect
+
+    from cutmix_pl.data import CIFAR10DataModule
+    from cutmix_pl.module import build
+
+    recipe = yaml.safe_load((CONFIG_DIR / "cutmix.yaml").read_text())
+    model, data = recipe["model"], recipe["data"]
+    built = ImageClassifier()
+    net = build(model["net"])
+    assert type(built.net) is type(net) and built.net.init_args == net.init_args
+    sgd = build({**model["optimizer"], "init_args": {"params": [torch.zeros(1)], **model["optimizer"]["init_args"]}})
+    assert built.optimizer_factory([torch.zeros(1)]).defaults == sgd.defaults
+    for cls, section in ((ImageClassifier, model), (CIFAR10DataModule, data)):
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+        plain = {k: v for k, v in section.items() if not isinstance(v, dict)}
+        assert plain == {k: defaults[k] for k in plain}, cls.__name__
+    mixer = CIFAR10DataModule().mixer
+    assert f"{type(mixer).__module__}.{type(mixer).__name__}" == data["mixer"]["class_path"]
+    assert all(getattr(mixer, k) == v for k, v in data["mixer"]["init_args"].items())

@@ -3,7 +3,7 @@ import torch
 
 from cutmix_pl import cifar
 from cutmix_pl.augment import CutMix
-from cutmix_pl.data import CIFAR10DataModule, ShardedBatchSampler, TensorBatchLoader
+from cutmix_pl.data import CIFAR10DataModule
 
 
 def test_reads_the_official_layout(tiny_cifar):
@@ -41,7 +41,7 @@ def test_training_batches_are_augmented_and_mixed(tiny_cifar):
     dm.setup()
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (64, 3, 32, 32)
-    batch = dm.augment(images, labels, 0, torch.Generator().manual_seed(0))
+    batch = dm.transform(images, labels, 0, torch.Generator().manual_seed(0))
     assert batch.images.dtype == torch.float32 and batch.images.shape == (64, 3, 32, 32)
     assert batch.targets.shape == (64, 10) and batch.targets.dtype == torch.float32
     torch.testing.assert_close(batch.targets.sum(1), torch.ones(64))
@@ -74,12 +74,3 @@ def test_missing_data_offline_is_one_clear_line(tmp_path):
         cifar.load(tmp_path / "nowhere")
     msg = str(err.value)
     assert "\n" not in msg and "--data.download true" in msg and "cifar-10-batches-py" in msg
-
-
-def test_sampler_and_loader_cover_every_index_once(tiny_cifar):
-    train, _ = cifar.load(tiny_cifar)
-    sampler = ShardedBatchSampler(640, 64, shuffle=True, seed=1)
-    loader = TensorBatchLoader(train.images, train.labels, sampler)
-    seen = torch.cat([idx for idx in sampler])
-    assert torch.equal(seen.sort().values, torch.arange(640))
-    assert len(loader) == 10 == sum(1 for _ in loader)

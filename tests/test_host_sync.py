@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -20,7 +21,9 @@ from torch.utils._pytree import tree_flatten
 from cutmix_pl.augment import CutMix
 from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.metrics import WeightedMean
+from cutmix_pl.model_callbacks import MixedImageGrid
 from cutmix_pl.module import ImageClassifier
+from cutmix_pl.resnet import ResNet
 
 READS = {"_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select",
          "bincount", "equal", "lift_fresh", "lift_fresh_copy"}
@@ -102,6 +105,21 @@ class _Watched(ImageClassifier):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.reads: list[tuple[int, int, list[str]]] = []
+        self.grid_reads: list[tuple[int, list[str]]] = []
+
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks = super().configure_callbacks()
+        for cb in callbacks:
+            if isinstance(cb, MixedImageGrid):  # record the reads of the image grid's hook too
+                hook = cb.on_train_batch_start
+
+                def watched(trainer, pl_module, batch, batch_idx, hook=hook):
+                    with HostReads() as h:
+                        hook(trainer, pl_module, batch, batch_idx)
+                    self.grid_reads.append((batch_idx, sorted(set(h.found))))
+
+                cb.on_train_batch_start = watched
+        return callbacks
 
     def _watch_read_every(self, device: torch.device) -> int:
         return self.trainer.log_every_n_steps
@@ -117,7 +135,7 @@ class _Watched(ImageClassifier):
 @pytest.mark.parametrize("mixer", [CutMix(prob=0.5), None], ids=["cutmix", "no-mixing"])
 def test_training_steps_read_from_the_device_only_at_logging_steps(tiny_cifar, tmp_path, mixer):
     every = 4
-    model = _Watched(depth=8, width=4, log_images=True, grid_size=4)
+    model = _Watched(net=ResNet(8, width=4), log_images=True, grid_size=4)
     data = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, mixer=mixer)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, log_every_n_steps=every,
                         logger=TensorBoardLogger(str(tmp_path)), enable_checkpointing=False,
@@ -126,9 +144,12 @@ def test_training_steps_read_from_the_device_only_at_logging_steps(tiny_cifar, t
     trainer.fit(model, data)
     per_epoch = trainer.num_training_batches
     assert len(model.reads) == 2 * per_epoch > 2 * every
+    # the once-an-epoch image grid: captions and pixels are drawn on the host, at the first batch only
+    assert [b for b, found in model.grid_reads if found] == [0, 0] and all("tolist" in f for _, f in model.grid_reads
+                                                                             if f)
     for batch_idx, step, found in model.reads:
-        if batch_idx == 0:  # the once-an-epoch image grid: captions and pixels are drawn on the host
-            assert "tolist" in found
+        if step == 0:  # the very first step builds Lightning's logging state (one copy from host data, once)
+            assert set(found) <= {"lift_fresh", "tolist"}, found
         elif (step + 1) % every == 0 or batch_idx == per_epoch - 1:  # the non-finite flag, read as on a GPU
             assert found == ["tolist"], (batch_idx, step, found)
         else:

@@ -3,18 +3,18 @@ DataModule, per-rank streams and reproducibility under ``seed_everything``."""
 
 from __future__ import annotations
 
-import inspect
 import math
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
-from cutmix_pl.augment import CutMix, CutMixUp, Mixer, MixUp
+from cutmix_pl.augment import CutMix, CutMixUp, MixUp
 from cutmix_pl.data import CIFAR10DataModule, mix_seed
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
+from cutmix_pl.resnet import ResNet
+from cutmix_pl.transform import TrainTransform
+from ranks import as_rank
 
 
 def _batch(n=8, seed=0):
@@ -71,14 +71,22 @@ def test_bad_inputs_raise_clear_errors(mixer, images, labels, pattern):
 
 
 # -- label smoothing: only in the loss --------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [CutMix, MixUp, CutMixUp, Mixer])
-def test_mixers_have_no_smoothing_argument(cls):
-    assert not any("smooth" in p for p in inspect.signature(cls).parameters)
-    if cls is not Mixer:
-        with pytest.raises(TypeError):
-            cls(label_smoothing=0.1)
-    assert not any("smooth" in p for p in inspect.signature(CIFAR10DataModule).parameters)
-    assert "label_smoothing" in inspect.signature(ImageClassifier).parameters
+@pytest.mark.parametrize("cls", [CutMix, MixUp, CutMixUp])
+def test_smoothing_is_applied_once_in_the_loss_never_in_the_data(cls, tiny_cifar):
+    with pytest.raises(TypeError):
+        cls(label_smoothing=0.1)
+    with pytest.raises(TypeError):
+        CIFAR10DataModule(str(tiny_cifar), label_smoothing=0.1)
+    eps = 0.1
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, mixer=cls(prob=1.0))
+    images, labels = _uint8_batch(16)
+    batch = dm.transform(images, labels, 0, torch.Generator().manual_seed(0))
+    # the data's targets carry no smoothing floor: at most two classes hold any mass
+    assert ((batch.targets > 0).sum(-1) <= 2).all() and torch.allclose(batch.targets.sum(-1), torch.ones(16))
+    model = ImageClassifier(net=ResNet(8, width=4), label_smoothing=eps)
+    logits = model(batch.images)
+    once = -(((1 - eps) * batch.targets + eps / 10) * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(model.criterion(logits, batch.targets), once)
 
 
 def test_smoothing_in_the_loss_equals_timms_smoothed_mixed_targets():
@@ -127,7 +135,7 @@ def test_every_option_is_configurable_from_yaml(tmp_path):
     parser.add_class_arguments(CIFAR10DataModule, "data")
     cfg = parser.parse_string(YAML.format(data_dir=tmp_path))
     dm = parser.instantiate_classes(cfg).data
-    assert dm.mix_off_epoch == 190
+    assert dm.transform.mix_off_epoch == 190
     mixer = dm.mixer
     assert isinstance(mixer, CutMixUp) and (mixer.switch_prob, mixer.mode, mixer.pairing) == (0.5, "batch", "roll")
     assert mixer.cutmix.minmax == (0.2, 0.8) and mixer.cutmix.correct_lam and mixer.mixup.alpha == 0.8
@@ -144,10 +152,10 @@ def _uint8_batch(n=16, seed=0):
 
 def test_mix_off_epoch_turns_mixing_off_from_that_epoch(tmp_path):
     dm = CIFAR10DataModule(str(tmp_path), download=False, mixer=CutMix(prob=1.0), mix_off_epoch=3)
-    assert [dm.mixing_on(e) for e in range(5)] == [True, True, True, False, False]
+    assert [dm.transform.mixing_on(e) for e in range(5)] == [True, True, True, False, False]
     images, labels = _uint8_batch()
     for epoch in range(5):
-        batch = dm.augment(images, labels, epoch, torch.Generator().manual_seed(epoch))
+        batch = dm.transform(images, labels, epoch, torch.Generator().manual_seed(epoch))
         if epoch < 3:
             assert batch.targets.shape == (16, 10) and batch.targets.is_floating_point()
             assert (batch.lam < 1).any()
@@ -161,39 +169,46 @@ def test_mix_off_epoch_turns_mixing_off_from_that_epoch(tmp_path):
                          [(None, [True] * 4), (0, [False] * 4), (2, [True, True, False, False])])
 def test_mixing_on_schedule(tmp_path, mix_off_epoch, expected):
     dm = CIFAR10DataModule(str(tmp_path), download=False, mixer=MixUp(), mix_off_epoch=mix_off_epoch)
-    assert [dm.mixing_on(e) for e in range(4)] == expected
-    assert not CIFAR10DataModule(str(tmp_path), download=False, mixer=None).mixing_on(0)
+    assert [dm.transform.mixing_on(e) for e in range(4)] == expected
+    assert not CIFAR10DataModule(str(tmp_path), download=False, mixer=None).transform.mixing_on(0)
 
 
-def test_negative_mix_off_epoch_counts_from_the_end_of_training(tmp_path):
-    dm = CIFAR10DataModule(str(tmp_path), download=False, mixer=CutMix(), mix_off_epoch=-2)
+def test_negative_mix_off_epoch_counts_from_the_end_of_training():
+    transform = TrainTransform(CutMix(), mix_off_epoch=-2)
     with pytest.raises(ValueError, match=r"data.mix_off_epoch=-2 counts from the end .* fix: set trainer.max_epochs"):
-        dm.mixing_on(0)  # no trainer: no end to count from
+        transform.mixing_on(0)  # no end to count from
     for max_epochs, first_off in ((15, 13), (30, 28), (2, 0)):
-        dm.trainer = SimpleNamespace(max_epochs=max_epochs)
-        assert [dm.mixing_on(e) for e in range(max_epochs)] == [e < first_off for e in range(max_epochs)]
-    dm.trainer = SimpleNamespace(max_epochs=1)
-    dm.mix_off_epoch = -3  # would never mix: a mistake, not a schedule
+        transform.max_epochs = max_epochs
+        assert [transform.mixing_on(e) for e in range(max_epochs)] == [e < first_off for e in range(max_epochs)]
+    transform.max_epochs, transform.mix_off_epoch = 1, -3  # would never mix: a mistake, not a schedule
     with pytest.raises(ValueError, match=r"mix_off_epoch=-3 counts back past the start .* \[-1, -1\]"):
-        dm.mixing_on(0)
-    dm.mix_off_epoch = -2
-    dm.trainer = SimpleNamespace(max_epochs=-1)  # Lightning's "no limit" (max_steps only)
+        transform.mixing_on(0)
+    transform.max_epochs, transform.mix_off_epoch = -1, -2  # Lightning's "no limit" (max_steps only)
     with pytest.raises(ValueError, match="trainer.max_epochs is -1"):
-        dm.mixing_on(0)
+        transform.mixing_on(0)
+
+
+def test_datamodule_takes_the_end_of_training_from_its_trainer(tiny_cifar):
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, mixer=CutMix(), mix_off_epoch=-2)
+    dm.trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_progress_bar=False)
+    dm.setup("fit")
+    assert dm.transform.mix_off() == 13
+    dm.trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"mix_off_epoch=-2 counts back past the start"):
+        dm.setup("fit")  # fails before any training
 
 
 # -- randomness: per-rank streams, seed_everything --------------------------------------------------------
 def _rank_dm(data_dir, rank, monkeypatch, seed=5):
     dm = CIFAR10DataModule(str(data_dir), download=False, batch_size=64, val_size=100, mixer=CutMix(), seed=seed)
-    monkeypatch.setattr(dm, "_topology", lambda: (torch.device("cpu"), rank, 2))
-    dm.train_dataloader()
+    as_rank(dm, rank, 2).train_dataloader()
     return dm
 
 
 def test_ranks_get_different_augmentation_streams(tiny_cifar, monkeypatch):
     images, labels = _uint8_batch(32)
     r0, r1, r0_again = (_rank_dm(tiny_cifar, r, monkeypatch) for r in (0, 1, 0))
-    a, b, c = (dm.augment(images, labels, 0, dm._aug_gen) for dm in (r0, r1, r0_again))
+    a, b, c = (dm.transform(images, labels, 0) for dm in (r0, r1, r0_again))
     assert torch.equal(a.images, c.images) and torch.equal(a.lam, c.lam), "same seed and rank: same stream"
     assert not torch.equal(a.images, b.images) and not torch.equal(a.lam, b.lam), "other rank: other stream"
     assert len({mix_seed(5, 1 + rank) for rank in range(64)}) == 64
@@ -221,7 +236,7 @@ def test_seed_everything_makes_the_global_stream_reproducible(mixer):
 def test_datamodule_stream_follows_seed_everything_when_seed_is_null(tiny_cifar, monkeypatch):
     def state(seed):
         L.seed_everything(seed, verbose=False)
-        return _rank_dm(tiny_cifar, 0, monkeypatch, seed=None)._aug_gen.get_state()
+        return _rank_dm(tiny_cifar, 0, monkeypatch, seed=None).transform.generator.get_state()
 
     assert torch.equal(state(21), state(21))
     assert not torch.equal(state(21), state(22))

@@ -1,10 +1,12 @@
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
+from cutmix_pl.resnet import ResNet
 from cutmix_pl.schedules import SCHEDULES, lr_factor
 
 
@@ -68,22 +70,25 @@ def test_model_argument_checks():
         ImageClassifier(lr_schedule="exp")
     with pytest.raises(ValueError, match="lr"):
         ImageClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    with pytest.raises(ValueError, match="6n\\+2"):
-        ImageClassifier(depth=21)
+    with pytest.raises(ValueError, match="model.net='resnet' is not a torch.nn.Module"):
+        ImageClassifier(net="resnet")
+    with pytest.raises(ValueError, match="model.net has num_classes=100 but the model has num_classes=10"):
+        ImageClassifier(net=ResNet(num_classes=100))
     with pytest.raises(ValueError, match="model.optimizer=.* is not an optimiser factory"):
         ImageClassifier(optimizer={"class_path": "torch.optim.SGD"})
 
 
 def test_flip_tta_averages_probabilities_of_image_and_mirror():
     torch.manual_seed(4)
-    model = ImageClassifier(depth=8, tta_flip=True).eval()
-    model._trainer = SimpleNamespace(validating=False)  # test/predict; validation never uses TTA
+    model = ImageClassifier(net=ResNet(8), tta_flip=True).eval()
+    model.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    model.trainer.testing = True  # test/predict; validation never uses TTA
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = (model(x).softmax(-1) + model(x.flip(3)).softmax(-1)) / 2
         got = model._predict_logits(x).softmax(-1)
         torch.testing.assert_close(got, expected)
-        model._trainer = SimpleNamespace(validating=True)
+        model.trainer.validating = True
         torch.testing.assert_close(model._predict_logits(x), model(x))
 
 
@@ -109,7 +114,7 @@ def test_compiled_model_saves_plain_keys_and_old_compiled_checkpoints_still_load
 @pytest.mark.cuda
 def test_watching_the_loss_between_logging_steps_does_not_make_the_host_wait_for_the_gpu():
     model = ImageClassifier()
-    model._trainer = SimpleNamespace(current_epoch=2, global_step=10, log_every_n_steps=50, num_training_batches=100)
+    model.trainer = SimpleNamespace(current_epoch=2, global_step=10, log_every_n_steps=50, num_training_batches=100)
     loss = torch.tensor(1.0, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
@@ -118,7 +123,7 @@ def test_watching_the_loss_between_logging_steps_does_not_make_the_host_wait_for
         model._watch_finite(loss / 0 * 0, 4)  # NaN: recorded on the device, read at the next logging step
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    model._trainer.global_step = 49
+    model.trainer.global_step = 49
     with pytest.raises(FloatingPointError, match=r"global step 10 \(epoch 2, batch 4\)"):
         model._watch_finite(loss, 5)
 
@@ -126,6 +131,6 @@ def test_watching_the_loss_between_logging_steps_does_not_make_the_host_wait_for
 def test_a_schedule_is_one_table_entry(monkeypatch):
     monkeypatch.setitem(SCHEDULES, "half", lambda p: 0.5)
     assert lr_factor(50, 100, 10, "half") == 0.5
-    assert ImageClassifier(depth=8, width=4, lr_schedule="half").hparams.lr_schedule == "half"
+    assert ImageClassifier(net=ResNet(8, width=4), lr_schedule="half").hparams.lr_schedule == "half"
     with pytest.raises(ValueError, match="choose one of cosine, linear, step, constant, half"):
-        ImageClassifier(depth=8, width=4, lr_schedule="nope")
+        ImageClassifier(net=ResNet(8, width=4), lr_schedule="nope")

@@ -7,6 +7,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from cutmix_pl import cifar
 from cutmix_pl.augment import CutMix
 from cutmix_pl.data import CIFAR10DataModule, ShardedBatchSampler, TensorBatchLoader
+from ranks import as_rank
 
 
 @pytest.mark.parametrize("size,batch", [(640, 64), (1000, 128), (129, 128), (5, 2)])
@@ -48,6 +49,15 @@ def test_eval_shards_cover_every_index_exactly_once(size, world):
     assert torch.equal(union, torch.arange(size))
 
 
+def test_one_shuffled_rank_and_its_loader_cover_every_index_once(tiny_cifar):
+    train, _ = cifar.load(tiny_cifar)
+    sampler = ShardedBatchSampler(640, 64, shuffle=True, seed=1)
+    loader = TensorBatchLoader(train.images, train.labels, sampler)
+    seen = torch.cat([idx for idx in sampler])
+    assert torch.equal(seen.sort().values, torch.arange(640))
+    assert len(loader) == 10 == sum(1 for _ in loader)
+
+
 @pytest.mark.parametrize("resident", [True, False])
 def test_lightning_set_epoch_reaches_our_sampler(tiny_cifar, resident):
     """Lightning calls set_epoch on loader.sampler / loader.batch_sampler.sampler only; it must reach us, or every
@@ -84,8 +94,8 @@ def test_resident_loader_matches_the_dataloader_path(tiny_cifar):
     for (xa, ya), (xb, yb) in zip(*loaders):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         # each DataModule's own augmentation stream, seeded from data.seed by train_dataloader()
-        a = dms[0].augment(xa, ya, 0, dms[0]._aug_gen)
-        b = dms[1].augment(xb, yb, 0, dms[1]._aug_gen)
+        a = dms[0].transform(xa, ya, 0)
+        b = dms[1].transform(xb, yb, 0)
         assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
 
 
@@ -106,8 +116,7 @@ def test_batches_are_gathered_from_the_resident_tensors(tiny_cifar):
 
 
 def test_global_batch_must_divide_over_processes(tiny_cifar):
-    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=63, eval_batch_size=99)
-    dm._topology = lambda: (torch.device("cpu"), 0, 2)
+    dm = as_rank(CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=63, eval_batch_size=99), 0, 2)
     with pytest.raises(ValueError, match="data.batch_size=63 .* divisible by the 2 processes"):
         dm.train_dataloader()
     for loader in (dm.val_dataloader, dm.test_dataloader, dm.predict_dataloader):
@@ -119,8 +128,7 @@ def test_global_batch_must_divide_over_processes(tiny_cifar):
 def test_every_process_needs_images_else_one_line_naming_the_setting(tiny_cifar):
     def on_ranks(world: int, **kwargs) -> CIFAR10DataModule:
         dm = CIFAR10DataModule(tiny_cifar, download=False, batch_size=2 * world, eval_batch_size=world, **kwargs)
-        dm._topology = lambda: (torch.device("cpu"), world - 1, world)
-        return dm
+        return as_rank(dm, world - 1, world)
 
     # Exactly enough: one validation image and two training images on each of 4 ranks.
     dm = on_ranks(4, val_size=4, train_size=8)
@@ -144,10 +152,10 @@ def test_every_process_needs_images_else_one_line_naming_the_setting(tiny_cifar)
 
 @pytest.mark.cuda
 def test_resident_pipeline_on_cuda_keeps_everything_on_the_device(tiny_cifar):
-    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, mixer=CutMix())
-    dm._topology = lambda: (torch.device("cuda"), 0, 1)
+    dm = as_rank(CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, mixer=CutMix()), 0, 1,
+                 device="cuda")
     loader = dm.train_dataloader()
     x, y = next(iter(loader))
     assert x.device.type == "cuda" and x.dtype == torch.uint8
-    batch = dm.augment(x, y, 0, dm._aug_gen)
+    batch = dm.transform(x, y, 0)
     assert batch.images.device.type == "cuda" and batch.targets.device.type == "cuda"

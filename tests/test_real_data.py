@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from cutmix_pl import cifar
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.data import CIFAR10DataModule
 
@@ -12,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_normalised_training_set_has_zero_mean_unit_std(real_cifar):
     dm = CIFAR10DataModule(real_cifar, download=False, val_size=0)
-    x = dm._normalize(dm.split("train").images[:10000])
+    x = dm.transform.normalize(dm.split("train").images[:10000])
     # the constants are those of the original CIFAR-10; this JPEG copy is within a few hundredths of them
     torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=0.03, rtol=0)
     torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=0.03, rtol=0)

@@ -242,3 +242,95 @@ def test_a_full_disk_during_fit_is_one_line_and_leaves_no_checkpoint(tiny_cifar,
     assert line.startswith("cutmix-pl: error: could not write the checkpoint ") and "No space left on device" in line
     run = in_tmp / "runs" / "smoke" / "version_0"
     assert not [p for p in run.rglob("*") if ".ckpt" in p.name], "no checkpoint and no partial file is left"
+
+
+# -- determinism and no overwriting ---------------------------------------------------------------------------------
+def test_same_seed_same_metrics_and_runs_never_overwrite(tiny_cifar, in_tmp):
+    first = main(["fit", *small(tiny_cifar)])
+    run0 = Path(first.trainer.log_dir)
+    before = files_under(run0)
+    second = main(["fit", *small(tiny_cifar)])
+    run1 = Path(second.trainer.log_dir)
+
+    a = {k: float(v) for k, v in first.trainer.callback_metrics.items()}
+    b = {k: float(v) for k, v in second.trainer.callback_metrics.items()}
+    assert a == b, "same seed and config must give the same metrics"
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+
+    assert (run0.name, run1.name) == ("version_0", "version_1")
+    assert files_under(run0) == before, "the second run changed the first run's folder"
+    # Pointing a new run at an old run's folder is refused, not an overwrite.
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *small(tiny_cifar), "--trainer.logger.init_args.version", "0"])
+    assert exit_.value.code == 2
+    assert files_under(run0) == before
+    for run in (run0, run1):
+        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+# -- interruptions: SIGKILL then --ckpt_path last; SIGTERM and SIGINT stop with a checkpoint -------------------------
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny_cifar, steps_config, tmp_path):
+    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    # Hold after step 7 (epoch 1, batch 0): the newest checkpoint is step 4's, mid-epoch 0; steps 5-7 are lost.
+    proc = spawn(tmp_path, args, pause_at=7)
+    wait_paused(proc, tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step004.ckpt"]
+    config_before = (run / "config.yaml").read_bytes()
+    proc.send_signal(signal.SIGKILL)
+    assert finish(proc) == -signal.SIGKILL
+    assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
+    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
+    err = (tmp_path / "resume.err").read_text()
+    assert "cutmix-pl: resuming" in err and "Restored all states" in (tmp_path / "resume.out").read_text() + err
+
+    ref = reference_run / "runs" / "smoke" / "version_0"
+    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert_same_training_state(ref / "checkpoints" / "step008.ckpt", run / "checkpoints" / "step008.ckpt")
+    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
+    # The run went on in its own folder: no version_1, the first config kept, the resumed one beside it.
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert (run / "config.yaml").read_bytes() == config_before and (run / "config.resume1.yaml").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifar, steps_config, tmp_path):
+    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    # The signal lands after step 6, the last batch of epoch 0: the epoch's validation and its checkpoint come
+    # first, then the run stops at the epoch's end (a stop before that validation would resume without it).
+    proc = spawn(tmp_path, args, pause_at=6)
+    wait_paused(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 128 + signal.SIGTERM
+    lines = (tmp_path / "run.err").read_text().strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("cutmix-pl: stopped by SIGTERM after global step 6 (epoch 0, batch 5); saved ")
+    assert lines[-1].endswith("resume: run the same command with --ckpt_path last")
+    last = ckpt(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    assert len(events.Scalars("val/acc")) == 1, "epoch 0's validation ran before the stop"
+    assert last["CIFAR10DataModule"]["epoch"] == 0 and last["CIFAR10DataModule"]["batches_done"] == 6
+
+    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
+    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
+    ref = reference_run / "runs" / "smoke" / "version_0"
+    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tiny_cifar, tmp_path):
+    proc = spawn(tmp_path, ["fit", *small(tiny_cifar)], pause_at=3)
+    wait_paused(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == 128 + signal.SIGINT
+    err = (tmp_path / "run.err").read_text()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("cutmix-pl: stopped by SIGINT after global step 4 (epoch 0, batch 3)")
+    last = ckpt(tmp_path / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and last["CIFAR10DataModule"]["batches_done"] == 4

@@ -1,6 +1,6 @@
-"""Reliability: every bad input in the README's catalogue fails in one line with a fix, a non-zero exit and no
-output left behind; SIGINT/SIGTERM stop with a checkpoint; a run killed with SIGKILL resumes exactly; the same seed
-gives the same run; runs never overwrite each other; a non-finite loss names its step and batch.
+"""Errors: every bad input in the catalogue (docs/troubleshooting.md) fails in one line with a fix, a non-zero exit
+and no output left behind; a non-finite loss names its step and batch. (Interrupts, kills and resumes:
+test_resume.py.)
 
 Training runs here are tiny (ResNet-8 of width 4, 96 training images, batches of 16: 6 steps an epoch, 2 epochs),
 so each CLI run takes seconds; the subprocess runs pay mostly for importing torch and Lightning.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from contextlib import chdir
@@ -23,9 +22,9 @@ import torch
 from cutmix_pl import cifar
 from cutmix_pl.cli import main
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
+from cutmix_pl.resnet import ResNet
 
-from cli_runs import (STEPS_PER_EPOCH, assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
-                      finish, small, spawn, wait_paused)
+from cli_runs import STEPS_PER_EPOCH, fails, small
 from conftest import REPO, make_tiny_cifar
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +60,7 @@ def rewrite_batch(folder: Path, name: str, **changes: object) -> Path:
 CONFIG_CASES = {
     "mixer alpha <= 0": (["--data.mixer.init_args.alpha", "0"], ["data.mixer.init_args.alpha=0.0", "> 0"]),
     "mixer prob > 1": (["--data.mixer.init_args.prob", "1.5"], ["data.mixer.init_args.prob=1.5", "[0, 1]"]),
-    "depth not 6n+2": (["--model.depth", "21"], ["depth=21", "6n+2"]),
+    "depth not 6n+2": (["--model.net.depth", "21"], ["depth=21", "6n+2"]),
     "batch size 1": (["--data.batch_size", "1"], ["data.batch_size=1", ">= 2"]),
     "lr 0": (["--model.optimizer.init_args.lr", "0"], ["lr=0.0", "> 0"]),
     "lr negative": (["--model.optimizer.init_args.lr", "-1"], ["-1.0", "lr > 0"]),
@@ -169,11 +168,11 @@ def test_log_folder_read_only(tiny_cifar, in_tmp, capsys, monkeypatch):
 
 
 def test_checkpoint_of_another_depth(small_ckpt, tiny_cifar, in_tmp, capsys):
-    line = fails(capsys, "fit", *small(tiny_cifar), "--model.depth", "14", "--ckpt_path", str(small_ckpt))
-    assert "depth=8" in line and "depth=14" in line and "--model.depth 8" in line
+    line = fails(capsys, "fit", *small(tiny_cifar), "--model.net.depth", "14", "--ckpt_path", str(small_ckpt))
+    assert "depth=8" in line and "depth=14" in line and "--model.net.depth 8" in line
     assert not (in_tmp / "runs").exists(), "a checkpoint mismatch must leave no run folder"
-    line = fails(capsys, "validate", *small(tiny_cifar), "--model.depth", "14", "--ckpt_path", str(small_ckpt))
-    assert "--model.depth 8" in line
+    line = fails(capsys, "validate", *small(tiny_cifar), "--model.net.depth", "14", "--ckpt_path", str(small_ckpt))
+    assert "--model.net.depth 8" in line
 
 
 def test_checkpoint_of_another_class_count(small_ckpt, tiny_cifar, in_tmp, capsys):
@@ -189,16 +188,16 @@ def test_checkpoint_without_hparams_of_another_width(small_ckpt, tiny_cifar, in_
     checkpoint = torch.load(small_ckpt, map_location="cpu", weights_only=True)
     del checkpoint["hyper_parameters"]
     torch.save(checkpoint, in_tmp / "bare.ckpt")
-    line = fails(capsys, "fit", *small(tiny_cifar), "--model.width", "8", "--ckpt_path", "bare.ckpt")
-    assert "does not fit this model" in line and "shape" in line and "--model.depth/width/shortcut" in line
+    line = fails(capsys, "fit", *small(tiny_cifar), "--model.net.width", "8", "--ckpt_path", "bare.ckpt")
+    assert "does not fit this model" in line and "shape" in line and "--model.net" in line
 
 
 def test_mismatch_is_caught_in_the_module_too(small_ckpt):
     """Lightning's own loading (load_from_checkpoint, trainer.fit(ckpt_path=...)) goes through on_load_checkpoint."""
     checkpoint = torch.load(small_ckpt, map_location="cpu", weights_only=True)
-    with pytest.raises(ValueError, match=r"depth=8 .* depth=14; fix: pass --model.depth 8"):
-        ImageClassifier(depth=14, width=4).on_load_checkpoint(checkpoint)
-    ImageClassifier(depth=8, width=4).on_load_checkpoint(checkpoint)  # the matching model loads
+    with pytest.raises(ValueError, match=r"depth=8 .* depth=14; fix: pass --model.net.depth 8"):
+        ImageClassifier(net=ResNet(14, width=4)).on_load_checkpoint(checkpoint)
+    ImageClassifier(net=ResNet(8, width=4)).on_load_checkpoint(checkpoint)  # the matching model loads
 
 
 def test_corrupt_checkpoint(small_ckpt, tiny_cifar, in_tmp, capsys):
@@ -255,97 +254,23 @@ def test_non_finite_loss_names_step_and_batch(tiny_cifar, in_tmp, capsys, monkey
     assert (run / "config.yaml").is_file(), "the logs of a run that trained are kept"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# determinism and no overwriting
-# ----------------------------------------------------------------------------------------------------------------
-def test_same_seed_same_metrics_and_runs_never_overwrite(tiny_cifar, in_tmp):
-    first = main(["fit", *small(tiny_cifar)])
-    run0 = Path(first.trainer.log_dir)
-    before = files_under(run0)
-    second = main(["fit", *small(tiny_cifar)])
-    run1 = Path(second.trainer.log_dir)
+def test_a_checkpoint_from_before_model_net_is_named_then_upgraded(small_ckpt, tiny_cifar, in_tmp, capsys):
+    from cutmix_pl.upgrade import main as upgrade
 
-    a = {k: float(v) for k, v in first.trainer.callback_metrics.items()}
-    b = {k: float(v) for k, v in second.trainer.callback_metrics.items()}
-    assert a == b, "same seed and config must give the same metrics"
-    for k, v in first.model.state_dict().items():
-        assert torch.equal(v, second.model.state_dict()[k]), k
-
-    assert (run0.name, run1.name) == ("version_0", "version_1")
-    assert files_under(run0) == before, "the second run changed the first run's folder"
-    # Pointing a new run at an old run's folder is refused, not an overwrite.
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", *small(tiny_cifar), "--trainer.logger.init_args.version", "0"])
-    assert exit_.value.code == 2
-    assert files_under(run0) == before
-    for run in (run0, run1):
-        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# interruptions: SIGKILL then --ckpt_path last; SIGTERM and SIGINT stop with a checkpoint
-# ----------------------------------------------------------------------------------------------------------------
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny_cifar, steps_config, tmp_path):
-    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
-    run = tmp_path / "runs" / "smoke" / "version_0"
-    # Hold after step 7 (epoch 1, batch 0): the newest checkpoint is step 4's, mid-epoch 0; steps 5-7 are lost.
-    proc = spawn(tmp_path, args, pause_at=7)
-    wait_paused(proc, tmp_path)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step004.ckpt"]
-    config_before = (run / "config.yaml").read_bytes()
-    proc.send_signal(signal.SIGKILL)
-    assert finish(proc) == -signal.SIGKILL
-    assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
-
-    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
-    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
-    err = (tmp_path / "resume.err").read_text()
-    assert "cutmix-pl: resuming" in err and "Restored all states" in (tmp_path / "resume.out").read_text() + err
-
-    ref = reference_run / "runs" / "smoke" / "version_0"
-    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
-    assert_same_training_state(ref / "checkpoints" / "step008.ckpt", run / "checkpoints" / "step008.ckpt")
-    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
-    # The run went on in its own folder: no version_1, the first config kept, the resumed one beside it.
-    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
-    assert (run / "config.yaml").read_bytes() == config_before and (run / "config.resume1.yaml").is_file()
-
-
-def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifar, steps_config, tmp_path):
-    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
-    run = tmp_path / "runs" / "smoke" / "version_0"
-    # The signal lands after step 6, the last batch of epoch 0: the epoch's validation and its checkpoint come
-    # first, then the run stops at the epoch's end (a stop before that validation would resume without it).
-    proc = spawn(tmp_path, args, pause_at=6)
-    wait_paused(proc, tmp_path)
-    proc.send_signal(signal.SIGTERM)
-    assert finish(proc) == 128 + signal.SIGTERM
-    lines = (tmp_path / "run.err").read_text().strip().splitlines()
-    assert "Traceback" not in "\n".join(lines)
-    assert lines[-1].startswith("cutmix-pl: stopped by SIGTERM after global step 6 (epoch 0, batch 5); saved ")
-    assert lines[-1].endswith("resume: run the same command with --ckpt_path last")
-    last = ckpt(run / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 6
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-    assert len(events.Scalars("val/acc")) == 1, "epoch 0's validation ran before the stop"
-    assert last["CIFAR10DataModule"]["epoch"] == 0 and last["CIFAR10DataModule"]["batches_done"] == 6
-
-    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
-    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
-    ref = reference_run / "runs" / "smoke" / "version_0"
-    assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
-    assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
-
-
-def test_sigint_saves_a_checkpoint_and_exits_130(tiny_cifar, tmp_path):
-    proc = spawn(tmp_path, ["fit", *small(tiny_cifar)], pause_at=3)
-    wait_paused(proc, tmp_path)
-    proc.send_signal(signal.SIGINT)
-    assert finish(proc) == 128 + signal.SIGINT
-    err = (tmp_path / "run.err").read_text()
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("cutmix-pl: stopped by SIGINT after global step 4 (epoch 0, batch 3)")
-    last = ckpt(tmp_path / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 4 and last["CIFAR10DataModule"]["batches_done"] == 4
+    old = torch.load(small_ckpt, map_location="cpu", weights_only=True)
+    net = old["hyper_parameters"].pop("net")  # as written when the ResNet settings were model arguments
+    old["hyper_parameters"].update({k: net["init_args"][k] for k in ("depth", "width", "shortcut")})
+    torch.save(old, in_tmp / "old.ckpt")
+    line = fails(capsys, "test", *small(tiny_cifar), "--ckpt_path", "old.ckpt")
+    assert "before the network became model.net" in line and "python -m cutmix_pl.upgrade old.ckpt NEW.ckpt" in line
+    upgrade(["old.ckpt", "new.ckpt"])
+    assert (in_tmp / "old.ckpt").read_bytes() != (in_tmp / "new.ckpt").read_bytes()
+    model = ImageClassifier.load_from_checkpoint(in_tmp / "new.ckpt", map_location="cpu")
+    assert model.hparams.net["class_path"] == "cutmix_pl.resnet.ResNet"
+    assert {"depth": 8, "width": 4, "shortcut": "A", "num_classes": 10}.items() <= model.hparams.net["init_args"].items()
+    for key, value in old["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    cli = main(["test", *small(tiny_cifar), "--ckpt_path", "new.ckpt"])
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
+    with pytest.raises(SystemExit):  # nothing to upgrade in a current checkpoint
+        upgrade(["new.ckpt", "again.ckpt"])

@@ -1,0 +1,121 @@
+"""Callbacks the model brings with it (``ImageClassifier.configure_callbacks``): what a run reports besides its
+metrics, and the global random state a resume needs. None of them changes what is trained."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from . import cifar
+from .viz import captioned_grid, confusion_image, denormalize, mix_captions
+
+__all__ = ["GlobalRNGState", "MixedImageGrid", "ValConfusionMatrix"]
+
+
+def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    logger = trainer.logger
+    return logger if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero else None
+
+
+def _classes(trainer: L.Trainer, k: int) -> list[str]:
+    names = getattr(trainer.datamodule, "classes", None) or cifar.CLASSES
+    return list(names) if len(names) == k else [str(i) for i in range(k)]
+
+
+class MixedImageGrid(Callback):
+    """Once per epoch, a captioned grid of the first training images as the network sees them (mixed), in
+    TensorBoard (``train/mixed_images``), with each image's two labels and its own label's weight.
+
+    Args:
+        size: images in the grid.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        logger = _tensorboard(trainer)
+        if batch_idx != 0 or logger is None or not hasattr(batch, "partner"):
+            return
+        transform = getattr(trainer.datamodule, "transform", None)
+        mean, std = (transform.mean, transform.std) if transform is not None else (cifar.MEAN, cifar.STD)
+        k = min(self.size, len(batch.images))
+        images = denormalize(batch.images[:k], mean, std)
+        names = _classes(trainer, int(pl_module.hparams.num_classes))
+        grid = captioned_grid(images, mix_captions(batch.labels[:k], batch.partner[:k], batch.lam[:k], names))
+        logger.experiment.add_image("train/mixed_images", grid, trainer.global_step, dataformats="HWC")
+
+
+class ValConfusionMatrix(Callback):
+    """The validation confusion matrix: each class's accuracy as ``val_class/<name>`` and the matrix as an image
+    (``val/confusion_matrix``). Reads the logits ``validation_step`` returns; reduced over DDP ranks."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.matrix = MulticlassConfusionMatrix(num_classes)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.matrix = self.matrix.to(pl_module.device)
+        self.matrix.reset()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.matrix.update(outputs, batch[1])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        matrix = self.matrix.compute()  # every rank joins the reduction under DDP
+        self.matrix.reset()
+        if trainer.sanity_checking:
+            return
+        per_class = matrix.diag().float() / matrix.sum(1).clamp_min(1)
+        names = _classes(trainer, len(per_class))
+        for name, acc in zip(names, per_class):
+            pl_module.log(f"val_class/{name}", acc, sync_dist=False)
+        logger = _tensorboard(trainer)
+        if logger is not None:
+            logger.experiment.add_image("val/confusion_matrix", confusion_image(matrix, names), trainer.global_step,
+                                        dataformats="HWC")
+
+
+class GlobalRNGState(Callback):
+    """Saves the global torch (CPU and CUDA), NumPy and Python random states in each checkpoint and restores them
+    on resume, so that anything drawing from them (dropout in a user's network, a user's augmentation) continues
+    exactly. Stored as tensors and ints only: checkpoints still load with ``torch.load(weights_only=True)``."""
+
+    KEY = "global_rng_states"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.KEY] = rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.KEY in checkpoint:
+            set_rng_states(checkpoint[self.KEY])
+
+
+def rng_states() -> dict[str, Any]:
+    """The global torch, NumPy and Python RNG states, as tensors and ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

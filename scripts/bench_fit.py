@@ -1,0 +1,74 @@
+"""Training speed of ``python -m cutmix_pl fit`` in two (or more) checkouts, measured side by side in one run.
+
+Each checkout runs the same short fit twice, with ``--short`` and ``--long`` training batches, and the difference of
+the two wall times is the time of ``long - short`` steps: start-up, data loading and validation cancel out. The
+checkouts take turns (interleaved repetitions) and the table reports medians, so that a shared, noisy machine
+treats them alike. Example, the working tree against the last commit::
+
+    git worktree add /tmp/before HEAD
+    python scripts/bench_fit.py --data-dir data --reps 3 /tmp/before .
+
+A variant is ``CHECKOUT`` or ``CHECKOUT::FLAGS`` (flags for that variant only), so settings compare the same way::
+
+    python scripts/bench_fit.py . ".::--trainer.precision bf16-mixed --model.channels_last true"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: list[str]) -> float:
+    folder, _, flags = variant.partition("::")
+    checkout = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "cutmix_pl", "fit", "--config", "configs/smoke.yaml",
+               "--data.data_dir", str(Path(args.data_dir).resolve()), "--data.download", "false",
+               "--data.batch_size", str(args.batch_size), "--trainer.limit_train_batches", str(batches),
+               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", tmp, *extra,
+               *flags.split()]
+        env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", help="CHECKOUT (a folder holding cutmix_pl) or CHECKOUT::FLAGS")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--short", type=int, default=5, help="training batches of the short fit (>= 2)")
+    parser.add_argument("--long", type=int, default=25, help="training batches of the long fit")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median taken)")
+    args, extra = parser.parse_known_args(argv)
+    if not args.long > args.short >= 2:  # Lightning reads a limit of 1 as 1.0, all the batches
+        parser.error(f"--long={args.long} must be greater than --short={args.short} >= 2")
+    rates: dict[str, list[float]] = {v: [] for v in args.variants}
+    for rep in range(args.reps):
+        for variant in args.variants:
+            short = fit_seconds(variant, args.short, args, extra)
+            long = fit_seconds(variant, args.long, args, extra)
+            rate = (args.long - args.short) * args.batch_size / (long - short)
+            rates[variant].append(rate)
+            print(f"rep {rep}: {variant}: {rate:,.0f} img/s ({short:.1f} s / {long:.1f} s)", flush=True)
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    first = medians[args.variants[0]]
+    print(f"\nfit training speed, batch {args.batch_size}, median of {args.reps} interleaved repetitions:")
+    print("| variant | img/s (median) | runs | vs first |\n|---|---|---|---|")
+    for name, rate in medians.items():
+        runs = ", ".join(f"{r:,.0f}" for r in rates[name])
+        print(f"| {name} | {rate:,.0f} | {runs} | {rate / first:.2f}x |")
+    return medians
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""TrainTransform: the training collate step as one object, alone and inside the DataModule."""
+
+import pytest
+import torch
+
+from cutmix_pl import cifar
+from cutmix_pl.augment import CutMix, normalize, random_crop_flip
+from cutmix_pl.data import CIFAR10DataModule
+from cutmix_pl.transform import TrainTransform
+
+
+def _batch(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+def test_one_call_is_crop_flip_then_normalise_then_mix():
+    images, labels = _batch()
+    transform = TrainTransform(CutMix(prob=1.0))
+    transform.seed(3)
+    got = transform(images, labels, epoch=0)
+    gen = torch.Generator().manual_seed(3)  # the same steps by hand, from the same stream
+    x = normalize(random_crop_flip(images, 4, True, gen), cifar.MEAN, cifar.STD)
+    mixed = CutMix(prob=1.0).mix(x, labels, gen)
+    assert torch.equal(got.images, mixed.images) and torch.equal(got.targets, mixed.targets)
+    assert torch.equal(got.partner, labels[mixed.index]) and torch.equal(got.lam, mixed.lam)
+
+
+def test_its_stream_resumes_from_its_state():
+    images, labels = _batch()
+    a, b = TrainTransform(CutMix(prob=0.5)), TrainTransform(CutMix(prob=0.5))
+    a.seed(7)
+    a(images, labels)
+    b.seed(99)
+    b.load_state_dict(a.state_dict())
+    first, second = a(images, labels), b(images, labels)
+    assert torch.equal(first.images, second.images) and torch.equal(first.targets, second.targets)
+    assert not torch.equal(a(images, labels).images, first.images), "the stream moves on"
+
+
+def test_without_a_mixer_or_after_mix_off_the_targets_are_the_labels():
+    images, labels = _batch()
+    for transform, epoch in ((TrainTransform(None), 0), (TrainTransform(CutMix(prob=1.0), mix_off_epoch=2), 2)):
+        out = transform(images, labels, epoch)
+        assert torch.equal(out.targets, labels) and (out.lam == 1).all() and out.images.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"data.crop_padding=-1 is out of range"):
+        TrainTransform(crop_padding=-1)
+    with pytest.raises(ValueError, match=r"mixer='cutmix' must be a CutMix, MixUp or CutMixUp"):
+        TrainTransform("cutmix")
+
+
+def test_the_datamodule_hands_each_training_batch_to_its_transform_once(tiny_cifar):
+    import lightning as L
+
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, seed=1)
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_epochs=3)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    reference = TrainTransform(dm.mixer)
+    reference.seed(0)  # a stream to overwrite with the DataModule's
+    reference.load_state_dict(dm.transform.state_dict())
+    dm.trainer.training = True
+    got = dm.on_after_batch_transfer((images, labels), 0)
+    want = reference(images, labels, 0)
+    assert torch.equal(got.images, want.images) and torch.equal(got.targets, want.targets)
+    assert dm.state_dict()["batches_done"] == 1
+    dm.trainer.training = False  # evaluation: normalised only, labels untouched
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(x, normalize(images, cifar.MEAN, cifar.STD)) and torch.equal(y, labels)
+
+
+def test_randaugment_runs_after_crop_flip_and_before_mixing_from_the_same_stream():
+    from cutmix_pl.randaugment import RandAugment
+
+    images, labels = _batch()
+    ra = RandAugment(num_ops=2, magnitude=9)
+    transform = TrainTransform(CutMix(prob=1.0), randaugment=ra)
+    transform.seed(4)
+    got = transform(images, labels)
+    gen = torch.Generator().manual_seed(4)
+    x = ra(random_crop_flip(images, 4, True, gen), gen)
+    mixed = CutMix(prob=1.0).mix(normalize(x, cifar.MEAN, cifar.STD), labels, gen)
+    assert torch.equal(got.images, mixed.images) and torch.equal(got.targets, mixed.targets)
+    plain = TrainTransform(CutMix(prob=1.0))
+    plain.seed(4)
+    assert not torch.equal(plain(images, labels).images, got.images)
+    with pytest.raises(ValueError, match="randaugment='ra' must be a cutmix_pl.randaugment.RandAugment"):
+        TrainTransform(randaugment="ra")

@@ -96,7 +96,7 @@ class RandAugment:
         else:
             bins = torch.full((self.num_ops, n), self.magnitude, device=device)
         flip = torch.rand(self.num_ops, n, device=device, generator=generator) <= 0.5
-        signed = torch.tensor([op in _SIGNED for op in OPS], device=device)[ops]
+        signed = _is(ops, _SIGNED)
         mags = self._table(height, width, device)[ops, bins]
         return ops, torch.where(flip & signed, -mags, mags)
 
@@ -139,7 +139,12 @@ def _needed(op: Tensor, name: str) -> bool:
 
 
 def _is(op: Tensor, names: tuple[str, ...]) -> Tensor:
-    return torch.isin(op, torch.tensor([OPS.index(name) for name in names], device=op.device))
+    """Whether each drawn operation is one of ``names``: comparisons with scalars, so no tensor is copied from host
+    memory (a copy that would make the host wait for a GPU every batch)."""
+    mask = op == OPS.index(names[0])
+    for name in names[1:]:
+        mask |= op == OPS.index(name)
+    return mask
 
 
 def _index(name: str) -> int:
@@ -178,8 +183,10 @@ def geometric(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
     ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=x.device)
     base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width),
                         torch.ones(height, width, device=x.device)], -1).view(1, height * width, 3)
-    scale = torch.tensor([0.5 * width, 0.5 * height], device=x.device)
-    grid = base.expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale).view(n, height, width, 2)
+    rescaled = theta.transpose(1, 2).contiguous()  # divided by the half sizes as scalars: no host-to-device copy
+    rescaled[..., 0] /= 0.5 * width
+    rescaled[..., 1] /= 0.5 * height
+    grid = base.expand(n, -1, -1).bmm(rescaled).view(n, height, width, 2)
     warped = F.grid_sample(x.to(torch.float32), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return warped.round_().to(x.dtype)
 

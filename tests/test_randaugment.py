@@ -151,3 +151,22 @@ def test_the_whole_batch_path_of_a_gpu_equals_the_per_branch_path_of_a_cpu():
         for branch in (geometric, blend, lookup):
             whole = branch(whole, op, mag)
     assert torch.equal(whole, ra.apply(x, ops, mags))
+
+
+def test_drawing_and_the_geometric_branch_copy_nothing_from_the_host():
+    """On a GPU the batch path must not make the host wait: no tensor built from host data, no value read back,
+    after the first call (which caches the magnitude table on the device)."""
+    from test_host_sync import HostReads
+
+    from cutmix_pl.randaugment import _BLEND, _LOOKUP, _is, geometric
+
+    x = images(16)
+    ra = RandAugment(num_ops=2, magnitude=9, random_magnitude=True)
+    gen = torch.Generator().manual_seed(0)
+    ra.draw(len(x), 32, 32, x.device, gen)
+    with HostReads() as reads:
+        ops, mags = ra.draw(len(x), 32, 32, x.device, gen)
+        for op, mag in zip(ops, mags):
+            geometric(x, op, mag)
+            _is(op, _BLEND), _is(op, _LOOKUP)
+    assert reads.found == []

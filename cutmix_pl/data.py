@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from . import cifar
 from .augment import CutMix, Mixer
-from .randaugment import RandAugment
 from .loaders import HostBatches, ShardedBatchSampler, TensorBatchLoader, check_batch, check_shards, identity, mix_seed
+from .randaugment import RandAugment
 from .transform import TrainBatch, TrainTransform
 
 __all__ = ["CIFAR10DataModule", "ShardedBatchSampler", "TensorBatchLoader", "TrainBatch", "mix_seed"]

@@ -26,7 +26,6 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-
 class ShardedBatchSampler:
     """Batches of indices for one rank: a shared-seed permutation per epoch, sharded without overlap.
 

@@ -5,18 +5,20 @@ take it::
     python -m cutmix_pl.upgrade runs/cutmix/version_0/checkpoints/last.ckpt upgraded.ckpt
 
 The weights are untouched; only the recorded hyperparameters move under ``net`` (class ``cutmix_pl.resnet.ResNet``).
-The new file is written beside a temporary name and renamed, so an interrupted upgrade leaves no half-written file.
+The new file is written as checkpoints are (``checkpoint_io.atomic_save``), so an interrupted upgrade leaves no
+half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .checkpoint_io import CheckpointWriteError, atomic_save
 
 OLD_KEYS = ("depth", "width", "shortcut")
 
@@ -47,9 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     if not is_old(checkpoint):
         print(f"cutmix-pl: {args.old} already records model.net; nothing to do", file=sys.stderr)
         raise SystemExit(1)
-    tmp = args.new.with_name(f".{args.new.name}.tmp")
-    torch.save(upgrade(checkpoint), tmp)
-    os.replace(tmp, args.new)
+    try:
+        atomic_save(upgrade(checkpoint), args.new)
+    except CheckpointWriteError:
+        print(f"cutmix-pl: error: could not write {args.new}; nothing was left half-written; fix: free space or "
+              "pass another NEW path", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"cutmix-pl: wrote {args.new} (model.net: {checkpoint['hyper_parameters']['net']})", file=sys.stderr)
 
 

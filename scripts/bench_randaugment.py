@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 from cutmix_pl.randaugment import RandAugment
 
 BASE = "torchvision per image, main process"
+LOADER_BATCHES = 4  # batches one call of the DataLoader method augments (an epoch of its data set)
 
 
 class _Augmented(Dataset):
@@ -64,7 +65,7 @@ def methods(batch: torch.Tensor, workers: int) -> dict[str, Callable[[], Any]]:
         "ours per image": lambda: ours(batch, gen),
     }
     if batch.device.type == "cpu" and workers > 0:
-        loader = DataLoader(_Augmented(batch.repeat(4, 1, 1, 1), tv), batch_size=len(batch), num_workers=workers,
+        loader = DataLoader(_Augmented(batch.repeat(LOADER_BATCHES, 1, 1, 1), tv), batch_size=len(batch), num_workers=workers,
                             persistent_workers=True)
         next(iter(loader))  # start the workers outside the timing
         out[f"torchvision per image, DataLoader {workers} workers"] = lambda: [b for b in loader]
@@ -101,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     rates[key].append(batch_size / _timed(fn, device, args.min_time))
             medians = {k: statistics.median(v) for k, v in rates.items()}
             for key, rate in medians.items():
-                # the DataLoader method augments 4 batches per call
-                rate *= 4 if "DataLoader" in key else 1
+                rate *= LOADER_BATCHES if "DataLoader" in key else 1
                 rows.append({"device": name, "batch": batch_size, "method": key, "img_per_s": rate,
                              "vs_base": rate / medians[BASE]})
     print("| device | batch | method | img/s (median) | vs torchvision per image |\n|---|---|---|---|---|")

@@ -24,6 +24,7 @@ METHODS = {  # overlays applied after the budget config
     "cutmix": [],
     "baseline": ["baseline.yaml"],
     "mixup": ["mixup.yaml"],
+    "randaugment": ["randaugment.yaml"],  # RandAugment, then CutMix
 }
 
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p.add_argument("--budget", default="short.yaml", help="config in configs/ that sets the budget")
     p.add_argument("--epochs", type=int, default=None, help="override the budget's max_epochs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["cutmix", "baseline", "mixup"])
     p.add_argument("--reuse", action="store_true", help="skip finished fits and tests; resume interrupted fits")
     p.add_argument("--quiet", action="store_true", help="hide the runs' own output")
     args, extra = p.parse_known_args(argv)  # anything else goes to every CLI call, e.g. --data.train_size 1000

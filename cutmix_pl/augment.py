@@ -38,6 +38,8 @@ __all__ = [
     "sample_beta",
     "to_soft_targets",
     "random_crop_flip",
+    "crop_flip_draw",
+    "crop_flip",
     "normalize",
 ]
 
@@ -138,14 +140,17 @@ class Mixer:
         if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
             got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a 4-D floating tensor [B, C, H, W]; got {got}")
-        batch = images.shape[0]
+        self.check_labels(labels, images.shape[0], images.device)
+
+    def check_labels(self, labels: Tensor, batch: int, device: torch.device) -> None:
+        """Labels for a batch of ``batch`` images on ``device``: integer [B] in [0, K) or float [B, K]."""
         if batch < 1:
             raise ValueError("images must hold at least one sample; got an empty batch")
         k = self.num_classes
         if not isinstance(labels, Tensor):
             raise ValueError(f"labels must be a tensor, integer [B] or float [B, K]; got {type(labels).__name__}")
-        if labels.device != images.device:
-            raise ValueError(f"labels are on {labels.device} but images on {images.device}: put both on one device")
+        if labels.device != device:
+            raise ValueError(f"labels are on {labels.device} but images on {device}: put both on one device")
         if labels.is_floating_point():
             if labels.shape != (batch, k):
                 raise ValueError(f"soft labels must have shape [B, K] = [{batch}, {k}]; got {list(labels.shape)}")
@@ -168,23 +173,36 @@ class Mixer:
         """A batch-mode draw [1] repeated for the n samples (a real tensor, not a stride-0 view)."""
         return t.expand(n).contiguous() if self.mode == "batch" else t
 
-    def _active(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    def _coin(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor | None:
+        """The draw that decides which samples are mixed; None at ``prob`` 1, where the stream and the speed of
+        the default setting do not pay for a coin."""
+        return None if self.prob >= 1.0 else torch.rand(self._draws(n), device=device, generator=generator)
+
+    def _active(self, coin: Tensor | None, n: int, device: torch.device) -> Tensor:
         """Which samples are mixed: each (elem) or the whole batch (batch) with probability ``prob``."""
-        if self.prob >= 1.0:  # no draw: the stream and the speed of the default setting do not pay for a coin
+        if coin is None:
             return torch.ones(n, dtype=torch.bool, device=device)
-        coin = torch.rand(self._draws(n), device=device, generator=generator) < self.prob
-        return self._expand(coin, n)
+        return self._expand(coin < self.prob, n)
 
     def _partners(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
         if self.pairing == "roll":
             return torch.arange(n, device=device).roll(1)
         return torch.randperm(n, device=device, generator=generator)
 
-    def _lam(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
-        return self._expand(sample_beta(self.alpha, self._draws(n), device=device, generator=generator), n)
+    # -- draw the randomness, then apply it ------------------------------------------------------------
+    def draw(self, images: Tensor, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """All of one call's random draws for a batch shaped like ``images``, as tensors on its device: the
+        partner ``index`` and the subclass's own (lambdas, box centres, coins)."""
+        n, _, height, width = images.shape
+        index = self._partners(n, images.device, generator)
+        return {"index": index, **self._draw(n, height, width, images.device, generator)}
 
-    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw one call's randomness. Returns ``(keep, lam, is_cutmix)``:
+    def _draw(self, n: int, height: int, width: int, device: torch.device,
+              generator: torch.Generator | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def weights(self, images: Tensor, draws: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """What the draws mean for these images, with no randomness. Returns ``(keep, lam, is_cutmix)``:
 
         keep: the weight of each sample's own pixels, in the images' dtype, broadcastable to them (1 outside a
             CutMix box and 0 inside it; lambda for MixUp; 1 where unmixed). The partner's weight is ``1 - keep``.
@@ -197,9 +215,13 @@ class Mixer:
     def mix(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Mixed:
         """Mix a batch; returns new images (the input is untouched), float32 targets and what was done."""
         self._check_inputs(images, labels)
-        n, device = images.shape[0], images.device
-        index = self._partners(n, device, generator)
-        keep, lam, is_cutmix = self.weights(images, generator)
+        return self.apply(images, labels, self.draw(images, generator))
+
+    def apply(self, images: Tensor, labels: Tensor, draws: dict[str, Any]) -> Mixed:
+        """Mix a batch with given draws: pure tensor arithmetic, with no randomness and no host reads, so that
+        ``torch.compile`` can fuse it into a few kernels (``TrainTransform(compile=True)``)."""
+        n, device, index = images.shape[0], images.device, draws["index"]
+        keep, lam, is_cutmix = self.weights(images, draws)
         # Gather the partners into a fresh buffer and blend the own images into it in place: two passes over
         # the pixels and one allocation. lerp is exact at weight 0 and 1 (end - (end - start) * 0 there), so a
         # CutMix pixel is a bit-exact copy of the sample or of its partner; on a CPU a float lerp is several
@@ -250,14 +272,6 @@ class CutMix(Mixer):
         self.minmax = minmax
         self.correct_lam = bool(correct_lam)
 
-    def boxes(self, n: int, height: int, width: int, device: torch.device,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Sample boxes (y1, y2, x1, x2), int64 [n], clipped to the image, and the sampled lambda [n]."""
-        lo, hi, lam = self._bounds(self._draws(n), height, width, device, generator)
-        y1, x1 = lo.long()
-        y2, x2 = hi.long()
-        return tuple(self._expand(t, n) for t in (y1, y2, x1, x2, lam))  # type: ignore[return-value]
-
     def _constants(self, height: int, width: int, device: torch.device) -> tuple[Tensor, ...]:
         """Float32 constants on the device, made once rather than copied every call: the sizes, the minmax side
         ranges (all [2, 1], rows y and x) and pixel positions [max(H, W)]."""
@@ -273,36 +287,47 @@ class CutMix(Mixer):
                           torch.arange(max(height, width), dtype=torch.float32, device=device))
         return cache[key]
 
-    def _bounds(self, m: int, height: int, width: int, device: torch.device,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """m boxes as float32 [2, m] (rows: y, x) start and end, clipped to the image, and the sampled lambda [m].
+    def _draw(self, n: int, height: int, width: int, device: torch.device,
+              generator: torch.Generator | None) -> dict[str, Any]:
+        m = self._draws(n)
+        if self.minmax is not None:  # timm's rand_bbox_minmax: two uniforms per axis, for the side and the start
+            draws = {"u": torch.rand(2, 2, m, device=device, generator=generator)}
+        else:  # the paper's Algorithm A1: lambda, and a box centre uniform over the pixels
+            lam = sample_beta(self.alpha, m, device=device, generator=generator)
+            if height == width:
+                centre = torch.randint(height, (2, m), device=device, generator=generator, dtype=torch.float32)
+            else:
+                sizes = self._constants(height, width, device)[0]
+                centre = torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
+            draws = {"lam": lam, "centre": centre}
+        return {**draws, "coin": self._coin(n, device, generator)}
 
-        Both axes are drawn and clipped together, in exact small-integer float32, so that a box costs a
+    def _bounds(self, draws: dict[str, Any], height: int, width: int, device: torch.device
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """The boxes as float32 [2, m] (rows: y, x) start and end, clipped to the image, and the sampled lambda [m].
+
+        Both axes are computed and clipped together, in exact small-integer float32, so that a box costs a
         handful of tiny kernels: at CIFAR sizes the number of kernels, not their work, is the cost.
         """
         sizes, half_sizes, side_lo, span, _ = self._constants(height, width, device)
-        if self.minmax is not None:  # timm's rand_bbox_minmax: sides uniform in [int(min*S), int(max*S))
-            u = torch.rand(2, 2, m, device=device, generator=generator)
+        if self.minmax is not None:  # sides uniform in [int(min*S), int(max*S)), every start position
+            u = draws["u"]
             cut = torch.addcmul(side_lo, u[0], span).floor_()
-            start = (sizes - cut + 1).mul_(u[1]).floor_()  # every position, flush with either edge included
+            start = (sizes - cut + 1).mul_(u[1]).floor_()  # flush with either edge included
             lam = 1.0 - cut[0] * cut[1] / (height * width)  # with minmax, lambda is always the area left
             return start, start + cut, lam
-        # the paper's Algorithm A1: side ratio sqrt(1 - lam), centre uniform, the box clipped to the image.
-        lam = sample_beta(self.alpha, m, device=device, generator=generator)
+        # side ratio sqrt(1 - lam) (Algorithm A1), the box clipped to the image
+        lam, centre = draws["lam"], draws["centre"]
         half = torch.sqrt(1.0 - lam).mul(half_sizes).floor_()  # = int(S * sqrt(1 - lam)) // 2: floor(x / 2)
         # equals floor(floor(x) / 2), and halving a float32 is exact
-        if height == width:
-            centre = torch.randint(height, (2, m), device=device, generator=generator, dtype=torch.float32)
-        else:
-            centre = torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
         return (centre - half).clamp_(min=0), torch.minimum(centre + half, sizes), lam
 
-    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def weights(self, images: Tensor, draws: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         n, _, height, width = images.shape
         device, dtype = images.device, images.dtype
         m = self._draws(n)
-        lo, hi, lam = self._bounds(m, height, width, device, generator)
-        active = self._active(n, device, generator)
+        lo, hi, lam = self._bounds(draws, height, width, device)
+        active = self._active(draws["coin"], n, device)
         # A pixel keeps its own value when its row or its column lies outside the box, so keep is the outer
         # maximum of two [m, H] and [m, W] indicators (computed together as one [2, m, max(H, W)] comparison):
         # one pass over m*H*W elements, a third of the images (m = 1 in batch mode: one [H, W] mask). It is
@@ -333,10 +358,15 @@ class MixUp(Mixer):
                  pairing: Pairing = "perm") -> None:
         super().__init__(alpha, prob, num_classes, mode, pairing)
 
-    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _draw(self, n: int, height: int, width: int, device: torch.device,
+              generator: torch.Generator | None) -> dict[str, Any]:
+        lam = sample_beta(self.alpha, self._draws(n), device=device, generator=generator)
+        return {"lam": lam, "coin": self._coin(n, device, generator)}
+
+    def weights(self, images: Tensor, draws: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         n, device = images.shape[0], images.device
-        lam = self._lam(n, device, generator)
-        lam = torch.where(self._active(n, device, generator), lam, torch.ones_like(lam))
+        lam = self._expand(draws["lam"], n)
+        lam = torch.where(self._active(draws["coin"], n, device), lam, torch.ones_like(lam))
         return lam.view(-1, 1, 1, 1).to(images.dtype), lam, torch.zeros(n, dtype=torch.bool, device=device)
 
 
@@ -371,12 +401,19 @@ class CutMixUp(Mixer):
         for half in (self.cutmix, self.mixup):
             half.mode, half.pairing, half.prob = mode, pairing, 1.0
 
-    def weights(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _draw(self, n: int, height: int, width: int, device: torch.device,
+              generator: torch.Generator | None) -> dict[str, Any]:
+        cut = self.cutmix._draw(n, height, width, device, generator)
+        mix = self.mixup._draw(n, height, width, device, generator)
+        switch = torch.rand(self._draws(n), device=device, generator=generator)
+        return {"cutmix": cut, "mixup": mix, "switch": switch, "coin": self._coin(n, device, generator)}
+
+    def weights(self, images: Tensor, draws: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         n, device = images.shape[0], images.device
-        keep_c, lam_c, _ = self.cutmix.weights(images, generator)
-        keep_m, lam_m, _ = self.mixup.weights(images, generator)
-        use_cut = self._expand(torch.rand(self._draws(n), device=device, generator=generator) < self.switch_prob, n)
-        active = self._active(n, device, generator)
+        keep_c, lam_c, _ = self.cutmix.weights(images, draws["cutmix"])
+        keep_m, lam_m, _ = self.mixup.weights(images, draws["mixup"])
+        use_cut = self._expand(draws["switch"] < self.switch_prob, n)
+        active = self._active(draws["coin"], n, device)
         keep = torch.where(use_cut.view(-1, 1, 1, 1), keep_c, keep_m)
         keep = torch.where(active.view(-1, 1, 1, 1), keep, torch.ones((), dtype=keep.dtype, device=device))
         lam = torch.where(active, torch.where(use_cut, lam_c, lam_m), torch.ones_like(lam_c))
@@ -408,15 +445,26 @@ def random_crop_flip(images: Tensor, padding: int = 4, flip: bool = True,
         raise ValueError(f"images must be [B, C, H, W]; got shape {list(images.shape)}")
     if padding < 0:
         raise ValueError(f"padding={padding!r} is out of range: it must be >= 0")
-    n, c, h, w = images.shape
-    device = images.device
-    padded = F.pad(images, (padding,) * 4) if padding else images
+    return crop_flip(images, padding, crop_flip_draw(len(images), padding, flip, images.device, generator))
+
+
+def crop_flip_draw(n: int, padding: int, flip: bool, device: torch.device,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The random part of :func:`random_crop_flip`: per-sample offsets dy, dx [n, 1] and flips [n, 1] (or None)."""
     dy = torch.randint(2 * padding + 1, (n, 1), device=device, generator=generator)
     dx = torch.randint(2 * padding + 1, (n, 1), device=device, generator=generator)
-    iy = dy + torch.arange(h, device=device)
-    ix = dx + torch.arange(w, device=device)
-    if flip:
-        flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5
+    flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5 if flip else None
+    return dy, dx, flipped
+
+
+def crop_flip(images: Tensor, padding: int, draws: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """The arithmetic part of :func:`random_crop_flip` for given draws: no randomness, no host reads."""
+    dy, dx, flipped = draws
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    iy = dy + torch.arange(h, device=images.device)
+    ix = dx + torch.arange(w, device=images.device)
+    if flipped is not None:
         ix = torch.where(flipped, ix.flip(1), ix)
     rows = padded.gather(2, iy.view(n, 1, h, 1).expand(n, c, h, padded.shape[3]))
     return rows.gather(3, ix.view(n, 1, 1, w).expand(n, c, h, w))

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .augment import Mixer, normalize, random_crop_flip
+from .augment import Mixer, crop_flip, crop_flip_draw, normalize
 from .cifar import MEAN, STD
 from .randaugment import RandAugment
 
@@ -51,11 +51,14 @@ class TrainTransform:
         mean, std: per-channel statistics of the images in [0, 1] (CIFAR-10's by default), for the normalisation.
         max_epochs: the length of training, needed only for a negative ``mix_off_epoch`` (the DataModule sets it
             from ``trainer.max_epochs``).
+        compile: ``torch.compile`` the arithmetic (crop/flip, normalisation, mixing) into a few fused kernels. The
+            random draws stay outside (a handful of kernels on the transform's own generator), so the batch is
+            bit-identical to the uncompiled one; RandAugment, when on, stays uncompiled between crop and mix.
     """
 
     def __init__(self, mixer: Mixer | None = None, mix_off_epoch: int | None = None, crop_padding: int = 4,
                  flip: bool = True, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
-                 max_epochs: int | None = None, randaugment: RandAugment | None = None) -> None:
+                 max_epochs: int | None = None, randaugment: RandAugment | None = None, compile: bool = False) -> None:
         if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
             raise ValueError(f"data.crop_padding={crop_padding!r} is out of range: it must be an integer >= 0")
         if mixer is not None and not isinstance(mixer, Mixer):
@@ -66,12 +69,19 @@ class TrainTransform:
         self.randaugment = randaugment
         self.crop_padding, self.flip = crop_padding, flip
         self.mean, self.std = tuple(mean), tuple(std)
+        self.compile = bool(compile)
         self.generator: torch.Generator | None = None
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._compiled: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (DDP spawn, checkpoints of the DataModule) rebuild the compiled function on first use."""
+        return {**vars(self), "_compiled": None}
 
     def __repr__(self) -> str:
         return (f"TrainTransform(mixer={self.mixer!r}, mix_off_epoch={self.mix_off_epoch!r}, "
-                f"crop_padding={self.crop_padding}, flip={self.flip}, randaugment={self.randaugment!r})")
+                f"crop_padding={self.crop_padding}, flip={self.flip}, randaugment={self.randaugment!r}, "
+                f"compile={self.compile})")
 
     # -- the random stream ----------------------------------------------------------------------------
     def seed(self, seed: int, device: torch.device | str = "cpu") -> None:
@@ -107,26 +117,48 @@ class TrainTransform:
         return off is None or epoch < off
 
     # -- the call ---------------------------------------------------------------------------------------
-    def normalize(self, images: Tensor) -> Tensor:
-        """uint8 images -> standardised float32, with the statistics cached on each device (no copy per step)."""
-        stats = self._stats.get(images.device)
+    def stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The normalisation's mean and std as tensors on ``device``, made once (no copy per step)."""
+        stats = self._stats.get(device)
         if stats is None:
-            stats = self._stats[images.device] = (torch.tensor(self.mean, device=images.device),
-                                                  torch.tensor(self.std, device=images.device))
-        return normalize(images, *stats)
+            stats = self._stats[device] = (torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
+        return stats
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 images -> standardised float32."""
+        return normalize(images, *self.stats(images.device))
 
     def __call__(self, images: Tensor, labels: Tensor, epoch: int = 0,
                  generator: torch.Generator | None = None) -> TrainBatch:
         """Augment a uint8 batch for ``epoch``, drawing from ``generator``, else the transform's own stream (else
         torch's global RNG)."""
         gen = generator if generator is not None else self.generator
+        crop = None
         if self.crop_padding or self.flip:
-            images = random_crop_flip(images, self.crop_padding, self.flip, gen)
+            crop = crop_flip_draw(len(images), self.crop_padding, self.flip, images.device, gen)
         if self.randaugment is not None:
+            images, crop = self._apply_crop(images, crop), None
             images = self.randaugment(images, gen)
-        images = self.normalize(images)
-        if not self.mixing_on(epoch):
+        draws = None
+        if self.mixing_on(epoch):
+            self.mixer.check_labels(labels, len(images), images.device)  # type: ignore[union-attr]
+            draws = self.mixer.draw(images, gen)  # type: ignore[union-attr]
+        apply = self._apply
+        if self.compile:  # built on first use: compiling costs seconds, and copies of the transform drop it
+            if self._compiled is None:
+                self._compiled = torch.compile(self._apply, dynamic=False)
+            apply = self._compiled
+        return apply(images, labels, crop, draws, *self.stats(images.device))
+
+    def _apply_crop(self, images: Tensor, crop: tuple[Tensor, Tensor, Tensor | None] | None) -> Tensor:
+        return images if crop is None else crop_flip(images, self.crop_padding, crop)
+
+    def _apply(self, images: Tensor, labels: Tensor, crop: tuple[Tensor, Tensor, Tensor | None] | None,
+               draws: dict[str, Any] | None, mean: Tensor, std: Tensor) -> TrainBatch:
+        """The drawn batch: crop/flip -> normalise -> mix, with no randomness and no host reads."""
+        images = normalize(self._apply_crop(images, crop), mean, std)
+        if draws is None:
             ones = torch.ones(len(labels), device=labels.device)
             return TrainBatch(images, labels, labels, labels, ones, torch.zeros_like(ones, dtype=torch.bool))
-        mixed = self.mixer.mix(images, labels, gen)  # type: ignore[union-attr]
+        mixed = self.mixer.apply(images, labels, draws)  # type: ignore[union-attr]
         return TrainBatch(mixed.images, mixed.targets, labels, labels[mixed.index], mixed.lam, mixed.is_cutmix)

@@ -11,6 +11,7 @@ repetitions, so a noisy, shared machine biases no method in particular. CUDA blo
 Configurations, all with alpha = 1 and every sample/batch mixed:
   ours elem         cutmix_pl.augment.CutMix(mode="elem")    a box and a lambda per sample
   ours batch        cutmix_pl.augment.CutMix(mode="batch")   one box for the batch
+  ours compiled     (--compile) ours elem, its draws eager, its arithmetic (``apply``) through torch.compile
   timm elem         timm.data.Mixup(mixup_alpha=0, cutmix_alpha=1, prob=1, mode="elem")  (per-sample Python loop)
   timm batch        timm.data.Mixup(..., mode="batch")       (one box for the batch; mutates its input in place)
   torchvision       torchvision.transforms.v2.CutMix(alpha=1) (one box for the batch)
@@ -39,12 +40,17 @@ TIMM_ELEM = "timm Mixup elem"
 GOALS = {"cpu": 5.0, "cuda": 20.0}  # ours elem vs timm elem
 
 
-def build_methods(num_classes: int = NUM_CLASSES) -> dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
+def build_methods(num_classes: int = NUM_CLASSES, compile: bool = False
+                  ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
     """name -> f(images, labels) returning (mixed images, soft targets); timm is optional."""
     methods: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
         "ours CutMix elem": CutMix(alpha=1.0, prob=1.0, num_classes=num_classes, mode="elem"),
         "ours CutMix batch": CutMix(alpha=1.0, prob=1.0, num_classes=num_classes, mode="batch"),
     }
+    if compile:  # the draws stay eager (torch.compile takes no generator); the rest is one compiled graph
+        mixer = CutMix(alpha=1.0, prob=1.0, num_classes=num_classes, mode="elem")
+        apply = torch.compile(mixer.apply, dynamic=False)
+        methods["ours CutMix elem compiled"] = lambda x, y: apply(x, y, mixer.draw(x))[:2]
     try:
         from timm.data import Mixup
     except ImportError:
@@ -141,13 +147,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions per method (median taken)")
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds per timed block (0: one call)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--compile", action="store_true", help="add ours elem with its arithmetic compiled "
+                        "(compiles once per batch size and device: seconds on a GPU, a minute on a small CPU)")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    methods = build_methods()
+    methods = build_methods(compile=args.compile)
     rows: list[dict[str, Any]] = []
     print(f"torch {torch.__version__}; median of {args.reps} interleaved repetitions, "
           f"blocks of >= {args.min_time:g} s; float32 [B, 3, 32, 32], {NUM_CLASSES} classes, alpha 1")

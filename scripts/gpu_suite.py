@@ -16,6 +16,8 @@ after a grace period), its own log, and a status; a failing step is recorded and
   bench_augment  scripts/bench_augment.py on the device
   bench_randaugment  scripts/bench_randaugment.py on the device (ours per image against torchvision and kornia)
   bench_train    scripts/bench_train.py on the device
+  bench_fit      scripts/bench_fit.py: ``fit`` training img/s at batch 512 (bf16, channels-last), the transform
+                 eager against ``--data.compile true``; the eager one against bench_train's fixed-batch step
   throughput     scripts/sweep.py --throughput: one short fit alone, then --parallel K at once; the ratio
   sweep          scripts/sweep.py --grid gpu-results --parallel K --reuse, with --budget-minutes set to what is left
                  and --speedup set to the measured ratio (smoke: --grid smoke)
@@ -70,12 +72,13 @@ from lightning.pytorch.strategies import DDPStrategy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STEPS = ("env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "bench_train", "throughput", "sweep")
+STEPS = ("env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "bench_train", "bench_fit", "throughput",
+         "sweep")
 # Seconds per step: (on the GPU, in --smoke); each is also clipped to what is left of --minutes. The sweep gets the
 # rest. The GPU limits are generous guesses (a few of these steps have never run on a GPU): a step that needs less
 # leaves the difference to the sweep.
-LIMITS = {"env": (60, 45), "data": (90, 30), "pytest": (150, 60), "ddp": (120, 60), "bench_augment": (60, 40),
-          "bench_randaugment": (45, 40), "bench_train": (90, 45), "throughput": (120, 75)}
+LIMITS = {"env": (60, 45), "data": (90, 30), "pytest": (150, 60), "ddp": (120, 60), "bench_augment": (90, 40),
+          "bench_randaugment": (45, 40), "bench_train": (90, 45), "bench_fit": (120, 40), "throughput": (120, 75)}
 SUMMARY_RESERVE = 20  # seconds kept for the summary and the archive
 GRACE = (30, 10)  # seconds between SIGTERM and SIGKILL at a step's limit: a fit saves last.ckpt in it
 ARCHIVE_LIMIT = 15 * 2**20  # the device machine returns files up to 16 MiB
@@ -162,6 +165,7 @@ class Suite:
         self.env_info: dict[str, Any] = {}
         self.data_dir: Path | None = None
         self.speedup: float | None = None
+        self.fixed_batch: float | None = None  # img/s of bench_train's fixed-batch step
 
     # - plumbing -
     def left(self) -> float:
@@ -362,7 +366,7 @@ class Suite:
 
     def step_bench_augment(self, step: Step) -> None:
         argv = (["--devices", "cpu", "--batch-sizes", "64", "--reps", "1", "--min-time", "0"] if self.smoke else
-                ["--devices", "cuda", "--reps", "11", "--min-time", "0.1"])
+                ["--devices", "cuda", "--reps", "11", "--min-time", "0.1", "--compile"])
         rows = self.bench(step, "bench_augment", argv)
         if rows:
             top = max(r["batch"] for r in rows)
@@ -371,6 +375,9 @@ class Suite:
                                                                              ("vs_timm_elem", "timm elem"))
                                if ours.get(k) is not None)
             step.figures = f"batch {top} on {ours['device']}: ours elem {ours['img_per_s']:,.0f} img/s ({ratios})"
+            fused = next((r for r in rows if r["batch"] == top and r["method"] == "ours CutMix elem compiled"), None)
+            if fused is not None:
+                step.figures += f"; compiled {fused['img_per_s']:,.0f} img/s ({fused['vs_torchvision']:.2f}x torchvision)"
 
     def step_bench_randaugment(self, step: Step) -> None:
         argv = (["--devices", "cpu", "--batch-sizes", "32", "--reps", "1", "--min-time", "0", "--workers", "0"]
@@ -396,8 +403,33 @@ class Suite:
         if res:
             step.files.append(str(result))
             rates = [v for k, v in res.items() if "/" not in k]
+            self.fixed_batch = rates[-1]  # (c): the training step alone, on one batch already on the device
             step.figures = ("a, b, c: " + ", ".join(f"{v:,.0f}" for v in rates)
                             + f" img/s; a/b {res['a/b']:.2f}, a/c {res['a/c']:.2f}")
+
+    def step_bench_fit(self, step: Step) -> None:
+        if not self.need_data(step):
+            return
+        # bench_train's settings (batch 512, bf16, channels-last, no torch.compile of the network), so that the
+        # eager fit compares with its fixed-batch step
+        settings = ("--trainer.accelerator cpu --trainer.precision 32-true --model.channels_last false" if self.smoke
+                    else "--trainer.accelerator gpu --trainer.precision bf16-mixed --model.channels_last true")
+        base = f"{REPO}::{settings}"
+        # smoke: the eager variant only (compiling takes a CPU longer than the whole step may)
+        variants = [base] if self.smoke else [base, f"{base} --data.compile true"]
+        argv = [*variants, "--data-dir", str(self.data_dir), "--model.log_images", "false"]
+        argv += (["--batch-size", "32", "--short", "2", "--long", "4", "--reps", "1", "--data.val_size", "100"]
+                 if self.smoke else
+                 ["--batch-size", "512", "--short", "10", "--long", "60", "--reps", "2"])
+        result = self.folder(step.name) / "bench_fit.json"
+        rc, res = self.python_call(step, "bench_fit", result, argv)
+        self.settle(step, rc, None if res else "no results")
+        if res:
+            step.files.append(str(result))
+            eager, *fused = res.values()
+            step.figures = f"fit {eager:,.0f} img/s" + "".join(f"; data.compile {f:,.0f} ({f / eager:.2f}x)" for f in fused)
+            if self.fixed_batch:
+                step.figures += f"; fit / fixed-batch step {eager / self.fixed_batch:.2f}"
 
     # - throughput and sweep -
     def sweep_base(self, out: Path) -> list[str]:

@@ -171,10 +171,14 @@ def test_negative_control_uncorrected_lambda_is_caught():
 class _BoxInside(CutMix):
     """A common wrong CutMix: the centre is drawn so that the box always fits, so it is never clipped."""
 
-    def _bounds(self, m, height, width, device, generator):  # (start, end) float [2, m] for (y, x), lambda [m]
-        lam = torch.rand(m, device=device, generator=generator)
+    def _draw(self, n, height, width, device, generator):
+        lam = torch.rand(n, device=device, generator=generator)
+        return {"lam": lam, "u": torch.rand(2, n, device=device, generator=generator), "coin": None}
+
+    def _bounds(self, draws, height, width, device):  # (start, end) float [2, m] for (y, x), lambda [m]
+        lam = draws["lam"]
         cut = (height * torch.sqrt(1.0 - lam)).floor() // 2 * 2
-        start = (torch.rand(2, m, device=device, generator=generator) * (height - cut + 1)).floor()
+        start = (draws["u"] * (height - cut + 1)).floor()
         return start, start + cut, lam
 
 

@@ -230,16 +230,17 @@ def test_gpu_suite_smoke_runs_every_step_on_the_cpu_in_under_three_minutes(tmp_p
     report = json.loads((out / "suite.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == ["env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "bench_train",
-                           "throughput", "sweep"]
+                           "bench_fit", "throughput", "sweep"]
     assert all(s["status"] == "passed" for s in steps.values()) and report["ok"] is True
     assert all(s["seconds"] <= s["limit"] for s in steps.values())
     assert "8 skipped" in steps["pytest"]["figures"] or "skipped (of" in steps["pytest"]["figures"]
     assert "2 ranks" in steps["ddp"]["figures"] and "backend gloo" in steps["ddp"]["figures"]
     assert "parameters identical" in steps["ddp"]["figures"]
+    assert "fit / fixed-batch step" in steps["bench_fit"]["figures"]
     # the summary is printed last and saved
     summary = (out / "summary.md").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip())
-    assert summary.count("| passed |") == len(steps) == 9 and "all steps passed" in summary
+    assert summary.count("| passed |") == len(steps) == 10 and "all steps passed" in summary
     assert report["env"]["torch"] and report["env"]["lightning"] and report["env"]["device"] == "CPU"
     # the device machine returns <= 8 files, none deeper than $OUT/a/b/file: everything else must be deeper
     returned = [p for p in out.rglob("*") if p.is_file() and len(p.relative_to(out).parts) <= 3]
@@ -248,7 +249,8 @@ def test_gpu_suite_smoke_runs_every_step_on_the_cpu_in_under_three_minutes(tmp_p
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"pytest/junit.xml", "ddp/report/rank0.json", "ddp/report/rank1.json", "sweep/results.csv",
-            "bench_train/bench_train.json", "bench_randaugment/bench_randaugment.json", "throughput/throughput.json"} <= names
+            "bench_train/bench_train.json", "bench_randaugment/bench_randaugment.json", "bench_fit/bench_fit.json",
+            "throughput/throughput.json"} <= names
     assert not any(n.endswith(".ckpt") or n.startswith("data/") for n in names)
     ranks = [json.loads((out / "work" / "steps" / "ddp" / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]

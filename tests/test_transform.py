@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cutmix_pl import cifar
-from cutmix_pl.augment import CutMix, normalize, random_crop_flip
+from cutmix_pl.augment import CutMix, crop_flip_draw, normalize, random_crop_flip
 from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.transform import TrainTransform
 
@@ -86,3 +86,29 @@ def test_randaugment_runs_after_crop_flip_and_before_mixing_from_the_same_stream
     assert not torch.equal(plain(images, labels).images, got.images)
     with pytest.raises(ValueError, match="randaugment='ra' must be a cutmix_pl.randaugment.RandAugment"):
         TrainTransform(randaugment="ra")
+
+
+def test_compiled_transform_draws_the_same_batch_and_cutmix_stays_a_pixel_copy():
+    """compile=True fuses the arithmetic; the draws, boxes, labels and lambdas are the eager ones exactly. Only the
+    normalisation may round differently (a fused multiply-add), by at most one float32 ulp."""
+    images, labels = _batch(64)
+    eager, fused = TrainTransform(CutMix(prob=0.5), mix_off_epoch=1), TrainTransform(CutMix(prob=0.5), mix_off_epoch=1,
+                                                                                      compile=True)
+    for t in (eager, fused):
+        t.seed(5)
+    want, got = eager(images, labels, epoch=0), fused(images, labels, epoch=0)
+    for name in ("targets", "labels", "partner", "lam", "is_cutmix"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.images, want.images, rtol=0, atol=3e-7)
+    # Seeded again, the unmixed epoch draws the same crops and nothing else: the compiled normalised batch that was
+    # mixed. Each mixed pixel must be exactly the image's own pixel or its partner's from that batch.
+    for t in (eager, fused):
+        t.seed(5)
+    plain = fused(images, labels, epoch=1).images
+    gen = torch.Generator().manual_seed(5)
+    crop_flip_draw(len(images), 4, True, images.device, gen)
+    mixer = fused.mixer
+    draws = mixer.draw(plain, gen)
+    keep = mixer.weights(plain, draws)[0].bool().expand_as(plain)
+    assert torch.equal(got.images, torch.where(keep, plain, plain[draws["index"]]))
+    assert 0 < keep.logical_not().float().mean() < 0.5  # some pixels pasted, most kept (prob 0.5)

@@ -54,9 +54,10 @@ class CIFAR10DataModule(L.LightningDataModule):
             so 0 is usually fastest.
         seed: seed of the epoch permutations and augmentation; null follows ``seed_everything``. Each DDP
             rank derives its own augmentation stream from it.
-        compile: ``torch.compile`` the training transform's arithmetic (crop/flip, normalisation, mixing) into a
-            few fused kernels, for GPUs, where the many small kernels of per-sample CutMix cost launches. The same
-            draws, so the same boxes and labels; the normalisation may round differently by one float32 ulp.
+        compile_transform: ``torch.compile`` the training transform's arithmetic (crop/flip, normalisation,
+            mixing) into a few fused kernels, for GPUs, where the many small kernels of per-sample CutMix cost
+            launches. The same draws, so the same boxes and labels; the normalisation may round differently by one
+            float32 ulp.
     """
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
@@ -64,7 +65,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                  train_size: int | None = None, mixer: Mixer | None = CutMix(alpha=1.0, prob=0.5),
                  mix_off_epoch: int | None = None, crop_padding: int = 4, flip: bool = True,
                  randaugment: RandAugment | None = None, resident: bool = True, num_workers: int = 0,
-                 seed: int | None = None, compile: bool = False) -> None:
+                 seed: int | None = None, compile_transform: bool = False) -> None:
         super().__init__()
         # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
         for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1),
@@ -80,7 +81,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match CIFAR-10's "
                              f"{self.num_classes} classes")
         self.transform = TrainTransform(mixer, mix_off_epoch, crop_padding, flip, cifar.MEAN, cifar.STD,
-                                        randaugment=randaugment, compile=compile)
+                                        randaugment=randaugment, compile=compile_transform)
         # TensorBoard's HPARAMS tab shows these next to the model's; the mixer and RandAugment as their readable repr.
         self.save_hyperparameters(ignore=["mixer", "randaugment"])
         self.save_hyperparameters({"mixer": repr(mixer) if mixer is not None else "none",

@@ -40,7 +40,7 @@ MAY_CHANGE = (
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.limit_predict_batches",
     "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
-    "data.data_dir", "data.download", "data.eval_batch_size", "data.num_workers", "data.compile",
+    "data.data_dir", "data.download", "data.eval_batch_size", "data.num_workers", "data.compile_transform",
     "model.compile", "model.channels_last", "model.tta_flip", "model.log_images", "model.grid_size",
     # filled in from data.num_classes by the CLI's links, so not a setting of its own (and unset before instantiation)
     "model.num_classes", "model.net.init_args.num_classes",

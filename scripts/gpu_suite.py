@@ -17,7 +17,8 @@ after a grace period), its own log, and a status; a failing step is recorded and
   bench_randaugment  scripts/bench_randaugment.py on the device (ours per image against torchvision and kornia)
   bench_train    scripts/bench_train.py on the device
   bench_fit      scripts/bench_fit.py: ``fit`` training img/s at batch 512 (bf16, channels-last), the transform
-                 eager against ``--data.compile true``; the eager one against bench_train's fixed-batch step
+                 eager against ``--data.compile_transform true``; the eager fit against bench_train's fixed-batch
+                 step (smoke: the eager fit only)
   throughput     scripts/sweep.py --throughput: one short fit alone, then --parallel K at once; the ratio
   sweep          scripts/sweep.py --grid gpu-results --parallel K --reuse, with --budget-minutes set to what is left
                  and --speedup set to the measured ratio (smoke: --grid smoke)
@@ -416,7 +417,7 @@ class Suite:
                     else "--trainer.accelerator gpu --trainer.precision bf16-mixed --model.channels_last true")
         base = f"{REPO}::{settings}"
         # smoke: the eager variant only (compiling takes a CPU longer than the whole step may)
-        variants = [base] if self.smoke else [base, f"{base} --data.compile true"]
+        variants = [base] if self.smoke else [base, f"{base} --data.compile_transform true"]
         argv = [*variants, "--data-dir", str(self.data_dir), "--model.log_images", "false"]
         argv += (["--batch-size", "32", "--short", "2", "--long", "4", "--reps", "1", "--data.val_size", "100"]
                  if self.smoke else
@@ -427,7 +428,8 @@ class Suite:
         if res:
             step.files.append(str(result))
             eager, *fused = res.values()
-            step.figures = f"fit {eager:,.0f} img/s" + "".join(f"; data.compile {f:,.0f} ({f / eager:.2f}x)" for f in fused)
+            step.figures = f"fit {eager:,.0f} img/s" + "".join(f"; compiled transform {f:,.0f} img/s ({f / eager:.2f}x)"
+                                                                for f in fused)
             if self.fixed_batch:
                 step.figures += f"; fit / fixed-batch step {eager / self.fixed_batch:.2f}"
 

@@ -182,3 +182,13 @@ def test_code_defaults_are_the_recipe():
     mixer = CIFAR10DataModule().mixer
     assert f"{type(mixer).__module__}.{type(mixer).__name__}" == data["mixer"]["class_path"]
     assert all(getattr(mixer, k) == v for k, v in data["mixer"]["init_args"].items())
+
+
+@pytest.mark.slow
+def test_fit_with_a_compiled_transform(tiny_cifar, in_tmp):
+    """data.compile_transform through the CLI: its hparam sits beside model.compile (Lightning merges the two sets of
+    hparams and refuses a shared key with different values), and training runs through the compiled transform."""
+    cli = fit(tiny_cifar, "--data.compile_transform", "true", "--trainer.max_epochs", "1", "--model.log_images", "false")
+    assert cli.datamodule.transform._compiled is not None  # the compiled function made the batches
+    assert cli.datamodule.hparams.compile_transform is True and cli.model.hparams.compile is False
+    assert cli.trainer.global_step > 0 and torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])

@@ -93,7 +93,8 @@ class ImageClassifier(L.LightningModule):
             ``step`` (x0.1 at 50% and 75%) or ``constant``.
         warmup_epochs: linear warm-up from 0, in epochs (fractions allowed), >= 0.
         label_smoothing: smoothing of the targets in the loss, in [0, 1); applied once, mixed or not.
-        channels_last: run the network in channels-last memory format (faster convolutions on GPUs).
+        channels_last: run the network in channels-last memory format (faster convolutions on GPUs and AVX-512
+            CPUs); None: the CLI chooses for the machine at start (``hardware.py``), plain Python keeps NCHW.
         compile: ``torch.compile`` the network.
         tta_flip: average predictions over the image and its mirror image in ``test`` and ``predict``.
         log_images: once per epoch, log a captioned grid of the first mixed training images to TensorBoard.
@@ -102,7 +103,7 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(self, net: nn.Module | None = None, num_classes: int = 10, optimizer: OptimizerCallable | None = None,
                  lr_schedule: Schedule = "cosine", warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
-                 channels_last: bool = False, compile: bool = False, tta_flip: bool = False, log_images: bool = True,
+                 channels_last: bool | None = None, compile: bool = False, tta_flip: bool = False, log_images: bool = True,
                  grid_size: int = 16) -> None:
         super().__init__()
         if lr_schedule not in SCHEDULES:
@@ -185,7 +186,7 @@ class ImageClassifier(L.LightningModule):
         return callbacks
 
     def configure_model(self) -> None:
-        if self.hparams.channels_last:
+        if self.hparams.channels_last:  # None (not chosen) is NCHW
             self.net.to(memory_format=torch.channels_last)
         # Module.compile() compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the
         # state-dict keys, so a checkpoint of a compiled run loads into an uncompiled model (visualize.py, CPU).
@@ -207,15 +208,28 @@ class ImageClassifier(L.LightningModule):
         dominant = batch.targets.argmax(-1) if batch.targets.is_floating_point() else batch.targets
         n = len(batch.images)
         self.train_acc.update((logits.detach().argmax(-1) == dominant).float().mean(), n)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         self.train_loss.update(loss, n)  # the epoch mean, reduced over DDP ranks
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
-        # self.log turns a Python float into a tensor with a host-to-device copy, a synchronisation on a GPU;
-        # torch.full writes it with a kernel instead.
-        lr = torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"], device=loss.device)
-        self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=n)
+        if self._writes_logs():
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+            # self.log turns a Python float into a tensor with a host-to-device copy, a synchronisation on a GPU;
+            # torch.full writes it with a kernel instead.
+            lr = torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"], device=loss.device)
+            self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=n)
         return loss
+
+    def _writes_logs(self) -> bool:
+        """Whether Lightning writes this step's values: after every ``trainer.log_every_n_steps``-th optimiser step.
+        Values logged on other steps are dropped, yet each self.log call costs the host about a millisecond (it moves
+        the value's record to the device), so per-step values are logged only when they will be written."""
+        every = self.trainer.log_every_n_steps
+        return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
+
+    def on_train_epoch_end(self) -> None:
+        # Logged once an epoch rather than every step: Lightning moves a logged metric's states to the device on
+        # every self.log call (a module traversal, the dearest per-step cost of the fit loop on the host), and these
+        # two are read only at the epoch's end.
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True)
 
     def _watch_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop on a non-finite loss, naming where. On a GPU the flag is read only every logging interval,

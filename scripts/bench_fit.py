@@ -11,6 +11,10 @@ treats them alike. Example, the working tree against the last commit::
 A variant is ``CHECKOUT`` or ``CHECKOUT::FLAGS`` (flags for that variant only), so settings compare the same way::
 
     python scripts/bench_fit.py . ".::--trainer.precision bf16-mixed --model.channels_last true"
+
+``--events`` times instead the steps inside one ``--long`` fit, from the wall times of its logged ``train/lr`` values
+(logged every 10 steps; the first ``--short`` steps are left out as warm-up): no start-up in the figure at all, which
+matters where the per-step difference is small next to the start-up's noise (a tiny network, a loaded machine).
 """
 
 from __future__ import annotations
@@ -25,10 +29,15 @@ import time
 from pathlib import Path
 
 
-def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: list[str]) -> float:
+def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: list[str],
+                events: list[tuple[int, float]] | None = None) -> float:
+    """Wall time of one fit of ``batches`` training batches; with ``events``, also fill it with the (step, wall
+    time) of the fit's logged ``train/lr`` values."""
     folder, _, flags = variant.partition("::")
     checkout = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
+        if events is not None:
+            extra = [*extra, "--trainer.log_every_n_steps", "10"]
         cmd = [sys.executable, "-m", "cutmix_pl", "fit", "--config", "configs/smoke.yaml",
                "--data.data_dir", str(Path(args.data_dir).resolve()), "--data.download", "false",
                "--data.batch_size", str(args.batch_size), "--trainer.limit_train_batches", str(batches),
@@ -38,7 +47,14 @@ def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: lis
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
         start = time.perf_counter()
         subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if events is not None:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            for run in Path(tmp).rglob("events.out.tfevents.*"):
+                acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+                events += [(e.step, e.wall_time) for e in acc.Scalars("train/lr")]
+        return seconds
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -49,17 +65,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--short", type=int, default=5, help="training batches of the short fit (>= 2)")
     parser.add_argument("--long", type=int, default=25, help="training batches of the long fit")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median taken)")
+    parser.add_argument("--events", action="store_true", help="time the logged steps inside one --long fit")
     args, extra = parser.parse_known_args(argv)
     if not args.long > args.short >= 2:  # Lightning reads a limit of 1 as 1.0, all the batches
         parser.error(f"--long={args.long} must be greater than --short={args.short} >= 2")
     rates: dict[str, list[float]] = {v: [] for v in args.variants}
     for rep in range(args.reps):
         for variant in args.variants:
-            short = fit_seconds(variant, args.short, args, extra)
-            long = fit_seconds(variant, args.long, args, extra)
-            rate = (args.long - args.short) * args.batch_size / (long - short)
+            if args.events:
+                events: list[tuple[int, float]] = []
+                fit_seconds(variant, args.long, args, extra, events)
+                (s0, w0), (s1, w1) = next(e for e in events if e[0] >= args.short), events[-1]
+                rate, how = (s1 - s0) * args.batch_size / (w1 - w0), f"steps {s0}-{s1} in {w1 - w0:.2f} s"
+            else:
+                short = fit_seconds(variant, args.short, args, extra)
+                long = fit_seconds(variant, args.long, args, extra)
+                rate, how = (args.long - args.short) * args.batch_size / (long - short), f"{short:.1f} s / {long:.1f} s"
             rates[variant].append(rate)
-            print(f"rep {rep}: {variant}: {rate:,.0f} img/s ({short:.1f} s / {long:.1f} s)", flush=True)
+            print(f"rep {rep}: {variant}: {rate:,.0f} img/s ({how})", flush=True)
     medians = {k: statistics.median(v) for k, v in rates.items()}
     first = medians[args.variants[0]]
     print(f"\nfit training speed, batch {args.batch_size}, median of {args.reps} interleaved repetitions:")

@@ -192,3 +192,15 @@ def test_fit_with_a_compiled_transform(tiny_cifar, in_tmp):
     assert cli.datamodule.transform._compiled is not None  # the compiled function made the batches
     assert cli.datamodule.hparams.compile_transform is True and cli.model.hparams.compile is False
     assert cli.trainer.global_step > 0 and torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+
+
+def test_step_values_are_logged_on_the_steps_lightning_writes(tiny_cifar, in_tmp):
+    """train/loss and train/lr are logged only on the steps Lightning writes (every log_every_n_steps-th): none of
+    those is missed, and the epoch means still cover every step."""
+    cli = fit(tiny_cifar, "--trainer.log_every_n_steps", "3", "--model.log_images", "false")
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
+    steps = cli.trainer.global_step
+    assert steps >= 6
+    for tag in ("train/loss", "train/lr"):
+        assert [e.step for e in acc.Scalars(tag)] == [s for s in range(steps) if (s + 1) % 3 == 0], tag
+    assert len(acc.Scalars("train/loss_epoch")) == len(acc.Scalars("train/acc_dominant")) == cli.trainer.max_epochs

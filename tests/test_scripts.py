@@ -133,3 +133,14 @@ def test_data_efficiency_table_and_plot(tmp_path):
     assert rows[1]["gain"] == pytest.approx(0.01) and rows[1]["seeds"] == 1
     assert "| 5,000 | 2 | 71.00% ± 1.00 | 66.50% ± 0.50 | +4.50 ± 0.50 | +4.00, +5.00 |" in load("data_efficiency").table(rows)
     assert_png(tmp_path / "gain.png", (300, 200))
+
+
+def test_bench_fit_times_the_logged_steps_of_one_fit(tiny_cifar, capsys):
+    """--events: the rate comes from the wall times of the logged steps after the warm-up, one fit per variant."""
+    repo = str(SCRIPTS.parent)
+    rates = load("bench_fit").main([f"{repo}::--data.flip false", "--events", "--data-dir", str(tiny_cifar),
+                                    "--reps", "1", "--batch-size", "16", "--short", "5", "--long", "30",
+                                    "--data.val_size", "100", "--model.log_images", "false"])
+    assert list(rates) == [f"{repo}::--data.flip false"] and rates[f"{repo}::--data.flip false"] > 0
+    # logged every 10 steps; step 9 is the first after the 5 of warm-up
+    assert "rep 0: " in (out := capsys.readouterr().out) and "steps 9-29 in" in out

@@ -54,6 +54,8 @@ class CIFAR10DataModule(L.LightningDataModule):
             so 0 is usually fastest.
         seed: seed of the epoch permutations and augmentation; null follows ``seed_everything``. Each DDP
             rank derives its own augmentation stream from it.
+        drop_last: leave out each epoch's ragged last training batch, so that every step has the same shape (a new
+            shape is a new graph for ``model.compile: reduce-overhead``, CUDA graphs).
         compile_transform: ``torch.compile`` the training transform's arithmetic (crop/flip, normalisation,
             mixing) into a few fused kernels, for GPUs, where the many small kernels of per-sample CutMix cost
             launches. The same draws, so the same boxes and labels; the normalisation may round differently by one
@@ -65,7 +67,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                  train_size: int | None = None, mixer: Mixer | None = CutMix(alpha=1.0, prob=0.5),
                  mix_off_epoch: int | None = None, crop_padding: int = 4, flip: bool = True,
                  randaugment: RandAugment | None = None, resident: bool = True, num_workers: int = 0,
-                 seed: int | None = None, compile_transform: bool = False) -> None:
+                 seed: int | None = None, drop_last: bool = False, compile_transform: bool = False) -> None:
         super().__init__()
         # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
         for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1),
@@ -89,7 +91,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.train_size = val_size, split_seed, train_size
-        self.resident, self.num_workers, self.seed = resident, num_workers, seed
+        self.resident, self.num_workers, self.seed, self.drop_last = resident, num_workers, seed, drop_last
         self.classes = cifar.CLASSES
         self._splits: dict[str, cifar.Split] = {}
         self._on_device: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
@@ -164,7 +166,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         check_shards(name, len(split.labels), world, self.val_size)
         home = device if self.resident else torch.device("cpu")
         sampler = ShardedBatchSampler(len(split.labels), global_batch // world, shuffle=shuffle,
-                                      seed=self._seed(), rank=rank, world_size=world, device=home)
+                                      seed=self._seed(), rank=rank, world_size=world, device=home,
+                                      drop_last=self.drop_last)
         if self.resident:
             key = (name, str(device))
             if key not in self._on_device:  # one copy per split and device, made once

@@ -32,16 +32,18 @@ class ShardedBatchSampler:
     All ranks draw the same permutation (same ``seed``, same epoch) and rank r takes every ``world_size``-th
     index from r, so shards are disjoint. In training mode (``shuffle``) every rank gets ``size // world_size``
     indices, so all ranks run the same number of steps (DDP needs that); the few left over change every
-    epoch. In eval mode the shards are contiguous and together cover every index exactly once.
+    epoch. In eval mode the shards are contiguous and together cover every index exactly once. ``drop_last`` (training
+    only) leaves out the ragged last batch, so that every step has the same shape.
     """
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu") -> None:
+                 world_size: int = 1, device: torch.device | str = "cpu", drop_last: bool = False) -> None:
         if size < 1 or batch_size < 1:
             raise ValueError(f"size={size} and batch_size={batch_size} must both be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
+        self.drop_last = drop_last and shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.epoch = 0
@@ -74,6 +76,8 @@ class ShardedBatchSampler:
         return perm[self.rank :: self.world_size][:per_rank]
 
     def _bounds(self, count: int) -> list[int]:
+        if self.drop_last and count >= self.batch_size:  # a shard smaller than a batch keeps its one batch
+            count -= count % self.batch_size
         starts = list(range(0, count, self.batch_size))
         # BatchNorm cannot train on a single sample: a lone last training sample waits for the next epoch.
         if self.shuffle and count - starts[-1] == 1 and len(starts) > 1:

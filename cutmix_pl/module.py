@@ -24,6 +24,8 @@ from .schedules import SCHEDULES, Schedule, lr_factor
 
 __all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
+
 
 class SoftTargetCrossEntropy(nn.Module):
     """-(t * log_softmax(z)).sum(-1).mean() for probability-vector targets t; integer labels are one-hot.
@@ -95,7 +97,9 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: smoothing of the targets in the loss, in [0, 1); applied once, mixed or not.
         channels_last: run the network in channels-last memory format (faster convolutions on GPUs and AVX-512
             CPUs); None: the CLI chooses for the machine at start (``hardware.py``), plain Python keeps NCHW.
-        compile: ``torch.compile`` the network.
+        compile: ``torch.compile`` the network: true (the default mode) or a mode name; ``reduce-overhead`` also
+            captures the network's forward and backward as CUDA graphs on a GPU (pair it with ``data.drop_last``:
+            each new batch shape is a new graph).
         tta_flip: average predictions over the image and its mirror image in ``test`` and ``predict``.
         log_images: once per epoch, log a captioned grid of the first mixed training images to TensorBoard.
         grid_size: number of images in that grid.
@@ -103,13 +107,16 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(self, net: nn.Module | None = None, num_classes: int = 10, optimizer: OptimizerCallable | None = None,
                  lr_schedule: Schedule = "cosine", warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
-                 channels_last: bool | None = None, compile: bool = False, tta_flip: bool = False, log_images: bool = True,
-                 grid_size: int = 16) -> None:
+                 channels_last: bool | None = None, compile: bool | str = False, tta_flip: bool = False,
+                 log_images: bool = True, grid_size: int = 16) -> None:
         super().__init__()
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
         if not warmup_epochs >= 0:
             raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be >= 0")
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ValueError(f"model.compile={compile!r} is not allowed: choose true, false or a torch.compile mode, "
+                             f"one of {', '.join(COMPILE_MODES)}; fix: e.g. --model.compile reduce-overhead")
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
             raise ValueError(f"model.grid_size={grid_size!r} is out of range: it must be an integer >= 1 (images in "
                              "the logged grid); fix: e.g. 16, or model.log_images false for no grid")
@@ -191,7 +198,7 @@ class ImageClassifier(L.LightningModule):
         # Module.compile() compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the
         # state-dict keys, so a checkpoint of a compiled run loads into an uncompiled model (visualize.py, CPU).
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.net.compile()
+            self.net.compile(mode=None if self.hparams.compile is True else self.hparams.compile)
             self._compiled = True
 
     def forward(self, x: Tensor) -> Tensor:

@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if args.events:
                 events: list[tuple[int, float]] = []
                 fit_seconds(variant, args.long, args, extra, events)
-                (s0, w0), (s1, w1) = next(e for e in events if e[0] >= args.short), events[-1]
+                timed = [e for e in events if e[0] >= args.short]
+                if len(timed) < 2:
+                    raise SystemExit(f"bench_fit: --events needs two logged steps (every 10th) after --short "
+                                     f"{args.short} within --long {args.long}; fix: a --long of at least "
+                                     f"{args.short + 21}")
+                (s0, w0), (s1, w1) = timed[0], timed[-1]
                 rate, how = (s1 - s0) * args.batch_size / (w1 - w0), f"steps {s0}-{s1} in {w1 - w0:.2f} s"
             else:
                 short = fit_seconds(variant, args.short, args, extra)

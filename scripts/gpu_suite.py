@@ -16,9 +16,9 @@ after a grace period), its own log, and a status; a failing step is recorded and
   bench_augment  scripts/bench_augment.py on the device
   bench_randaugment  scripts/bench_randaugment.py on the device (ours per image against torchvision and kornia)
   bench_train    scripts/bench_train.py on the device
-  bench_fit      scripts/bench_fit.py: ``fit`` training img/s at batch 512 (bf16, channels-last), the transform
-                 eager against ``--data.compile_transform true``; the eager fit against bench_train's fixed-batch
-                 step (smoke: the eager fit only)
+  bench_fit      scripts/bench_fit.py --events: ``fit`` training img/s at batch 512 (bf16, channels-last): eager,
+                 the transform compiled, and the static-shape engine (CUDA graphs of the network, drop_last, the
+                 transform compiled); the eager fit against bench_train's fixed-batch step (smoke: eager only)
   throughput     scripts/sweep.py --throughput: one short fit alone, then --parallel K at once; the ratio
   sweep          scripts/sweep.py --grid gpu-results --parallel K --reuse, with --budget-minutes set to what is left
                  and --speedup set to the measured ratio (smoke: --grid smoke)
@@ -79,7 +79,7 @@ STEPS = ("env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "
 # rest. The GPU limits are generous guesses (a few of these steps have never run on a GPU): a step that needs less
 # leaves the difference to the sweep.
 LIMITS = {"env": (60, 45), "data": (90, 30), "pytest": (150, 60), "ddp": (120, 60), "bench_augment": (90, 40),
-          "bench_randaugment": (45, 40), "bench_train": (90, 45), "bench_fit": (120, 40), "throughput": (120, 75)}
+          "bench_randaugment": (45, 40), "bench_train": (90, 45), "bench_fit": (180, 40), "throughput": (120, 75)}
 SUMMARY_RESERVE = 20  # seconds kept for the summary and the archive
 GRACE = (30, 10)  # seconds between SIGTERM and SIGKILL at a step's limit: a fit saves last.ckpt in it
 ARCHIVE_LIMIT = 15 * 2**20  # the device machine returns files up to 16 MiB
@@ -416,20 +416,25 @@ class Suite:
         settings = ("--trainer.accelerator cpu --trainer.precision 32-true --model.channels_last false" if self.smoke
                     else "--trainer.accelerator gpu --trainer.precision bf16-mixed --model.channels_last true")
         base = f"{REPO}::{settings}"
-        # smoke: the eager variant only (compiling takes a CPU longer than the whole step may)
-        variants = [base] if self.smoke else [base, f"{base} --data.compile_transform true"]
-        argv = [*variants, "--data-dir", str(self.data_dir), "--model.log_images", "false"]
-        argv += (["--batch-size", "32", "--short", "2", "--long", "4", "--reps", "1", "--data.val_size", "100"]
+        # the transform compiled; then the static-shape engine: the network's forward and backward as CUDA graphs
+        # (torch.compile mode reduce-overhead), every batch one shape, the transform compiled. Smoke: the eager
+        # variant only (compiling takes a CPU longer than the whole step may).
+        variants = [base] if self.smoke else [
+            base, f"{base} --data.compile_transform true",
+            f"{base} --data.compile_transform true --data.drop_last true --model.compile reduce-overhead"]
+        argv = [*variants, "--events", "--data-dir", str(self.data_dir), "--model.log_images", "false"]
+        argv += (["--batch-size", "16", "--short", "5", "--long", "30", "--reps", "1", "--data.val_size", "100"]
                  if self.smoke else
-                 ["--batch-size", "512", "--short", "10", "--long", "60", "--reps", "2"])
+                 ["--batch-size", "512", "--short", "20", "--long", "80", "--reps", "1"])
         result = self.folder(step.name) / "bench_fit.json"
         rc, res = self.python_call(step, "bench_fit", result, argv)
         self.settle(step, rc, None if res else "no results")
         if res:
             step.files.append(str(result))
-            eager, *fused = res.values()
-            step.figures = f"fit {eager:,.0f} img/s" + "".join(f"; compiled transform {f:,.0f} img/s ({f / eager:.2f}x)"
-                                                                for f in fused)
+            eager, *faster = res.values()
+            step.figures = f"fit {eager:,.0f} img/s" + "".join(
+                f"; {name} {rate:,.0f} img/s ({rate / eager:.2f}x)"
+                for name, rate in zip(("compiled transform", "graphs"), faster))
             if self.fixed_batch:
                 step.figures += f"; fit / fixed-batch step {eager / self.fixed_batch:.2f}"
 

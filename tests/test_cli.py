@@ -204,3 +204,18 @@ def test_step_values_are_logged_on_the_steps_lightning_writes(tiny_cifar, in_tmp
     for tag in ("train/loss", "train/lr"):
         assert [e.step for e in acc.Scalars(tag)] == [s for s in range(steps) if (s + 1) % 3 == 0], tag
     assert len(acc.Scalars("train/loss_epoch")) == len(acc.Scalars("train/acc_dominant")) == cli.trainer.max_epochs
+
+
+def test_drop_last_trains_the_same_steps_minus_the_ragged_batch(tiny_cifar, in_tmp):
+    """The static-shape setting (data.drop_last) changes nothing but the dropped batch: with a constant learning rate
+    the loss of every step it keeps equals today's, bit for bit."""
+    flags = ["--trainer.max_epochs", "1", "--model.lr_schedule", "constant", "--model.warmup_epochs", "0",
+             "--model.log_images", "false", "--trainer.precision", "32-true"]
+    losses = []
+    for drop in ("false", "true"):
+        cli = fit(tiny_cifar, *flags, "--data.drop_last", drop)
+        acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
+        losses.append([e.value for e in acc.Scalars("train/loss")])
+    today, static = losses
+    assert len(today) == 9 and len(static) == 8  # 540 training images in batches of 64: the 28-image batch dropped
+    assert static == today[:8]

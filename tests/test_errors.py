@@ -73,6 +73,7 @@ CONFIG_CASES = {
     "grid_size 0": (["--model.grid_size", "0"], ["model.grid_size=0", "integer >= 1", "fix:"]),
     "grid_size negative": (["--model.grid_size", "-3"], ["model.grid_size=-3", "integer >= 1", "fix:"]),
     "max_epochs -1": (["--trainer.max_epochs", "-1"], ["trainer.max_epochs=-1", "a value >= 1", "fix:"]),
+    "compile mode unknown": (["--model.compile", "fast"], ["model.compile='fast'", "reduce-overhead", "fix:"]),
 }
 
 

@@ -58,6 +58,21 @@ def test_one_shuffled_rank_and_its_loader_cover_every_index_once(tiny_cifar):
     assert len(loader) == 10 == sum(1 for _ in loader)
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_drop_last_gives_training_batches_of_one_shape(world):
+    for rank in range(world):
+        kept = ShardedBatchSampler(1000, 64, shuffle=True, seed=2, rank=rank, world_size=world, drop_last=True)
+        full = ShardedBatchSampler(1000, 64, shuffle=True, seed=2, rank=rank, world_size=world)
+        batches, all_batches = list(kept), list(full)
+        assert {len(b) for b in batches} == {64} and len(kept) == len(batches) == (1000 // world) // 64
+        assert len(all_batches) == len(batches) + 1 and len(all_batches[-1]) < 64
+        assert all(torch.equal(a, b) for a, b in zip(batches, all_batches))  # the same batches, the ragged one left out
+    evaluation = ShardedBatchSampler(1000, 64, shuffle=False, drop_last=True)  # evaluation sees every image
+    assert sum(len(b) for b in evaluation) == 1000
+    small = ShardedBatchSampler(40, 64, shuffle=True, drop_last=True)  # smaller than a batch: one batch, not none
+    assert [len(b) for b in small] == [40]
+
+
 @pytest.mark.parametrize("resident", [True, False])
 def test_lightning_set_epoch_reaches_our_sampler(tiny_cifar, resident):
     """Lightning calls set_epoch on loader.sampler / loader.batch_sampler.sampler only; it must reach us, or every

@@ -144,3 +144,9 @@ def test_bench_fit_times_the_logged_steps_of_one_fit(tiny_cifar, capsys):
     assert list(rates) == [f"{repo}::--data.flip false"] and rates[f"{repo}::--data.flip false"] > 0
     # logged every 10 steps; step 9 is the first after the 5 of warm-up
     assert "rep 0: " in (out := capsys.readouterr().out) and "steps 9-29 in" in out
+
+
+def test_count_ops_counts_each_part_of_a_step():
+    counts = load("count_ops").main(["--depth", "8", "--batch-size", "16", "--no-compile"])
+    # a ResNet-8's forward and backward dispatch far more ops than the transform, and foreach SGD only a few
+    assert counts["forward + backward"] > counts["transform (eager)"] > 20 > counts["optimiser step"] > 0

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -25,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import runs
+from . import hardware, runs
 from .run_plan import RunPlan, blocked
 from .callbacks import Interrupted, PredictionWriter, StopOnSignal
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
@@ -84,8 +83,9 @@ class CutMixCLI(LightningCLI):
         if sub:
             cfg = self.config[sub]
             self._settle_defaults(cfg)
-            self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
             self.plan.read(sub, cfg)
+            self._choose_for_machine(cfg, self._resumed_config(sub, cfg))
+            self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
             self._check_architecture(cfg)  # before a resume's settings check: the more specific message
             self.plan.place(sub, cfg)
 
@@ -93,9 +93,6 @@ class CutMixCLI(LightningCLI):
     def _settle_defaults(cfg: Namespace) -> None:
         """Choices made for the user, made here so that config.yaml records them (and a resume compares them)."""
         trainer = cfg.trainer
-        if trainer.precision is None:  # bf16 autocast where it pays (GPUs); full precision on CPUs
-            on_gpu = torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
-            trainer.precision = "bf16-mixed" if on_gpu else "32-true"
         max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
         if max_epochs is not None and max_epochs < 1 and (max_steps is None or max_steps < 1):
             raise ValueError(f"trainer.max_epochs={max_epochs} is out of range: the learning-rate schedules need an "
@@ -104,6 +101,35 @@ class CutMixCLI(LightningCLI):
             if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
                 # one last.ckpt per run, overwritten (atomically) by every save, never last-v1.ckpt beside a stale one
                 cb.init_args.enable_version_counter = False
+
+    def _resumed_config(self, sub: str, cfg: Namespace) -> dict[str, Any]:
+        """The saved config of the run that this ``fit`` resumes (empty when it starts a new run)."""
+        ckpt = cfg.get("ckpt_path")
+        if sub != "fit" or self.plan.checkpoint is None or ckpt is None:
+            return {}
+        return runs.saved_config(runs.run_of_checkpoint(ckpt)) or {}
+
+    @staticmethod
+    def _choose_for_machine(cfg: Namespace, resumed: dict[str, Any]) -> None:
+        """Precision and memory format left null: the fastest measured safe here (``hardware.py``), printed and
+        recorded in config.yaml. A resumed run keeps what it ran with, so that it continues as it would have."""
+        trainer = cfg.trainer
+        model = cfg.model if isinstance(cfg.get("model"), Namespace) else Namespace()
+        if trainer.precision is None:
+            trainer.precision = (resumed.get("trainer") or {}).get("precision")
+        if "channels_last" in model and model.channels_last is None:
+            model.channels_last = (resumed.get("model") or {}).get("channels_last")
+        if trainer.precision is None or model.get("channels_last", False) is None:
+            choice, chosen = hardware.choose(trainer.accelerator), []
+            hint = choice.hint if trainer.precision is None else ""  # the hint is about precision
+            if trainer.precision is None:
+                trainer.precision = choice.precision
+                chosen.append(f"trainer.precision={choice.precision}")
+            if model.get("channels_last", False) is None:
+                model.channels_last = choice.channels_last
+                chosen.append(f"model.channels_last={str(choice.channels_last).lower()}")
+            print(f"cutmix-pl: {', '.join(chosen)} (the fastest measured safe on {choice.why}; set them to override)"
+                  + (f"; {hint}" if hint else ""), file=sys.stderr)
 
     def _check_architecture(self, cfg: Namespace) -> None:
         """Lightning builds the network the checkpoint was saved with. Where this run's config names another
@@ -276,6 +302,8 @@ def _quiet() -> None:
     # validate/test/predict write into <run>/<command>/, so a checkpoint callback's folder differs from the fit's;
     # its best-model record matters only to training
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    # the summary counts parameters at 32 bits under bf16 autocast, which is right: autocast keeps fp32 weights
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
 
 
 class _NoAdvert(logging.Filter):

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "find_resumable", "flatten",
+__all__ = ["CHOSEN_WHEN_NULL", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "find_resumable", "flatten",
            "is_finished", "mark_finished", "newest_last", "outermost_missing", "remove_failed", "run_of_checkpoint",
            "saved_config"]
 
@@ -45,6 +45,9 @@ MAY_CHANGE = (
     # filled in from data.num_classes by the CLI's links, so not a setting of its own (and unset before instantiation)
     "model.num_classes", "model.net.init_args.num_classes",
 )
+# Settings that null leaves to the machine (cli.py, hardware.py): a run found for a resume matches whatever it chose,
+# and the resume keeps that choice.
+CHOSEN_WHEN_NULL = ("trainer.precision",)
 FINISHED = "FINISHED"  # written into a run folder when its fit ends normally
 LOCK = ".lock"
 
@@ -148,7 +151,9 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
     old, new = flatten(saved), flatten(current)
     keys = sorted(set(old) | set(new))
     may = lambda k: any(k == p or k.startswith(p + ".") for p in MAY_CHANGE)  # noqa: E731
-    return [(k, old.get(k), new.get(k)) for k in keys if not may(k) and not _same(old.get(k), new.get(k))]
+    chosen = lambda k: k in CHOSEN_WHEN_NULL and new.get(k) is None  # noqa: E731
+    return [(k, old.get(k), new.get(k)) for k in keys
+            if not may(k) and not chosen(k) and not _same(old.get(k), new.get(k))]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:

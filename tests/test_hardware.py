@@ -1,0 +1,92 @@
+"""The settings chosen for the machine when trainer.precision / model.channels_last are left null."""
+
+import pytest
+import torch
+import yaml
+
+from cutmix_pl import hardware
+from cutmix_pl.runs import changed_settings
+from cutmix_pl.cli import CONFIG_DIR, main
+
+EPYC = frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"})
+
+
+@pytest.mark.parametrize(("accelerator", "cuda", "flags", "precision", "channels_last"), [
+    ("auto", True, frozenset(), "bf16-mixed", True),        # a GPU, whatever the CPU
+    ("gpu", True, EPYC, "bf16-mixed", True),
+    ("cpu", True, frozenset({"avx2"}), "32-true", False),  # asked for the CPU on a GPU machine
+    ("auto", False, EPYC, "32-true", True),                # the machine docs/speed.md measured: bf16 lost accuracy
+    ("cpu", False, frozenset({"amx_bf16", "avx512f"}), "32-true", True),
+    ("cpu", False, frozenset({"avx512f"}), "32-true", True),
+    ("cpu", False, frozenset({"avx2", "fma"}), "32-true", False),
+    ("cpu", False, frozenset(), "32-true", False),          # no /proc/cpuinfo (macOS, Windows)
+    ("mps", False, EPYC, "32-true", False),                 # not a CPU, not measured
+])
+def test_choice_follows_the_measured_rule(accelerator, cuda, flags, precision, channels_last):
+    choice = hardware.choose(accelerator, cuda_available=cuda, flags=flags)
+    assert (choice.precision, choice.channels_last) == (precision, channels_last)
+
+
+def test_bf16_is_named_only_where_the_cpu_has_it():
+    assert "bf16-mixed" in hardware.choose("cpu", cuda_available=False, flags=EPYC).hint
+    assert hardware.choose("cpu", cuda_available=False, flags=frozenset({"avx512f"})).hint == ""
+    assert hardware.choose("gpu", cuda_available=True, flags=EPYC).hint == ""
+
+
+def test_cpu_flags_read_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    assert hardware.cpu_flags(info) == {"fpu", "avx512f", "avx512_bf16"}
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert hardware.cpu_flags(arm) == {"fp", "asimd", "bf16"}
+    assert hardware.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def run_config(data_dir, *extra):
+    cli = main(["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir),
+                "--data.download", "false", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+                "--trainer.enable_progress_bar", "false", "--data.batch_size", "16", "--data.eval_batch_size", "50",
+                "--data.val_size", "50", "--model.log_images", "false", *extra])
+    with open(f"{cli.trainer.log_dir}/config.yaml") as f:
+        return cli, yaml.safe_load(f)
+
+
+def test_null_settings_are_chosen_printed_and_recorded(tiny_cifar, in_tmp, capsys):
+    cli, config = run_config(tiny_cifar)
+    choice = hardware.choose("cpu")
+    assert config["trainer"]["precision"] == choice.precision == cli.trainer.precision
+    assert config["model"]["channels_last"] is choice.channels_last is cli.model.hparams.channels_last
+    assert f"trainer.precision={choice.precision}" in capsys.readouterr().err
+    conv = cli.model.net.stages[0][0].conv1.weight  # [16, 16, 3, 3]: only one memory format fits it
+    assert conv.is_contiguous(memory_format=torch.channels_last) is choice.channels_last
+
+
+def test_set_values_are_kept(tiny_cifar, in_tmp, capsys):
+    cli, config = run_config(tiny_cifar, "--trainer.precision", "32-true", "--model.channels_last", "false")
+    assert config["trainer"]["precision"] == "32-true" and config["model"]["channels_last"] is False
+    assert "trainer.precision=" not in capsys.readouterr().err
+
+
+def test_a_resume_keeps_what_the_run_chose(tiny_cifar, in_tmp, capsys):
+    """Left null, precision and memory format follow the run being resumed, not this machine's choice: a run started
+    in fp32 NCHW (by an earlier version, another machine or its flags) continues so."""
+    cli, _ = run_config(tiny_cifar, "--trainer.precision", "32-true", "--model.channels_last", "false",
+                        "--trainer.max_epochs", "1", "--trainer.max_steps", "-1", "--trainer.limit_train_batches", "2")
+    run = cli.trainer.log_dir
+    capsys.readouterr()
+    again, _ = run_config(tiny_cifar, "--ckpt_path", run, "--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
+                          "--trainer.limit_train_batches", "2")
+    assert again.trainer.log_dir == run and again.trainer.current_epoch == 2
+    with open(f"{run}/config.resume1.yaml") as f:
+        resumed = yaml.safe_load(f)
+    assert resumed["trainer"]["precision"] == "32-true" and resumed["model"]["channels_last"] is False
+    assert again.trainer.precision == "32-true" and "trainer.precision=" not in capsys.readouterr().err
+
+
+def test_null_precision_matches_the_precision_a_run_chose():
+    """So that --ckpt_path last finds a run whatever precision this machine would pick; a set value must match."""
+    saved = {"trainer": {"precision": "32-true"}, "data": {"batch_size": 128}}
+    assert changed_settings(saved, {"trainer": {"precision": None}, "data": {"batch_size": 128}}) == []
+    assert changed_settings(saved, {"trainer": {"precision": "bf16-mixed"}, "data": {"batch_size": 128}}) == [
+        ("trainer.precision", "32-true", "bf16-mixed")]

@@ -290,6 +290,7 @@ class CutMix(Mixer):
     def _draw(self, n: int, height: int, width: int, device: torch.device,
               generator: torch.Generator | None) -> dict[str, Any]:
         m = self._draws(n)
+        sizes = self._constants(height, width, device)[0]  # made here, outside any compiled apply
         if self.minmax is not None:  # timm's rand_bbox_minmax: two uniforms per axis, for the side and the start
             draws = {"u": torch.rand(2, 2, m, device=device, generator=generator)}
         else:  # the paper's Algorithm A1: lambda, and a box centre uniform over the pixels
@@ -297,7 +298,6 @@ class CutMix(Mixer):
             if height == width:
                 centre = torch.randint(height, (2, m), device=device, generator=generator, dtype=torch.float32)
             else:
-                sizes = self._constants(height, width, device)[0]
                 centre = torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
             draws = {"lam": lam, "centre": centre}
         return {**draws, "coin": self._coin(n, device, generator)}

@@ -4,8 +4,8 @@ Settings left as ``null`` (``trainer.precision``, ``model.channels_last``) are c
 
 - a GPU: bf16 autocast (``bf16-mixed``) and channels-last, the fast GPU recipe's settings;
 - a CPU with AVX-512: fp32 and channels-last, 1.27x fp32 NCHW on the 2-core AMD EPYC (the same sums in another
-  order). bf16 autocast is faster still on CPUs with bf16 instructions (2.1x there) but trained to 0.15 and 0.53
-  points lower accuracy than fp32 at 15 epochs (two seeds), so it is not chosen for the user; the start-up line
+  order). bf16 autocast is faster still on CPUs with bf16 instructions (2.1x there) but trained to 0.15 to 0.71
+  points lower accuracy than fp32 at 15 epochs (three runs), so it is not chosen for the user; the start-up line
   names it where the CPU has them (docs/speed.md, "CPU precision and memory format");
 - any other CPU (AVX2 only, ARM, unknown): fp32 NCHW, unmeasured, so unchanged.
 """
@@ -55,7 +55,7 @@ def choose(accelerator: Any, cuda_available: bool | None = None, flags: frozense
         return Choice("32-true", False, f"accelerator {accelerator!s}, not measured")
     flags = cpu_flags() if flags is None else flags
     bf16 = sorted(f.upper() for f in BF16_FLAGS if f in flags)
-    hint = (f"--trainer.precision bf16-mixed trains about 2x faster on this CPU ({'/'.join(bf16)}) at 0.15 to 0.53 "
+    hint = (f"--trainer.precision bf16-mixed trains about 2x faster on this CPU ({'/'.join(bf16)}) at 0.15 to 0.71 "
             "points lower accuracy (15 epochs, docs/speed.md)") if bf16 else ""
     if "avx512f" in flags or bf16:
         return Choice("32-true", True, "a CPU with AVX-512", hint)

@@ -52,8 +52,10 @@ class TrainTransform:
         max_epochs: the length of training, needed only for a negative ``mix_off_epoch`` (the DataModule sets it
             from ``trainer.max_epochs``).
         compile: ``torch.compile`` the arithmetic (crop/flip, normalisation, mixing) into a few fused kernels. The
-            random draws stay outside (a handful of kernels on the transform's own generator), so the batch is
-            bit-identical to the uncompiled one; RandAugment, when on, stays uncompiled between crop and mix.
+            random draws stay outside (a handful of kernels on the transform's own generator), so the boxes,
+            lambdas and labels are the uncompiled ones exactly and CutMix pixels stay exact copies; the
+            normalisation may round differently by one float32 ulp. RandAugment, when on, runs uncompiled between
+            crop and mix.
     """
 
     def __init__(self, mixer: Mixer | None = None, mix_off_epoch: int | None = None, crop_padding: int = 4,
@@ -132,6 +134,8 @@ class TrainTransform:
                  generator: torch.Generator | None = None) -> TrainBatch:
         """Augment a uint8 batch for ``epoch``, drawing from ``generator``, else the transform's own stream (else
         torch's global RNG)."""
+        if images.dim() != 4:
+            raise ValueError(f"images must be a batch [B, C, H, W]; got shape {list(images.shape)}")
         gen = generator if generator is not None else self.generator
         crop = None
         if self.crop_padding or self.flip:

@@ -77,13 +77,18 @@ CONFIG_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CONFIG_CASES))
-def test_bad_config_value(case, tiny_cifar, in_tmp, capsys):
-    extra, expected = CONFIG_CASES[case]
-    line = fails(capsys, "fit", *small(tiny_cifar), *extra)
+def fit_fails_cleanly(capsys, in_tmp, expected, *args):
+    """``fit`` fails in one line holding every text of ``expected`` and leaves no run folder."""
+    line = fails(capsys, "fit", *args)
     for text in expected:
         assert text in line, (text, line)
     assert not (in_tmp / "runs").exists(), "a failed start must leave no run folder"
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_value(case, tiny_cifar, in_tmp, capsys):
+    extra, expected = CONFIG_CASES[case]
+    fit_fails_cleanly(capsys, in_tmp, expected, *small(tiny_cifar), *extra)
 
 
 def test_unknown_key_in_a_config_file(tiny_cifar, in_tmp, capsys):
@@ -140,10 +145,7 @@ def test_damaged_batch_file(damage, expected, bad_data, in_tmp, capsys):
         rewrite_batch(bad_data, "data_batch_3", data=np.zeros((20, 1024), np.uint8))
     else:
         rewrite_batch(bad_data, "data_batch_3", labels=[10] * 20)
-    line = fails(capsys, "fit", *small(bad_data), "--data.train_size", "null", "--data.val_size", "10")
-    for text in expected:
-        assert text in line, (text, line)
-    assert not (in_tmp / "runs").exists(), "data errors must leave no run folder"
+    fit_fails_cleanly(capsys, in_tmp, expected, *small(bad_data), "--data.train_size", "null", "--data.val_size", "10")
 
 
 def test_log_folder_under_a_file(tiny_cifar, in_tmp, capsys):

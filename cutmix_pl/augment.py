@@ -38,6 +38,7 @@ __all__ = [
     "sample_beta",
     "to_soft_targets",
     "random_crop_flip",
+    "check_image_batch",
     "crop_flip_draw",
     "crop_flip",
     "normalize",
@@ -441,11 +442,16 @@ def random_crop_flip(images: Tensor, padding: int = 4, flip: bool = True,
     One gather does both, with per-sample offsets, so it costs the same on any device and any dtype
     (uint8 in the data path, so that the gather moves a quarter of the bytes of float32).
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be [B, C, H, W]; got shape {list(images.shape)}")
+    check_image_batch(images)
     if padding < 0:
         raise ValueError(f"padding={padding!r} is out of range: it must be >= 0")
     return crop_flip(images, padding, crop_flip_draw(len(images), padding, flip, images.device, generator))
+
+
+def check_image_batch(images: Tensor) -> None:
+    """A batch of images is 4-D, [B, C, H, W]."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W]; got shape {list(images.shape)}")
 
 
 def crop_flip_draw(n: int, padding: int, flip: bool, device: torch.device,

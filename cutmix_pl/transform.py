@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .augment import Mixer, crop_flip, crop_flip_draw, normalize
+from .augment import Mixer, check_image_batch, crop_flip, crop_flip_draw, normalize
 from .cifar import MEAN, STD
 from .randaugment import RandAugment
 
@@ -134,8 +134,7 @@ class TrainTransform:
                  generator: torch.Generator | None = None) -> TrainBatch:
         """Augment a uint8 batch for ``epoch``, drawing from ``generator``, else the transform's own stream (else
         torch's global RNG)."""
-        if images.dim() != 4:
-            raise ValueError(f"images must be a batch [B, C, H, W]; got shape {list(images.shape)}")
+        check_image_batch(images)
         gen = generator if generator is not None else self.generator
         crop = None
         if self.crop_padding or self.flip:

@@ -112,3 +112,9 @@ def test_compiled_transform_draws_the_same_batch_and_cutmix_stays_a_pixel_copy()
     keep = mixer.weights(plain, draws)[0].bool().expand_as(plain)
     assert torch.equal(got.images, torch.where(keep, plain, plain[draws["index"]]))
     assert 0 < keep.logical_not().float().mean() < 0.5  # some pixels pasted, most kept (prob 0.5)
+
+
+def test_a_single_image_instead_of_a_batch_fails_in_one_line():
+    transform = TrainTransform(CutMix(prob=0.5))
+    with pytest.raises(ValueError, match=r"images must be \[B, C, H, W\]; got shape \[3, 32, 32\]"):
+        transform(torch.zeros(3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))

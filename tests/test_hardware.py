@@ -5,8 +5,10 @@ import torch
 import yaml
 
 from cutmix_pl import hardware
+from cutmix_pl.cli import main
 from cutmix_pl.runs import changed_settings
-from cutmix_pl.cli import CONFIG_DIR, main
+
+from cli_runs import small
 
 EPYC = frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"})
 
@@ -44,10 +46,7 @@ def test_cpu_flags_read_the_flags_line(tmp_path):
 
 
 def run_config(data_dir, *extra):
-    cli = main(["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir),
-                "--data.download", "false", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
-                "--trainer.enable_progress_bar", "false", "--data.batch_size", "16", "--data.eval_batch_size", "50",
-                "--data.val_size", "50", "--model.log_images", "false", *extra])
+    cli = main(["fit", *small(data_dir), "--trainer.max_steps", "1", *extra])
     with open(f"{cli.trainer.log_dir}/config.yaml") as f:
         return cli, yaml.safe_load(f)
 
@@ -58,7 +57,7 @@ def test_null_settings_are_chosen_printed_and_recorded(tiny_cifar, in_tmp, capsy
     assert config["trainer"]["precision"] == choice.precision == cli.trainer.precision
     assert config["model"]["channels_last"] is choice.channels_last is cli.model.hparams.channels_last
     assert f"trainer.precision={choice.precision}" in capsys.readouterr().err
-    conv = cli.model.net.stages[0][0].conv1.weight  # [16, 16, 3, 3]: only one memory format fits it
+    conv = cli.model.net.stages[0][0].conv1.weight  # [4, 4, 3, 3]: only one memory format fits it
     assert conv.is_contiguous(memory_format=torch.channels_last) is choice.channels_last
 
 

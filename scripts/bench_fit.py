@@ -28,16 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep.py beside this file
+from sweep import step_series  # noqa: E402
 
-def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: list[str],
-                events: list[tuple[int, float]] | None = None) -> float:
-    """Wall time of one fit of ``batches`` training batches; with ``events``, also fill it with the (step, wall
-    time) of the fit's logged ``train/lr`` values."""
+EVENTS_EVERY = 10  # --events: log_every_n_steps of the timed fit
+
+
+def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: list[str]
+                ) -> tuple[float, list[tuple[int, float]]]:
+    """Wall time of one fit of ``batches`` training batches, and the (step, wall time) of its logged steps."""
     folder, _, flags = variant.partition("::")
     checkout = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        if events is not None:
-            extra = [*extra, "--trainer.log_every_n_steps", "10"]
         cmd = [sys.executable, "-m", "cutmix_pl", "fit", "--config", "configs/smoke.yaml",
                "--data.data_dir", str(Path(args.data_dir).resolve()), "--data.download", "false",
                "--data.batch_size", str(args.batch_size), "--trainer.limit_train_batches", str(batches),
@@ -48,13 +50,8 @@ def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: lis
         start = time.perf_counter()
         subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
-        if events is not None:
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-            for run in Path(tmp).rglob("events.out.tfevents.*"):
-                acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-                events += [(e.step, e.wall_time) for e in acc.Scalars("train/lr")]
-        return seconds
+        runs = {p.parent for p in Path(tmp).rglob("events.out.tfevents.*")}
+        return seconds, [point for run in runs for series in step_series(run) for point in series]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -69,22 +66,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args, extra = parser.parse_known_args(argv)
     if not args.long > args.short >= 2:  # Lightning reads a limit of 1 as 1.0, all the batches
         parser.error(f"--long={args.long} must be greater than --short={args.short} >= 2")
+    if args.events:  # steps are logged every EVENTS_EVERY: the fit must log two of them after the warm-up
+        first = args.short + (EVENTS_EVERY - 1 - args.short) % EVENTS_EVERY
+        if args.long < first + EVENTS_EVERY + 1:
+            parser.error(f"--events needs two logged steps (every {EVENTS_EVERY}th) from --short {args.short} on; "
+                         f"fix: a --long of at least {first + EVENTS_EVERY + 1}")
+        extra = [*extra, "--trainer.log_every_n_steps", str(EVENTS_EVERY)]
     rates: dict[str, list[float]] = {v: [] for v in args.variants}
     for rep in range(args.reps):
         for variant in args.variants:
             if args.events:
-                events: list[tuple[int, float]] = []
-                fit_seconds(variant, args.long, args, extra, events)
-                timed = [e for e in events if e[0] >= args.short]
-                if len(timed) < 2:
-                    raise SystemExit(f"bench_fit: --events needs two logged steps (every 10th) after --short "
-                                     f"{args.short} within --long {args.long}; fix: a --long of at least "
-                                     f"{args.short + 21}")
+                timed = [e for e in fit_seconds(variant, args.long, args, extra)[1] if e[0] >= args.short]
                 (s0, w0), (s1, w1) = timed[0], timed[-1]
                 rate, how = (s1 - s0) * args.batch_size / (w1 - w0), f"steps {s0}-{s1} in {w1 - w0:.2f} s"
             else:
-                short = fit_seconds(variant, args.short, args, extra)
-                long = fit_seconds(variant, args.long, args, extra)
+                short = fit_seconds(variant, args.short, args, extra)[0]
+                long = fit_seconds(variant, args.long, args, extra)[0]
                 rate, how = (args.long - args.short) * args.batch_size / (long - short), f"{short:.1f} s / {long:.1f} s"
             rates[variant].append(rate)
             print(f"rep {rep}: {variant}: {rate:,.0f} img/s ({how})", flush=True)

@@ -150,3 +150,10 @@ def test_count_ops_counts_each_part_of_a_step():
     counts = load("count_ops").main(["--depth", "8", "--batch-size", "16", "--no-compile"])
     # a ResNet-8's forward and backward dispatch far more ops than the transform, and foreach SGD only a few
     assert counts["forward + backward"] > counts["transform (eager)"] > 20 > counts["optimiser step"] > 0
+
+
+def test_bench_fit_events_refuses_a_fit_too_short_to_time_before_running_it(tiny_cifar, capsys):
+    with pytest.raises(SystemExit):
+        load("bench_fit").main([str(SCRIPTS.parent), "--events", "--data-dir", str(tiny_cifar), "--short", "5",
+                                "--long", "19"])
+    assert "fix: a --long of at least 20" in capsys.readouterr().err

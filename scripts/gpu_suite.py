@@ -4,24 +4,31 @@
     python scripts/gpu_suite.py --steps sweep --parallel 2    # a later call: give the whole time to the sweep
     python scripts/gpu_suite.py --smoke                       # the same code paths at toy size on a CPU, < 3 min
 
-The steps, in order; each is a subprocess with its own time limit (at the limit it gets SIGTERM, then SIGKILL
-after a grace period), its own log, and a status; a failing step is recorded and the suite goes on:
+The steps, in order of what the open goals need most; each is a subprocess with its own time limit (at the limit
+it gets SIGTERM, then SIGKILL after a grace period), its own log, and a status; a failing step is recorded and the
+suite goes on:
 
   env            torch / Lightning / jsonargparse versions, the device (torch.cuda.get_device_name), the date
   data           CIFAR-10 in --data-dir: found, or made by --make-data SCRIPT (make_cifar10.py); smoke: a tiny
                  synthetic set made by the tests' own helper (tests/conftest.py, cutmix_pl.cifar.write_batches)
+  engine200      the 200-epoch CutMix run of configs/fast.yaml on the static-shape engine (sweep.py --engine
+                 graphs, the grid's first run, alone), start to exit with a warm compile cache, then tested; before
+                 it, a 1-epoch fit of the same settings with an empty cache (the cold start). Its run folder is the
+                 sweep's, so the sweep counts it (smoke: 2 tiny epochs, drop_last alone, nothing compiled)
   pytest         ``pytest -m cuda`` with a JUnit XML report (on a CPU the cuda tests are collected and skipped)
-  ddp            a 2-process DDP fit with BOTH ranks on cuda:0, over gloo (smoke: 2 CPU processes over gloo);
-                 each rank reports its device, backend and a parameter checksum, which must agree
   bench_augment  scripts/bench_augment.py on the device
-  bench_randaugment  scripts/bench_randaugment.py on the device (ours per image against torchvision and kornia)
   bench_train    scripts/bench_train.py on the device
   bench_fit      scripts/bench_fit.py --events: ``fit`` training img/s at batch 512 (bf16, channels-last): eager,
                  the transform compiled, and the static-shape engine (CUDA graphs of the network, drop_last, the
                  transform compiled); the eager fit against bench_train's fixed-batch step (smoke: eager only)
+  ddp            a 2-process DDP fit with BOTH ranks on cuda:0, over gloo (smoke: 2 CPU processes over gloo);
+                 each rank reports its device, backend and a parameter checksum, which must agree
+  bench_randaugment  scripts/bench_randaugment.py on the device (ours per image against torchvision and kornia)
   throughput     scripts/sweep.py --throughput: one short fit alone, then --parallel K at once; the ratio
   sweep          scripts/sweep.py --grid gpu-results --parallel K --reuse, with --budget-minutes set to what is left
-                 and --speedup set to the measured ratio (smoke: --grid smoke)
+                 and --speedup set to the measured ratio (smoke: --grid smoke); on the engine when engine200's run
+                 finished (--engine auto), its estimates scaled by that run's measured minutes; runs listed as done
+                 in docs/sweeps/*.csv (earlier GPU leases, same configs and flags) are not run again (--prior)
 
 It ends by printing a summary table (step, status, time, key figures, files) and writing it to summary.md, with the
 environment. Exit status 0 only if every step asked for passed.
@@ -37,9 +44,11 @@ CPU processes; then torchrun launches the ranks and Lightning checks that their 
 
 On the device machine: jsonargparse is not installed there (carry its wheel and put it on PYTHONPATH; the env
 step fails and names it when it is missing); CIFAR-10 must be made there (carry ../shared/data, pass
---make-data .../make_cifar10.py). The GPU grid's 200-epoch runs do not fit in what a 9-minute call leaves after the
-other steps: the sweep then lists them "not run (budget)"; a call with ``--steps sweep`` (and ``--parallel``,
-``--sweep-flags --estimate-minutes M --trainer.max_epochs N`` for shorter runs) gives the sweep the whole time.
+--make-data .../make_cifar10.py). The step limits are caps, and together they exceed 9 minutes:
+what a first call leaves undone, a second call on the still-warm machine takes up (``--steps ...`` with the same
+``--work``, outside $OUT, so that the runs and the compile cache stay): the sweep resumes its runs, and with
+``--engine graphs`` it uses the engine without engine200 in the same call. A lease's grid goes on in the next lease:
+copy its results.csv to docs/sweeps/<date>-<device>.csv, which the next suite reads (``--prior``).
 
 The folder: the device machine returns at most 8 files from $OUT, and none deeper than $OUT/a/b/file, so the top of
 --out holds only summary.md, suite.json, results.md, results.csv, val_acc.png, throughput.md and logs.tar.gz (every
@@ -73,14 +82,18 @@ from lightning.pytorch.strategies import DDPStrategy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STEPS = ("env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "bench_train", "bench_fit", "throughput",
-         "sweep")
+STEPS = ("env", "data", "engine200", "pytest", "bench_augment", "bench_train", "bench_fit", "ddp", "bench_randaugment",
+         "throughput", "sweep")
 # Seconds per step: (on the GPU, in --smoke); each is also clipped to what is left of --minutes. The sweep gets the
 # rest. The GPU limits are generous guesses (a few of these steps have never run on a GPU): a step that needs less
 # leaves the difference to the sweep.
-LIMITS = {"env": (60, 45), "data": (90, 30), "pytest": (150, 60), "ddp": (120, 60), "bench_augment": (90, 40),
-          "bench_randaugment": (45, 40), "bench_train": (90, 45), "bench_fit": (180, 40), "throughput": (120, 75)}
-SUMMARY_RESERVE = 20  # seconds kept for the summary and the archive
+LIMITS = {"env": (60, 45), "data": (90, 30), "engine200": (300, 60), "pytest": (150, 60), "ddp": (120, 60),
+          "bench_augment": (90, 40), "bench_randaugment": (45, 40), "bench_train": (90, 45), "bench_fit": (180, 40),
+          "throughput": (120, 75)}
+ENGINE_RUN = {False: ("gpu-results", "fast-200ep-graphs-cutmix-s0"), True: ("smoke", "smoke-graphs-cutmix-s0")}
+# smoke: the engine's code path without compiling (a CPU compiles for longer than the smoke suite may take)
+ENGINE_SMOKE_FLAGS = ["--model.compile", "false", "--data.compile_transform", "false"]
+SUMMARY_RESERVE = (20, 5)  # seconds kept for the summary and the archive (GPU: many logs; smoke)
 GRACE = (30, 10)  # seconds between SIGTERM and SIGKILL at a step's limit: a fit saves last.ckpt in it
 ARCHIVE_LIMIT = 15 * 2**20  # the device machine returns files up to 16 MiB
 # Run in a subprocess, so that the suite itself never opens a CUDA context (it would hold GPU memory throughout).
@@ -167,6 +180,9 @@ class Suite:
         self.data_dir: Path | None = None
         self.speedup: float | None = None
         self.fixed_batch: float | None = None  # img/s of bench_train's fixed-batch step
+        self.engine = args.engine  # the sweep's engine: auto until engine200 settles it
+        self.engine_scale: float | None = None  # engine200's measured minutes over the preset's
+        self.inductor = self.work / "engine200" / "inductor"  # the engine's compile cache, shared with the sweep
 
     # - plumbing -
     def left(self) -> float:
@@ -177,25 +193,25 @@ class Suite:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def env(self) -> dict[str, str]:
+    def env(self, **more: str) -> dict[str, str]:
         """Subprocesses find cutmix_pl (the checkout, installed or not) and this folder's modules."""
         path = os.pathsep.join(filter(None, [str(REPO), str(HERE), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **more)
         if self.smoke:
             env["OMP_NUM_THREADS"] = "1"  # a shared CPU: one thread a process keeps the toy runs from fighting
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
             env.pop(key, None)  # a DDP launch of our own must not inherit another's
         return env
 
-    def call(self, step: Step, cmd: list[str]) -> int | None:
+    def call(self, step: Step, cmd: list[str], **env: str) -> int | None:
         """Run ``cmd`` in its own process group, logging into the step's folder, stopped at the step's limit.
-        The return code, or None when it was stopped."""
+        ``env``: variables to add. The return code, or None when it was stopped."""
         log = self.folder(step.name) / f"{step.name}.log"
         grace = GRACE[self.smoke]
         remaining = step.limit - (time.monotonic() - step.started)
         with log.open("a") as f:
             print(f"+ {' '.join(cmd)}", file=f, flush=True)
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(**env), stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 rc: int | None = proc.wait(timeout=max(remaining - grace, 1))
@@ -235,7 +251,7 @@ class Suite:
         if name not in self.args.steps:
             step.status = "skipped (not asked)"
             return step
-        left = self.left() - SUMMARY_RESERVE
+        left = self.left() - SUMMARY_RESERVE[self.smoke]
         step.limit = left if name == "sweep" else min(LIMITS[name][self.smoke], left)
         if step.limit < 5:
             step.status = "failed (no time left)"
@@ -438,10 +454,43 @@ class Suite:
             if self.fixed_batch:
                 step.figures += f"; fit / fixed-batch step {eager / self.fixed_batch:.2f}"
 
-    # - throughput and sweep -
-    def sweep_base(self, out: Path) -> list[str]:
+    # - the engine's 200-epoch run, and the sweep -
+    def sweep_base(self, out: Path, parallel: int | None = None) -> list[str]:
         return [sys.executable, str(HERE / "sweep.py"), "--data-dir", str(self.data_dir), "--out", str(out),
-                "--parallel", str(self.args.parallel), "--quiet"]
+                "--parallel", str(parallel or self.args.parallel), "--quiet", *(["--threads", "1"] if self.smoke else [])]
+
+    def step_engine200(self, step: Step) -> None:
+        if not self.need_data(step):
+            return
+        grid, name = ENGINE_RUN[self.smoke]
+        what = ["--grid", grid, "--engine", "graphs", "--only", name, *(ENGINE_SMOKE_FLAGS if self.smoke else [])]
+        shutil.rmtree(self.inductor, ignore_errors=True)  # the probe starts with nothing compiled
+        cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.inductor)}
+        probe_out = self.folder("engine200") / "probe"
+        shutil.rmtree(probe_out, ignore_errors=True)
+        rc = self.call(step, [*self.sweep_base(probe_out, 1), *what, "--trainer.max_epochs", "1"], **cache)
+        probe = read_csv(probe_out / "results.csv")
+        if rc != 0 or not probe or not probe[0]["status"].startswith("done"):
+            self.settle(step, rc, "the 1-epoch probe did not finish")
+            self.engine = "eager" if self.engine == "auto" else self.engine
+            return
+        out = self.folder("sweep")
+        rc = self.call(step, [*self.sweep_base(out, 1), *what, "--reuse"], **cache)
+        row = next(iter(read_csv(out / "results.csv")), None)
+        done = row is not None and row["status"].startswith("done")
+        self.settle(step, rc, None if done else "the run did not finish")
+        if self.engine == "auto":
+            self.engine = "graphs" if done else "eager"
+        step.files.append(str(out / "results.csv"))
+        step.figures = f"cold start: a 1-epoch fit {60 * float(probe[0]['fit_minutes']):.0f} s start to exit"
+        if done:
+            ledger = json.loads((out / "runs" / name / "sweep.json").read_text())
+            minutes = sum(e["seconds"] for sub in ("fit", "test") for e in ledger[sub]) / 60
+            sweep = load_module("sweep", HERE / "sweep.py")
+            preset = next(r for r in sweep.with_engine(sweep.PRESETS[grid]) if r.name == name)
+            self.engine_scale = minutes / preset.minutes
+            step.figures += (f"; {name}: fit {60 * float(row['fit_minutes']):.0f} s start to exit (warm cache), "
+                             f"{float(row['images_per_s']):,.0f} img/s, test acc {float(row['test_acc']):.2%}")
 
     def step_throughput(self, step: Step) -> None:
         if not self.need_data(step):
@@ -450,7 +499,7 @@ class Suite:
         (out / "throughput.json").unlink(missing_ok=True)
         # the default recipe (batch 128, no compile): no compilation to wait for, and the launch-bound case where
         # sharing the card should gain most
-        what = (["--grid", "smoke", "--throughput-steps", "12", "--threads", "1"] if self.smoke else
+        what = (["--grid", "smoke", "--throughput-steps", "12"] if self.smoke else
                 ["--grid", "gpu-results", "--throughput-setting", "b128-200ep", "--throughput-steps", "800"])
         rc = self.call(step, [*self.sweep_base(out), "--throughput", *what])
         res = json.loads((out / "throughput.json").read_text()) if (out / "throughput.json").is_file() else None
@@ -470,10 +519,15 @@ class Suite:
         grace = GRACE[self.smoke]
         # launch only runs whose estimate ends before SIGTERM comes; the margin covers the last test and the table
         budget = (step.limit - grace - (10 if self.smoke else 45)) / 60
+        engine = "graphs" if self.engine == "graphs" else "eager"
+        graphs = ([*(ENGINE_SMOKE_FLAGS if self.smoke else []),
+                   *(["--estimate-scale", f"{self.engine_scale:.3f}"] if self.engine_scale else [])]
+                  if engine == "graphs" else [])
+        prior = ["--prior", *map(str, self.args.prior)] if self.args.prior and not self.smoke else []
         cmd = [*self.sweep_base(out), "--grid", "smoke" if self.smoke else self.args.grid, "--reuse",
-               "--budget-minutes", f"{budget:.2f}", *(["--threads", "1"] if self.smoke else []),
+               "--engine", engine, *graphs, *prior, "--budget-minutes", f"{budget:.2f}",
                *(["--speedup", f"{self.speedup:.2f}"] if self.speedup else []), *self.args.sweep_flags]
-        rc = self.call(step, cmd)
+        rc = self.call(step, cmd, TORCHINDUCTOR_CACHE_DIR=str(self.inductor))
         rows = read_csv(out / "results.csv")
         counts: dict[str, int] = {}
         for r in rows:
@@ -487,7 +541,7 @@ class Suite:
         if rows:
             step.files += [str(out / n) for n in ("results.md", "results.csv", "val_acc.png")]
             step.figures = (f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-                            + f" (budget {budget:.1f} min, {self.args.parallel} at a time)")
+                            + f" (budget {budget:.1f} min, {self.args.parallel} at a time, {engine})")
             accs = [f"{r['name']} {float(r['test_acc']):.2%}" for r in rows if r["test_acc"]]
             if accs:
                 step.figures += "; test acc: " + ", ".join(accs[:6]) + (" ..." if len(accs) > 6 else "")
@@ -532,6 +586,7 @@ def ddp_problem(ranks: list[dict[str, Any]], device: str, finished: bool) -> str
 def load_module(name: str, path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(f"gpu_suite_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -620,6 +675,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="make_cifar10.py, run when --data-dir holds no CIFAR-10 (default: shared/data/ if there)")
     p.add_argument("--parallel", type=int, default=None, help="processes at once in the sweep (default: 4; smoke 2)")
     p.add_argument("--grid", default="gpu-results", help="the sweep's preset grid (smoke: always smoke)")
+    p.add_argument("--engine", choices=("auto", "eager", "graphs"), default="auto",
+                   help="the sweep's engine; auto: graphs if engine200's run finished in this call, else eager")
+    p.add_argument("--prior", type=Path, nargs="*", default=sorted((REPO / "docs" / "sweeps").glob("*.csv")),
+                   help="results.csv of earlier sweeps whose done runs the sweep takes over (default: "
+                        "docs/sweeps/*.csv; ignored by --smoke)")
     p.add_argument("--sweep-flags", nargs=argparse.REMAINDER, default=[],
                    help="everything after it goes to every sweep run (e.g. --trainer.max_epochs 30); put it last")
     args = p.parse_args(argv)

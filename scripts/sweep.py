@@ -23,11 +23,22 @@ passed on once to the running fits, which save ``last.ckpt`` and stop; the table
 Budget (``--budget-minutes B``): a run is launched only if its estimated time fits in what is left of B (counted
 from the start of this sweep); the runs not started are listed as "not run (budget)". The estimate is the preset's
 per-run minutes (one run alone, fit + test) times a calibration factor: before any run of this sweep has finished,
-K / ``--speedup`` (the aggregate speed-up of K processes over one, as ``--throughput`` measures it; 1 assumes
-sharing gains nothing); after, the measured wall minutes of this sweep's finished runs over their preset minutes.
+k / min(``--speedup``, k), k the processes that will share the machine (K, or fewer for the grid's last runs;
+``--speedup``: the aggregate speed-up of K processes over one, as ``--throughput`` measures it; 1 assumes sharing
+gains nothing); after, the measured wall minutes of this sweep's finished runs over their preset minutes.
 A run without a preset estimate is estimated by the mean of the finished runs (and launched if there are none).
 ``--estimate-minutes M`` replaces the preset's minutes of every run (for flags that change the runs' length, e.g.
-``--trainer.max_epochs 30``). A run to be resumed, or only tested, is estimated as a whole run (on the safe side).
+``--trainer.max_epochs 30``); ``--estimate-scale S`` multiplies them (for a faster engine: its measured minutes over
+the preset's). A run to be resumed, or only tested, is estimated as a whole run (on the safe side).
+
+Engine (``--engine graphs``): every run also gets ENGINE's flags (the transform compiled, static shapes, the
+network's forward and backward as CUDA graphs) and its setting the suffix ``-graphs``, so that its runs never mix
+with eager ones in a folder or a table.
+
+Earlier sweeps (``--prior CSV ...``): the results.csv of sweeps made elsewhere, e.g. on an earlier GPU machine
+(docs/sweeps/ keeps them). A run of the grid that one of them lists as done and tested, with the same configs and
+flags, is not run again; its row is taken into the table as it was (status ``done (earlier: <file>)``, no curve).
+This is how a grid larger than one GPU lease is finished over several.
 
 Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per run: name, method, seed, setting, status,
 test accuracy, top-5, ECE, fit minutes, images/s), a summary over seeds (mean and spread per method x setting) in
@@ -134,6 +145,16 @@ PRESETS: dict[str, list[Run]] = {
               (*E200, "--data.mixer.init_args.alpha", "0.5"), minutes=6.5),
     ],
 }
+
+
+# The static-shape engine (docs/speed.md): the transform compiled into one graph, every batch one shape, the
+# network's forward and backward captured as CUDA graphs (torch.compile's reduce-overhead mode).
+ENGINE = ("--data.compile_transform", "true", "--data.drop_last", "true", "--model.compile", "reduce-overhead")
+
+
+def with_engine(runs: list[Run]) -> list[Run]:
+    """The runs on the static-shape engine: ENGINE's flags after their own, ``-graphs`` after their setting."""
+    return [replace(r, setting=f"{r.setting}-graphs", flags=(*r.flags, *ENGINE)) for r in runs]
 
 
 # -- where a run's files are --------------------------------------------------------------------------------------
@@ -361,13 +382,16 @@ class Sweep:
                 self.done.append((job.run, job.minutes))
 
     # - the budget -
-    def estimate(self, run: Run) -> float | None:
-        """Estimated wall minutes of ``run`` under this sweep's concurrency (see the module docstring)."""
+    def estimate(self, run: Run, sharing: int | None = None) -> float | None:
+        """Estimated wall minutes of ``run`` under this sweep's concurrency (see the module docstring); ``sharing``:
+        the processes that will share the machine with it, itself included (default --parallel; fewer when the
+        grid's last runs are launched)."""
         timed = [(r, m) for r, m in self.done if r.minutes]
         if run.minutes is not None:
             if timed:
                 return run.minutes * sum(m for _, m in timed) / sum(r.minutes for r, _ in timed)
-            return run.minutes * self.args.parallel / min(max(self.args.speedup, 1.0), self.args.parallel)
+            k = sharing or self.args.parallel
+            return run.minutes * k / min(max(self.args.speedup, 1.0), k)
         return statistics.mean(m for _, m in self.done) if self.done else None
 
     def remaining(self) -> float:
@@ -395,7 +419,8 @@ class Sweep:
             while pending and len(active) < self.args.parallel and not self.stop_signals:
                 job = pending.pop(0)
                 if self.args.budget_minutes is not None and not self.needs_nothing(job.run):
-                    est = self.estimate(job.run)
+                    to_run = sum(not self.needs_nothing(j.run) for j in pending)
+                    est = self.estimate(job.run, min(self.args.parallel, len(active) + 1 + to_run))
                     if est is not None and est > self.remaining():
                         status[job.run.name] = "not run (budget)"
                         print(f"sweep: {job.run.name} not run: estimated {est:.1f} min, "
@@ -447,7 +472,8 @@ def result_row(out: Path, run: Run, status: str) -> dict[str, Any]:
     row: dict[str, Any] = {"name": run.name, "method": run.method, "seed": run.seed, "setting": run.setting,
                            "status": status, "test_acc": None, "test_top5": None, "test_ece": None,
                            "fit_minutes": None, "images_per_s": None, "val_acc_curve": [],
-                           "configs": " ".join(run.configs), "flags": " ".join(run.flags)}
+                           "configs": " ".join(run.configs), "flags": " ".join(run.flags), "device": None,
+                           "date": None}
     if not folder.is_dir():
         return row
     fit, span = read_fit(folder)
@@ -455,6 +481,7 @@ def result_row(out: Path, run: Run, status: str) -> dict[str, Any]:
     timed = [e["seconds"] for e in read_ledger(out, run.name)["fit"]]
     row["fit_minutes"] = sum(timed) / 60 if timed else (span / 60 if span is not None else None)
     row["images_per_s"] = train_rate(folder)
+    row["device"], row["date"] = device_name(), time.strftime("%Y-%m-%d")
     if has_test(folder):
         test = read_fit(folder / "test")[0]
         row.update(test_acc=last_value(test, "test/acc"), test_top5=last_value(test, "test/acc_top5"),
@@ -485,7 +512,8 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 COLUMNS = ["name", "method", "seed", "setting", "status", "test_acc", "test_top5", "test_ece", "fit_minutes",
-           "images_per_s", "configs", "flags"]
+           "images_per_s", "configs", "flags", "device", "date"]
+NUMBERS = ("test_acc", "test_top5", "test_ece", "fit_minutes", "images_per_s")
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -516,6 +544,7 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.lru_cache(maxsize=1)
 def device_name() -> str:
     import torch
 
@@ -524,13 +553,14 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} logical cores)"
 
 
-def write_results(args: argparse.Namespace, extra: list[str], runs: list[Run], status: dict[str, str]
-                  ) -> list[dict[str, Any]]:
-    rows = [result_row(args.out, r, status[r.name]) for r in runs]
+def write_results(args: argparse.Namespace, extra: list[str], runs: list[Run], status: dict[str, str],
+                  earlier: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [earlier[r.name] if r.name in earlier else result_row(args.out, r, status[r.name]) for r in runs]
     header = (f"Sweep `{args.grid}` on {device_name()}, {time.strftime('%Y-%m-%d')}: {len(rows)} runs, "
               f"{args.parallel} at a time"
               + (f", budget {args.budget_minutes:g} min" if args.budget_minutes is not None else "")
               + (f"; flags for every run: `{' '.join(extra)}`" if extra else "")
+              + (f"; {len(earlier)} run(s) taken from earlier sweeps (status `done (earlier: ...)`)" if earlier else "")
               + ". Test metrics of the last epoch's checkpoint.")
     (args.out / "results.md").write_text(markdown(rows, header))
     write_csv(rows, args.out / "results.csv")
@@ -539,6 +569,28 @@ def write_results(args: argparse.Namespace, extra: list[str], runs: list[Run], s
         warnings.filterwarnings("ignore", "No artists with labels found")
         plot(curves, args.out / "val_acc.png", title=f"sweep {args.grid}: validation accuracy")
     return rows
+
+
+def read_prior(paths: list[Path], runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """The runs of the grid that an earlier sweep's results.csv lists as done and tested with the same configs and
+    flags, as table rows (the later file wins)."""
+    wanted = {r.name: r for r in runs}
+    earlier: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not path.is_file():
+            sys.exit(f"sweep.py: error: --prior {path}: no such file; fix: pass the results.csv of an earlier sweep")
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                run = wanted.get(row.get("name", ""))
+                if run is None or not row.get("status", "").startswith("done") or not row.get("test_acc"):
+                    continue
+                if (row.get("configs", ""), row.get("flags", "")) != (" ".join(run.configs), " ".join(run.flags)):
+                    print(f"sweep: {run.name} in {path} ran with other configs or flags: run again", flush=True)
+                    continue
+                earlier[run.name] = {**row, "seed": int(row["seed"]), "status": f"done (earlier: {path.name})",
+                                     "val_acc_curve": [],
+                                     **{k: float(row[k]) if row.get(k) else None for k in NUMBERS}}
+    return earlier
 
 
 # -- throughput: one run alone vs K at once -----------------------------------------------------------------------
@@ -613,6 +665,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--estimate-minutes", type=float, default=None,
                    help="every run's minutes alone (fit + test), instead of the preset's: for flags that shorten "
                         "or lengthen the runs, e.g. --trainer.max_epochs 30")
+    p.add_argument("--estimate-scale", type=float, default=1.0,
+                   help="multiply every run's estimated minutes (e.g. a faster engine's measured / preset minutes)")
+    p.add_argument("--engine", choices=("eager", "graphs"), default="eager",
+                   help="graphs: every run on the static-shape engine (ENGINE's flags; the setting gets -graphs)")
+    p.add_argument("--prior", type=Path, nargs="+", default=[], metavar="CSV",
+                   help="results.csv of earlier sweeps: runs they list as done (same configs and flags) are not rerun")
     p.add_argument("--speedup", type=float, default=1.0,
                    help="aggregate speed-up of --parallel processes over one, for the first estimates (default 1)")
     p.add_argument("--throughput", action="store_true", help="measure images/s of 1 run alone vs --parallel at once")
@@ -627,14 +685,18 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         args.parallel = 4 if torch.cuda.is_available() else 1
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
+    if args.estimate_scale <= 0:
+        p.error(f"--estimate-scale must be > 0, got {args.estimate_scale:g}")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     return args, extra
 
 
 def select(args: argparse.Namespace) -> list[Run]:
-    runs = PRESETS[args.grid]
+    runs = PRESETS[args.grid] if args.engine == "eager" else with_engine(PRESETS[args.grid])
     if args.estimate_minutes is not None:
         runs = [replace(r, minutes=args.estimate_minutes) for r in runs]
+    if args.estimate_scale != 1.0:
+        runs = [replace(r, minutes=r.minutes * args.estimate_scale) if r.minutes else r for r in runs]
     if args.only:
         runs = [r for r in runs if any(r.name.startswith(o) for o in args.only)]
         if not runs:
@@ -653,12 +715,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.throughput:
         return throughput(args, extra, runs)
-    taken = [r.name for r in runs if (args.out / "runs" / r.name / "version_0").exists()]
+    earlier = read_prior(args.prior, runs)
+    todo = [r for r in runs if r.name not in earlier]
+    taken = [r.name for r in todo if (args.out / "runs" / r.name / "version_0").exists()]
     if taken and not args.reuse:
         sys.exit(f"sweep.py: error: {args.out}/runs already holds {', '.join(taken)}; fix: pass --reuse to skip "
                  "finished runs and resume the others, or choose another --out")
-    status = Sweep(args, extra).execute(runs)
-    rows = write_results(args, extra, runs, status)
+    status = Sweep(args, extra).execute(todo)
+    rows = write_results(args, extra, runs, status, earlier)
     print((args.out / "results.md").read_text())
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.csv'} and {args.out / 'val_acc.png'}")
     return rows

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +159,13 @@ def test_bench_fit_events_refuses_a_fit_too_short_to_time_before_running_it(tiny
         load("bench_fit").main([str(SCRIPTS.parent), "--events", "--data-dir", str(tiny_cifar), "--short", "5",
                                 "--long", "19"])
     assert "fix: a --long of at least 20" in capsys.readouterr().err
+
+
+def test_device_bundle_refuses_a_folder_without_the_cifar_archive_and_leaves_nothing(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(SCRIPTS, repo / "scripts")
+    proc = subprocess.run(["bash", str(repo / "scripts" / "device_bundle.sh"), str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and not (repo / ".device").exists()
+    assert proc.stderr.strip() == (f"device_bundle.sh: no make_cifar10.py in {tmp_path / 'nowhere'}; fix: pass the "
+                                   "folder of the CIFAR-10 archive")

@@ -154,10 +154,55 @@ def test_the_estimate_scales_the_preset_minutes_and_then_learns_from_finished_ru
     unknown = sweep.Run("cutmix", 0, "c")
     # before any run finished: K / speedup = 4 / 2 processes' worth of slow-down
     assert s.estimate(a) == pytest.approx(12.0) and s.estimate(unknown) is None
+    # fewer runs left than K: only those share the machine (speedup 2 is reached by 2 processes, 1 runs alone)
+    assert [s.estimate(a, k) for k in (1, 2, 3)] == pytest.approx([6.0, 6.0, 9.0])
     s.done.append((a, 9.0))  # a took 9 minutes: 1.5x its preset estimate, under this sweep's sharing
     assert s.estimate(b) == pytest.approx(18.0) and s.estimate(unknown) == pytest.approx(9.0)
     s.done.append((unknown, 3.0))  # a run without a preset estimate does not change the factor
     assert s.estimate(b) == pytest.approx(18.0) and s.estimate(unknown) == pytest.approx(6.0)
+
+
+def test_prior_results_are_taken_over_and_not_rerun_unless_their_flags_differ(swept, tiny_cifar, tmp_path, capsys):
+    src, before = swept
+    sweep = load("sweep")
+    out = tmp_path / "next-lease"
+    after = sweep.main(sweep_args(tiny_cifar, out, "--prior", str(src / "results.csv")))
+    assert not (out / "runs").exists()  # nothing was run
+    assert [r["status"] for r in after] == ["done (earlier: results.csv)"] * 2
+    for a, b in zip(after, before):
+        assert (a["name"], a["seed"], a["flags"]) == (b["name"], b["seed"], b["flags"])
+        assert a["test_acc"] == pytest.approx(b["test_acc"]) and a["fit_minutes"] == pytest.approx(b["fit_minutes"])
+    assert "2 run(s) taken from earlier sweeps" in (out / "results.md").read_text()
+    assert [r["device"] for r in read_csv(out / "results.csv")] == [b["device"] for b in before] != [""] * 2
+    # a run made with other flags is another experiment: it is run again (here the budget leaves it out)
+    rows = read_csv(src / "results.csv")
+    rows[1]["flags"] += " --model.optimizer.init_args.lr 0.5"
+    changed = tmp_path / "changed.csv"
+    with changed.open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    capsys.readouterr()
+    again = sweep.main(sweep_args(tiny_cifar, tmp_path / "other", "--prior", str(changed), "--budget-minutes", "0.01"))
+    assert [r["status"] for r in again] == ["done (earlier: changed.csv)", "not run (budget)"]
+    assert f"smoke-baseline-s0 in {changed} ran with other configs or flags: run again" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--prior .*missing.csv: no such file"):
+        sweep.main(sweep_args(tiny_cifar, tmp_path / "x", "--prior", str(tmp_path / "missing.csv")))
+
+
+def test_the_engine_puts_its_flags_after_each_runs_own_and_renames_the_setting(capsys):
+    sweep = load("sweep")
+    plain = sweep.PRESETS["gpu-results"]
+    runs = sweep.with_engine(plain)
+    assert [r.setting for r in runs] == [f"{r.setting}-graphs" for r in plain]
+    assert [r.flags for r in runs] == [(*r.flags, *sweep.ENGINE) for r in plain]
+    assert runs[0].name == "fast-200ep-graphs-cutmix-s0"
+    assert set(sweep.ENGINE[1::2]) <= {"true", "reduce-overhead"}
+    sweep.main(["--grid", "gpu-results", "--engine", "graphs", "--estimate-scale", "0.5", "--list"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("fast-200ep-graphs-cutmix-s0:") and first.endswith(
+        "--trainer.max_epochs 200 --data.compile_transform true --data.drop_last true --model.compile reduce-overhead"
+        "  (~3.25 min alone)")
 
 
 def _fake_run(folder: Path, data: Path, steps_walls: list[tuple[int, float]], batch: int = 32) -> Path:
@@ -229,18 +274,20 @@ def test_gpu_suite_smoke_runs_every_step_on_the_cpu_in_under_three_minutes(tmp_p
     assert seconds < 180
     report = json.loads((out / "suite.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["env", "data", "pytest", "ddp", "bench_augment", "bench_randaugment", "bench_train",
-                           "bench_fit", "throughput", "sweep"]
+    assert list(steps) == ["env", "data", "engine200", "pytest", "bench_augment", "bench_train", "bench_fit", "ddp",
+                           "bench_randaugment", "throughput", "sweep"]
     assert all(s["status"] == "passed" for s in steps.values()) and report["ok"] is True
     assert all(s["seconds"] <= s["limit"] for s in steps.values())
     assert "8 skipped" in steps["pytest"]["figures"] or "skipped (of" in steps["pytest"]["figures"]
     assert "2 ranks" in steps["ddp"]["figures"] and "backend gloo" in steps["ddp"]["figures"]
     assert "parameters identical" in steps["ddp"]["figures"]
     assert "fit / fixed-batch step" in steps["bench_fit"]["figures"]
+    assert "cold start: a 1-epoch fit" in steps["engine200"]["figures"]
+    assert "smoke-graphs-cutmix-s0: fit" in steps["engine200"]["figures"]
     # the summary is printed last and saved
     summary = (out / "summary.md").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip())
-    assert summary.count("| passed |") == len(steps) == 10 and "all steps passed" in summary
+    assert summary.count("| passed |") == len(steps) == 11 and "all steps passed" in summary
     assert report["env"]["torch"] and report["env"]["lightning"] and report["env"]["device"] == "CPU"
     # the device machine returns <= 8 files, none deeper than $OUT/a/b/file: everything else must be deeper
     returned = [p for p in out.rglob("*") if p.is_file() and len(p.relative_to(out).parts) <= 3]
@@ -255,7 +302,13 @@ def test_gpu_suite_smoke_runs_every_step_on_the_cpu_in_under_three_minutes(tmp_p
     ranks = [json.loads((out / "work" / "steps" / "ddp" / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    # engine200 ran the grid's first run on the engine (drop_last; nothing compiled in smoke), the sweep reused it
     rows = read_csv(out / "results.csv")
-    assert [r["status"] for r in rows] == ["done", "done"] and all(0 <= float(r["test_acc"]) <= 1 for r in rows)
+    assert [(r["name"], r["status"]) for r in rows] == [("smoke-graphs-cutmix-s0", "done (reused)"),
+                                                         ("smoke-graphs-baseline-s0", "done")]
+    assert all(0 <= float(r["test_acc"]) <= 1 for r in rows)
+    config = yaml.safe_load((out / "work" / "steps" / "sweep" / "runs" / "smoke-graphs-cutmix-s0" / "version_0"
+                             / "config.yaml").read_text())
+    assert config["data"]["drop_last"] is True and config["trainer"]["max_epochs"] == 2
     throughput = json.loads((out / "work" / "steps" / "throughput" / "throughput.json").read_text())
     assert throughput["processes"] == 2 and throughput["ratio"] > 0 and len(throughput["x2"]["each"]) == 2

@@ -1,10 +1,11 @@
 """CutMix's gain over no mixing against the training-set size, with the seed spread: a table and a plot.
 
 Reads the ``results.json`` that ``compare.py`` writes, one folder per (training-set size, seed), each holding a
-``cutmix`` and a ``baseline`` row. Give each folder as ``SIZE=FOLDER``:
+``cutmix`` and a ``baseline`` row, or one folder per method joined by commas. Give each as ``SIZE=FOLDER[,FOLDER]``:
 
     python scripts/data_efficiency.py --out docs/data_efficiency.png \\
         5000=results/n5k-s0 5000=results/n5k-s1 10000=results/n10k-s0 10000=results/n10k-s1
+    python scripts/data_efficiency.py ... 5000=results/n5k-s2-cutmix,results/n5k-s2-baseline
 
 The gain of one seed is CutMix's test accuracy minus no mixing's, both from that seed's runs (same seed, same
 number of optimiser steps). The spread is the seed-to-seed half range: (max - min) / 2 over the seeds, of each
@@ -18,12 +19,14 @@ import json
 from pathlib import Path
 
 
-def read(folder: Path) -> dict[str, float]:
-    rows = json.loads((folder / "results.json").read_text())
-    got = {r["method"]: r["test_acc"] for r in rows if r.get("test_acc") is not None}
+def read(folders: list[Path]) -> dict[str, float]:
+    """Test accuracy by method from the folders' results.json (one seed's runs)."""
+    got = {r["method"]: r["test_acc"] for folder in folders for r in json.loads((folder / "results.json").read_text())
+           if r.get("test_acc") is not None}
     missing = {"cutmix", "baseline"} - set(got)
     if missing:
-        raise SystemExit(f"{folder}/results.json has no test accuracy for {', '.join(sorted(missing))}")
+        raise SystemExit(f"{', '.join(map(str, folders))}: no test accuracy for {', '.join(sorted(missing))} in "
+                         "results.json")
     return got
 
 
@@ -83,7 +86,7 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="SIZE=FOLDER, a compare.py output folder per size and seed")
+    p.add_argument("runs", nargs="+", help="SIZE=FOLDER[,FOLDER]: compare.py output folder(s) of one size and seed")
     p.add_argument("--out", type=Path, default=Path("data_efficiency.png"))
     args = p.parse_args(argv)
     runs = []
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         size, sep, folder = item.partition("=")
         if not sep or not size.isdigit():
             raise SystemExit(f"{item!r}: give SIZE=FOLDER, e.g. 5000=results/n5k-s0")
-        runs.append((int(size), read(Path(folder))))
+        runs.append((int(size), read([Path(f) for f in folder.split(",")])))
     rows = summarize(runs)
     print(table(rows))
     plot(rows, args.out)

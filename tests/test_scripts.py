@@ -128,12 +128,21 @@ def test_data_efficiency_table_and_plot(tmp_path):
         (folder / "results.json").write_text(json.dumps([{"method": "cutmix", "test_acc": cut},
                                                          {"method": "baseline", "test_acc": base}]))
         args.append(f"{size}={folder}")
+    # a seed whose methods ran into two folders (compare.py --methods cutmix, then --methods baseline)
+    for method, acc in (("cutmix", 0.68), ("baseline", 0.66)):
+        (tmp_path / f"n5000-s2-{method}").mkdir()
+        (tmp_path / f"n5000-s2-{method}" / "results.json").write_text(json.dumps([{"method": method, "test_acc": acc}]))
+    args.append(f"5000={tmp_path / 'n5000-s2-cutmix'},{tmp_path / 'n5000-s2-baseline'}")
+    with pytest.raises(SystemExit, match="n5000-s2-cutmix: no test accuracy for baseline"):
+        load("data_efficiency").main([f"5000={tmp_path / 'n5000-s2-cutmix'}"])
     rows = load("data_efficiency").main([*args, "--out", str(tmp_path / "gain.png")])
     assert [r["size"] for r in rows] == [5000, 10000]
-    assert rows[0]["gain"] == pytest.approx(0.045) and rows[0]["gain_spread"] == pytest.approx(0.005)
-    assert rows[0]["cutmix"] == pytest.approx(0.71) and rows[0]["cutmix_spread"] == pytest.approx(0.01)
+    # 5,000: gains 0.04, 0.05, 0.02 over three seeds; half ranges of the gain and of CutMix's accuracy
+    assert rows[0]["gain"] == pytest.approx(0.11 / 3) and rows[0]["gain_spread"] == pytest.approx(0.015)
+    assert rows[0]["cutmix"] == pytest.approx(0.70) and rows[0]["cutmix_spread"] == pytest.approx(0.02)
     assert rows[1]["gain"] == pytest.approx(0.01) and rows[1]["seeds"] == 1
-    assert "| 5,000 | 2 | 71.00% ± 1.00 | 66.50% ± 0.50 | +4.50 ± 0.50 | +4.00, +5.00 |" in load("data_efficiency").table(rows)
+    assert "| 5,000 | 3 | 70.00% ± 2.00 | 66.33% ± 0.50 | +3.67 ± 1.50 | +4.00, +5.00, +2.00 |" in load(
+        "data_efficiency").table(rows)
     assert_png(tmp_path / "gain.png", (300, 200))
 
 

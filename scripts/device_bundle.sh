@@ -6,14 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${1:-../shared/data}
+python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}  # the one with jsonargparse
 [ -f "$shared/make_cifar10.py" ] || { echo "device_bundle.sh: no make_cifar10.py in $shared; fix: pass the folder of the CIFAR-10 archive" >&2; exit 1; }
 rm -rf .device && mkdir -p .device/whl .device/data
-pins=$(python - <<'PY'
+pins=$("$python" - <<'PY'
 from importlib.metadata import version
 print(" ".join(f"{n}=={version(n)}" for n in ("jsonargparse", "docstring-parser", "typeshed-client")))
 PY
 )
-python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 -d .device/whl $pins
 cp "$shared/make_cifar10.py" "$shared/cifar10-jpeg.tar.gz" .device/data/
 cat <<'TXT'
@@ -21,10 +22,10 @@ cat <<'TXT'
 
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl && export PYTHONPATH=/tmp/site && python3 scripts/gpu_suite.py --data-dir /tmp/data --make-data .device/data/make_cifar10.py --work /tmp/suite
 
-Call 2, at once (the machine stays warm 30 s), on what device time is left (M minutes; --engine graphs if call 1's
-engine200 step passed, else eager), to give the sweep the rest and resume its runs:
+Call 2, at once (the machine stays warm 30 s), on what device time is left (M minutes): the sweep gets the rest and
+resumes its runs, on the engine if call 1's engine200 run finished:
 
-export PYTHONPATH=/tmp/site && python3 scripts/gpu_suite.py --steps sweep --engine graphs --data-dir /tmp/data --work /tmp/suite --minutes M
+export PYTHONPATH=/tmp/site && python3 scripts/gpu_suite.py --steps sweep --data-dir /tmp/data --work /tmp/suite --minutes M
 
 Then copy the sweep's results.csv to docs/sweeps/<date>-<device>.csv: the next lease's suite takes those runs over.
 TXT

@@ -1,8 +1,8 @@
 """Every GPU measurement the docs need, in one command of at most 9 minutes on one H100, into one folder.
 
-    python scripts/gpu_suite.py --data-dir data               # on the GPU machine; --out defaults to $OUT
-    python scripts/gpu_suite.py --steps sweep --parallel 2    # a later call: give the whole time to the sweep
-    python scripts/gpu_suite.py --smoke                       # the same code paths at toy size on a CPU, < 3 min
+    python scripts/gpu_suite.py --data-dir data --work /tmp/suite   # on the GPU machine; --out defaults to $OUT
+    python scripts/gpu_suite.py --steps sweep --work /tmp/suite     # a later call on the same machine: the sweep
+    python scripts/gpu_suite.py --smoke                             # the same code paths at toy size, CPU, < 3 min
 
 The steps, in order of what the open goals need most; each is a subprocess with its own time limit (at the limit
 it gets SIGTERM, then SIGKILL after a grace period), its own log, and a status; a failing step is recorded and the
@@ -46,8 +46,8 @@ On the device machine: jsonargparse is not installed there (carry its wheel and 
 step fails and names it when it is missing); CIFAR-10 must be made there (carry ../shared/data, pass
 --make-data .../make_cifar10.py). The step limits are caps, and together they exceed 9 minutes:
 what a first call leaves undone, a second call on the still-warm machine takes up (``--steps ...`` with the same
-``--work``, outside $OUT, so that the runs and the compile cache stay): the sweep resumes its runs, and with
-``--engine graphs`` it uses the engine without engine200 in the same call. A lease's grid goes on in the next lease:
+``--work``, outside $OUT, so that the runs and the compile cache stay): the sweep resumes its runs, with the engine,
+the throughput ratio and the engine's scale that the first call measured (``state.json`` in --work). A lease's grid goes on in the next lease:
 copy its results.csv to docs/sweeps/<date>-<device>.csv, which the next suite reads (``--prior``).
 
 The folder: the device machine returns at most 8 files from $OUT, and none deeper than $OUT/a/b/file, so the top of
@@ -82,6 +82,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # cutmix_pl from the checkout, also where it is not installed (the device machine)
 STEPS = ("env", "data", "engine200", "pytest", "bench_augment", "bench_train", "bench_fit", "ddp", "bench_randaugment",
          "throughput", "sweep")
 # Seconds per step: (on the GPU, in --smoke); each is also clipped to what is left of --minutes. The sweep gets the
@@ -90,7 +91,7 @@ STEPS = ("env", "data", "engine200", "pytest", "bench_augment", "bench_train", "
 LIMITS = {"env": (60, 45), "data": (90, 30), "engine200": (300, 60), "pytest": (150, 60), "ddp": (120, 60),
           "bench_augment": (90, 40), "bench_randaugment": (45, 40), "bench_train": (90, 45), "bench_fit": (180, 40),
           "throughput": (120, 75)}
-ENGINE_RUN = {False: ("gpu-results", "fast-200ep-graphs-cutmix-s0"), True: ("smoke", "smoke-graphs-cutmix-s0")}
+STATE = "suite/state.json"  # in --work (a folder down: only deliverables come back): for a later call
 # smoke: the engine's code path without compiling (a CPU compiles for longer than the smoke suite may take)
 ENGINE_SMOKE_FLAGS = ["--model.compile", "false", "--data.compile_transform", "false"]
 SUMMARY_RESERVE = (20, 5)  # seconds kept for the summary and the archive (GPU: many logs; smoke)
@@ -182,7 +183,23 @@ class Suite:
         self.fixed_batch: float | None = None  # img/s of bench_train's fixed-batch step
         self.engine = args.engine  # the sweep's engine: auto until engine200 settles it
         self.engine_scale: float | None = None  # engine200's measured minutes over the preset's
-        self.inductor = self.work / "engine200" / "inductor"  # the engine's compile cache, shared with the sweep
+        self.inductor = self.work / "inductor"  # the engine's compile cache, shared with the sweep; never packed
+        self.load_state()
+
+    # - what an earlier call on this machine measured (same --work) -
+    def load_state(self) -> None:
+        path = self.work / STATE
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        self.speedup, self.fixed_batch = state.get("speedup"), state.get("fixed_batch")
+        self.engine_scale = state.get("engine_scale")
+        if self.engine == "auto" and state.get("engine") in ("eager", "graphs"):
+            self.engine = state["engine"]
+
+    def save_state(self) -> None:
+        state = {"speedup": self.speedup, "fixed_batch": self.fixed_batch, "engine": self.engine,
+                 "engine_scale": self.engine_scale}
+        (self.work / STATE).parent.mkdir(parents=True, exist_ok=True)
+        (self.work / STATE).write_text(json.dumps(state))
 
     # - plumbing -
     def left(self) -> float:
@@ -262,6 +279,7 @@ class Suite:
             func(step)
         except Exception as err:  # a bug or a surprise in one step must not end the suite
             step.status = f"failed ({type(err).__name__}: {err})"
+        self.save_state()
         step.seconds = time.monotonic() - step.started
         print(f"gpu_suite: {name}: {step.status} in {step.seconds:.0f} s{'; ' + step.figures if step.figures else ''}",
               flush=True)
@@ -436,8 +454,7 @@ class Suite:
         # (torch.compile mode reduce-overhead), every batch one shape, the transform compiled. Smoke: the eager
         # variant only (compiling takes a CPU longer than the whole step may).
         variants = [base] if self.smoke else [
-            base, f"{base} --data.compile_transform true",
-            f"{base} --data.compile_transform true --data.drop_last true --model.compile reduce-overhead"]
+            base, f"{base} --data.compile_transform true", f"{base} {' '.join(sweep_module().ENGINE)}"]
         argv = [*variants, "--events", "--data-dir", str(self.data_dir), "--model.log_images", "false"]
         argv += (["--batch-size", "16", "--short", "5", "--long", "30", "--reps", "1", "--data.val_size", "100"]
                  if self.smoke else
@@ -462,8 +479,10 @@ class Suite:
     def step_engine200(self, step: Step) -> None:
         if not self.need_data(step):
             return
-        grid, name = ENGINE_RUN[self.smoke]
-        what = ["--grid", grid, "--engine", "graphs", "--only", name, *(ENGINE_SMOKE_FLAGS if self.smoke else [])]
+        sweep = sweep_module()
+        grid = "smoke" if self.smoke else self.args.grid
+        run = sweep.with_engine(sweep.PRESETS[grid])[0]  # gpu-results: fast.yaml, 200 epochs, CutMix, seed 0
+        what = ["--grid", grid, "--engine", "graphs", "--only", run.name, *(ENGINE_SMOKE_FLAGS if self.smoke else [])]
         shutil.rmtree(self.inductor, ignore_errors=True)  # the probe starts with nothing compiled
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.inductor)}
         probe_out = self.folder("engine200") / "probe"
@@ -475,8 +494,9 @@ class Suite:
             self.engine = "eager" if self.engine == "auto" else self.engine
             return
         out = self.folder("sweep")
+        (out / "results.csv").unlink(missing_ok=True)  # an earlier call's table must not pass for this run's
         rc = self.call(step, [*self.sweep_base(out, 1), *what, "--reuse"], **cache)
-        row = next(iter(read_csv(out / "results.csv")), None)
+        row = next((r for r in read_csv(out / "results.csv") if r["name"] == run.name), None)
         done = row is not None and row["status"].startswith("done")
         self.settle(step, rc, None if done else "the run did not finish")
         if self.engine == "auto":
@@ -484,12 +504,10 @@ class Suite:
         step.files.append(str(out / "results.csv"))
         step.figures = f"cold start: a 1-epoch fit {60 * float(probe[0]['fit_minutes']):.0f} s start to exit"
         if done:
-            ledger = json.loads((out / "runs" / name / "sweep.json").read_text())
-            minutes = sum(e["seconds"] for sub in ("fit", "test") for e in ledger[sub]) / 60
-            sweep = load_module("sweep", HERE / "sweep.py")
-            preset = next(r for r in sweep.with_engine(sweep.PRESETS[grid]) if r.name == name)
-            self.engine_scale = minutes / preset.minutes
-            step.figures += (f"; {name}: fit {60 * float(row['fit_minutes']):.0f} s start to exit (warm cache), "
+            # the sweep's first estimates: this run's minutes plus a cold start's (the probe's), on the safe side
+            minutes = sweep.ledger_minutes(out, run.name) + sweep.ledger_minutes(probe_out, run.name)
+            self.engine_scale = minutes / run.minutes
+            step.figures += (f"; {run.name}: fit {60 * float(row['fit_minutes']):.0f} s start to exit (warm cache), "
                              f"{float(row['images_per_s']):,.0f} img/s, test acc {float(row['test_acc']):.2%}")
 
     def step_throughput(self, step: Step) -> None:
@@ -583,6 +601,11 @@ def ddp_problem(ranks: list[dict[str, Any]], device: str, finished: bool) -> str
     return None if finished else "the run did not finish (no FINISHED file)"
 
 
+def sweep_module() -> Any:
+    """scripts/sweep.py (its grids, ENGINE, its ledger), loaded once."""
+    return sys.modules.get("gpu_suite_sweep") or load_module("sweep", HERE / "sweep.py")
+
+
 def load_module(name: str, path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(f"gpu_suite_{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -629,7 +652,7 @@ def pack_logs(work: Path, archive: Path) -> tuple[int, list[str]]:
         return kind, p.stat().st_size
 
     files = sorted((p for p in work.rglob("*") if p.is_file() and p.suffix != ".ckpt" and ".lock" != p.name
-                    and "data" not in p.relative_to(work).parts[:1]), key=rank)
+                    and p.relative_to(work).parts[0] not in ("data", "inductor")), key=rank)
     total, packed, left_out = 0, 0, []
     with tarfile.open(archive, "w:gz") as tar:
         for p in files:
@@ -688,7 +711,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--steps: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STEPS)}")
     asked.add("env")  # the summary always names the machine
-    if asked & {"ddp", "bench_train", "throughput", "sweep"}:
+    if asked & {"engine200", "ddp", "bench_train", "bench_fit", "throughput", "sweep"}:
         asked.add("data")  # they read the data set
     args.steps = [s for s in STEPS if s in asked]
     args.minutes = args.minutes or (3.0 if args.smoke else 9.0)

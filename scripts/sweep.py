@@ -23,13 +23,14 @@ passed on once to the running fits, which save ``last.ckpt`` and stop; the table
 Budget (``--budget-minutes B``): a run is launched only if its estimated time fits in what is left of B (counted
 from the start of this sweep); the runs not started are listed as "not run (budget)". The estimate is the preset's
 per-run minutes (one run alone, fit + test) times a calibration factor: before any run of this sweep has finished,
-k / min(``--speedup``, k), k the processes that will share the machine (K, or fewer for the grid's last runs;
-``--speedup``: the aggregate speed-up of K processes over one, as ``--throughput`` measures it; 1 assumes sharing
-gains nothing); after, the measured wall minutes of this sweep's finished runs over their preset minutes.
+k / s_k, k the processes that will share the machine (K, or fewer for the grid's last runs) and s_k their aggregate
+speed-up over one process, ``--speedup`` at K (as ``--throughput`` measures it; 1 assumes sharing gains nothing) and
+linear from 1 alone (``slowdown``); after, the measured wall minutes of this sweep's finished runs over their preset minutes.
 A run without a preset estimate is estimated by the mean of the finished runs (and launched if there are none).
 ``--estimate-minutes M`` replaces the preset's minutes of every run (for flags that change the runs' length, e.g.
-``--trainer.max_epochs 30``); ``--estimate-scale S`` multiplies them (for a faster engine: its measured minutes over
-the preset's). A run to be resumed, or only tested, is estimated as a whole run (on the safe side).
+``--trainer.max_epochs 30``); else ``--estimate-scale S`` multiplies the preset's (for a faster engine: its measured
+minutes over the preset's). With ``--reuse``, a fit to resume is estimated by the share of its epochs not yet done,
+a run that needs only its test as a tenth of a run.
 
 Engine (``--engine graphs``): every run also gets ENGINE's flags (the transform compiled, static shapes, the
 network's forward and backward as CUDA graphs) and its setting the suffix ``-graphs``, so that its runs never mix
@@ -37,11 +38,13 @@ with eager ones in a folder or a table.
 
 Earlier sweeps (``--prior CSV ...``): the results.csv of sweeps made elsewhere, e.g. on an earlier GPU machine
 (docs/sweeps/ keeps them). A run of the grid that one of them lists as done and tested, with the same configs and
-flags, is not run again; its row is taken into the table as it was (status ``done (earlier: <file>)``, no curve).
+flags (those given to every run included), is not run again; its row is taken into the table as it was (status
+``done (earlier: <file>)``, no curve), unless --out holds the run done and tested: this machine's own result wins.
 This is how a grid larger than one GPU lease is finished over several.
 
 Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per run: name, method, seed, setting, status,
-test accuracy, top-5, ECE, fit minutes, images/s), a summary over seeds (mean and spread per method x setting) in
+test accuracy, top-5, ECE, fit minutes, images/s, configs, flags (every run's included), the device and date of its
+last fit), a summary over seeds (mean and spread per method x setting) in
 ``results.md``, and ``val_acc.png`` (the validation curves).
 
 How the figures are computed:
@@ -269,6 +272,29 @@ def aggregate_rate(folders: list[Path]) -> tuple[float | None, float]:
     return images / (end - start), (end - start) / mean_window
 
 
+def slowdown(k: int, parallel: int, speedup: float) -> float:
+    """How much longer a run takes when k processes share the machine than alone: k over their aggregate speed-up,
+    which is ``speedup`` at ``parallel`` processes and 1 alone; in between it is taken as linear, which is on the
+    safe side when, as usual, the first extra processes gain the most."""
+    gain = max(speedup, 1.0)
+    at_k = 1 + (gain - 1) * (k - 1) / (parallel - 1) if parallel > 1 else 1.0
+    return k / min(at_k, k)
+
+
+def work_left(folder: Path) -> float:
+    """The share of a whole run that a run folder still needs: 1 for a fresh run, the epochs not yet done for a fit
+    to resume (by its last logged epoch), 0.1 for a test alone (a test is a small part of a run), 0 when done."""
+    if not folder.is_dir():
+        return 1.0
+    if is_finished(folder):
+        return 0.0 if has_test(folder) else 0.1
+    if not (folder / "checkpoints" / "last.ckpt").is_file():
+        return 1.0
+    epochs = read_fit(folder)[0].get("epoch")
+    max_epochs = yaml.safe_load((folder / "config.yaml").read_text())["trainer"].get("max_epochs") or 0
+    return 1.0 if not epochs or max_epochs <= 0 else max(0.0, 1 - epochs[-1][1] / max_epochs)
+
+
 # -- running processes ----------------------------------------------------------------------------------------
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when this script dies, even by SIGKILL (Linux), so that a fit is never
@@ -361,7 +387,8 @@ class Sweep:
         rc, seconds = job.proc.returncode, time.monotonic() - job.started
         job.log.close()
         job.minutes += seconds / 60
-        entry = {"rc": rc, "seconds": round(seconds, 2), "ended": time.strftime("%Y-%m-%d %H:%M:%S")}
+        entry = {"rc": rc, "seconds": round(seconds, 2), "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "device": device_name()}
         if job.stage == "fit":
             entry["resumed"] = job.resumed
         add_to_ledger(self.args.out, job.run.name, job.stage, entry)
@@ -390,8 +417,7 @@ class Sweep:
         if run.minutes is not None:
             if timed:
                 return run.minutes * sum(m for _, m in timed) / sum(r.minutes for r, _ in timed)
-            k = sharing or self.args.parallel
-            return run.minutes * k / min(max(self.args.speedup, 1.0), k)
+            return run.minutes * slowdown(sharing or self.args.parallel, self.args.parallel, self.args.speedup)
         return statistics.mean(m for _, m in self.done) if self.done else None
 
     def remaining(self) -> float:
@@ -421,6 +447,8 @@ class Sweep:
                 if self.args.budget_minutes is not None and not self.needs_nothing(job.run):
                     to_run = sum(not self.needs_nothing(j.run) for j in pending)
                     est = self.estimate(job.run, min(self.args.parallel, len(active) + 1 + to_run))
+                    if est is not None and self.args.reuse:
+                        est *= work_left(run_dir(self.args.out, job.run.name))
                     if est is not None and est > self.remaining():
                         status[job.run.name] = "not run (budget)"
                         print(f"sweep: {job.run.name} not run: estimated {est:.1f} min, "
@@ -467,21 +495,35 @@ def last_value(series: dict[str, list[tuple[int, float, float]]], tag: str) -> f
     return series[tag][-1][1] if series.get(tag) else None
 
 
-def result_row(out: Path, run: Run, status: str) -> dict[str, Any]:
+def run_flags(run: Run, extra: list[str]) -> str:
+    """Every flag the run gets: its own, then those given to every run of the sweep."""
+    return " ".join([*run.flags, *extra])
+
+
+def ledger_minutes(out: Path, name: str, stages: tuple[str, ...] = ("fit", "test")) -> float | None:
+    """Wall minutes of a run's processes that this script timed (fit and test by default), None if none."""
+    ledger = read_ledger(out, name)
+    timed = [e["seconds"] for stage in stages for e in ledger.get(stage, [])]
+    return sum(timed) / 60 if timed else None
+
+
+def result_row(out: Path, run: Run, status: str, extra: list[str]) -> dict[str, Any]:
     folder = run_dir(out, run.name)
     row: dict[str, Any] = {"name": run.name, "method": run.method, "seed": run.seed, "setting": run.setting,
                            "status": status, "test_acc": None, "test_top5": None, "test_ece": None,
                            "fit_minutes": None, "images_per_s": None, "val_acc_curve": [],
-                           "configs": " ".join(run.configs), "flags": " ".join(run.flags), "device": None,
+                           "configs": " ".join(run.configs), "flags": run_flags(run, extra), "device": None,
                            "date": None}
     if not folder.is_dir():
         return row
     fit, span = read_fit(folder)
     row["val_acc_curve"] = [v for _, v, _ in fit.get("val/acc", [])]
-    timed = [e["seconds"] for e in read_ledger(out, run.name)["fit"]]
-    row["fit_minutes"] = sum(timed) / 60 if timed else (span / 60 if span is not None else None)
+    timed = ledger_minutes(out, run.name, ("fit",))
+    row["fit_minutes"] = timed if timed is not None else (span / 60 if span is not None else None)
     row["images_per_s"] = train_rate(folder)
-    row["device"], row["date"] = device_name(), time.strftime("%Y-%m-%d")
+    fits = read_ledger(out, run.name)["fit"]  # where and when its fit last ran (this machine, if not timed here)
+    row["device"] = fits[-1].get("device", device_name()) if fits else device_name()
+    row["date"] = fits[-1]["ended"][:10] if fits else None
     if has_test(folder):
         test = read_fit(folder / "test")[0]
         row.update(test_acc=last_value(test, "test/acc"), test_top5=last_value(test, "test/acc_top5"),
@@ -521,7 +563,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})  # older tables lack columns
 
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
@@ -555,7 +597,7 @@ def device_name() -> str:
 
 def write_results(args: argparse.Namespace, extra: list[str], runs: list[Run], status: dict[str, str],
                   earlier: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = [earlier[r.name] if r.name in earlier else result_row(args.out, r, status[r.name]) for r in runs]
+    rows = [earlier[r.name] if r.name in earlier else result_row(args.out, r, status[r.name], extra) for r in runs]
     header = (f"Sweep `{args.grid}` on {device_name()}, {time.strftime('%Y-%m-%d')}: {len(rows)} runs, "
               f"{args.parallel} at a time"
               + (f", budget {args.budget_minutes:g} min" if args.budget_minutes is not None else "")
@@ -571,9 +613,9 @@ def write_results(args: argparse.Namespace, extra: list[str], runs: list[Run], s
     return rows
 
 
-def read_prior(paths: list[Path], runs: list[Run]) -> dict[str, dict[str, Any]]:
+def read_prior(paths: list[Path], runs: list[Run], extra: list[str]) -> dict[str, dict[str, Any]]:
     """The runs of the grid that an earlier sweep's results.csv lists as done and tested with the same configs and
-    flags, as table rows (the later file wins)."""
+    flags (``extra`` included), as table rows (the later file wins)."""
     wanted = {r.name: r for r in runs}
     earlier: dict[str, dict[str, Any]] = {}
     for path in paths:
@@ -584,7 +626,7 @@ def read_prior(paths: list[Path], runs: list[Run]) -> dict[str, dict[str, Any]]:
                 run = wanted.get(row.get("name", ""))
                 if run is None or not row.get("status", "").startswith("done") or not row.get("test_acc"):
                     continue
-                if (row.get("configs", ""), row.get("flags", "")) != (" ".join(run.configs), " ".join(run.flags)):
+                if (row.get("configs", ""), row.get("flags", "")) != (" ".join(run.configs), run_flags(run, extra)):
                     print(f"sweep: {run.name} in {path} ran with other configs or flags: run again", flush=True)
                     continue
                 earlier[run.name] = {**row, "seed": int(row["seed"]), "status": f"done (earlier: {path.name})",
@@ -693,9 +735,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def select(args: argparse.Namespace) -> list[Run]:
     runs = PRESETS[args.grid] if args.engine == "eager" else with_engine(PRESETS[args.grid])
-    if args.estimate_minutes is not None:
+    if args.estimate_minutes is not None:  # the user's own figure: not scaled
         runs = [replace(r, minutes=args.estimate_minutes) for r in runs]
-    if args.estimate_scale != 1.0:
+    elif args.estimate_scale != 1.0:
         runs = [replace(r, minutes=r.minutes * args.estimate_scale) if r.minutes else r for r in runs]
     if args.only:
         runs = [r for r in runs if any(r.name.startswith(o) for o in args.only)]
@@ -715,7 +757,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.throughput:
         return throughput(args, extra, runs)
-    earlier = read_prior(args.prior, runs)
+    earlier = read_prior(args.prior, runs, extra)
+    for name in [n for n in earlier if is_finished(run_dir(args.out, n)) and has_test(run_dir(args.out, n))]:
+        del earlier[name]  # a run done here, in --out, is this machine's own result: it wins over an earlier one
     todo = [r for r in runs if r.name not in earlier]
     taken = [r.name for r in todo if (args.out / "runs" / r.name / "version_0").exists()]
     if taken and not args.reuse:

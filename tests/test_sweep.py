@@ -154,8 +154,9 @@ def test_the_estimate_scales_the_preset_minutes_and_then_learns_from_finished_ru
     unknown = sweep.Run("cutmix", 0, "c")
     # before any run finished: K / speedup = 4 / 2 processes' worth of slow-down
     assert s.estimate(a) == pytest.approx(12.0) and s.estimate(unknown) is None
-    # fewer runs left than K: only those share the machine (speedup 2 is reached by 2 processes, 1 runs alone)
-    assert [s.estimate(a, k) for k in (1, 2, 3)] == pytest.approx([6.0, 6.0, 9.0])
+    # fewer runs left than K: only those share the machine; their speed-up grows linearly from 1 alone to 2 at K = 4
+    assert [s.estimate(a, k) for k in (1, 2, 3, 4)] == pytest.approx([6.0, 9.0, 10.8, 12.0])
+    assert sweep.slowdown(3, 1, 5.0) == 3.0 and sweep.slowdown(1, 1, 1.0) == 1.0
     s.done.append((a, 9.0))  # a took 9 minutes: 1.5x its preset estimate, under this sweep's sharing
     assert s.estimate(b) == pytest.approx(18.0) and s.estimate(unknown) == pytest.approx(9.0)
     s.done.append((unknown, 3.0))  # a run without a preset estimate does not change the factor
@@ -174,6 +175,22 @@ def test_prior_results_are_taken_over_and_not_rerun_unless_their_flags_differ(sw
         assert a["test_acc"] == pytest.approx(b["test_acc"]) and a["fit_minutes"] == pytest.approx(b["fit_minutes"])
     assert "2 run(s) taken from earlier sweeps" in (out / "results.md").read_text()
     assert [r["device"] for r in read_csv(out / "results.csv")] == [b["device"] for b in before] != [""] * 2
+    # a table written before the device and date columns existed is read and written back without them
+    old = tmp_path / "old.csv"
+    old.write_text("\n".join(",".join(line.split(",")[:-2]) for line in (src / "results.csv").read_text().splitlines()))
+    assert [r["status"] for r in sweep.main(sweep_args(tiny_cifar, tmp_path / "o", "--prior", str(old)))] == [
+        "done (earlier: old.csv)"] * 2
+    # the runs of --out itself, done and tested, win over the earlier table's
+    mine = tmp_path / "mine"
+    shutil.copytree(src, mine)
+    assert [r["status"] for r in sweep.main(sweep_args(tiny_cifar, mine, "--reuse", "--prior", str(old)))] == [
+        "done (reused)"] * 2
+    # flags given to every run count: a run made without them is another experiment
+    capsys.readouterr()
+    more = sweep.main(sweep_args(tiny_cifar, tmp_path / "m", "--prior", str(old), "--budget-minutes", "0.01",
+                                 "--model.optimizer.init_args.lr", "0.5"))
+    assert [r["status"] for r in more] == ["not run (budget)"] * 2
+    assert "smoke-cutmix-s0 in" in capsys.readouterr().out
     # a run made with other flags is another experiment: it is run again (here the budget leaves it out)
     rows = read_csv(src / "results.csv")
     rows[1]["flags"] += " --model.optimizer.init_args.lr 0.5"
@@ -188,6 +205,20 @@ def test_prior_results_are_taken_over_and_not_rerun_unless_their_flags_differ(sw
     assert f"smoke-baseline-s0 in {changed} ran with other configs or flags: run again" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--prior .*missing.csv: no such file"):
         sweep.main(sweep_args(tiny_cifar, tmp_path / "x", "--prior", str(tmp_path / "missing.csv")))
+
+
+def test_work_left_is_what_a_run_folder_still_needs(swept, tmp_path):
+    sweep = load("sweep")
+    copy = tmp_path / "runs"
+    shutil.copytree(swept[0] / "runs", copy)
+    folder = copy / "smoke-cutmix-s0" / "version_0"
+    assert sweep.work_left(folder) == 0.0 and sweep.work_left(tmp_path / "none") == 1.0
+    shutil.rmtree(folder / "test")
+    assert sweep.work_left(folder) == 0.1  # the test alone
+    (folder / "FINISHED").unlink()  # a fit stopped after its last checkpoint: epoch 1 of 2 logged
+    assert sweep.work_left(folder) == pytest.approx(0.5)
+    (folder / "checkpoints" / "last.ckpt").unlink()  # nothing to resume from: a whole run
+    assert sweep.work_left(folder) == 1.0
 
 
 def test_the_engine_puts_its_flags_after_each_runs_own_and_renames_the_setting(capsys):
@@ -312,3 +343,12 @@ def test_gpu_suite_smoke_runs_every_step_on_the_cpu_in_under_three_minutes(tmp_p
     assert config["data"]["drop_last"] is True and config["trainer"]["max_epochs"] == 2
     throughput = json.loads((out / "work" / "steps" / "throughput" / "throughput.json").read_text())
     assert throughput["processes"] == 2 and throughput["ratio"] > 0 and len(throughput["x2"]["each"]) == 2
+    # a second call on the same --work (as on a still-warm GPU machine) gives the sweep what the first measured
+    state = json.loads((out / "work" / "steps" / "suite" / "state.json").read_text())
+    assert state["engine"] == "graphs" and state["speedup"] == throughput["ratio"] and state["engine_scale"] > 0
+    again = subprocess.run([sys.executable, str(SCRIPTS / "gpu_suite.py"), "--smoke", "--steps", "sweep", "--out",
+                            str(tmp_path / "again"), "--work", str(out / "work" / "steps")],
+                           capture_output=True, text=True, timeout=200, env=env)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    step = {s["name"]: s for s in json.loads((tmp_path / "again" / "suite.json").read_text())["steps"]}["sweep"]
+    assert "2 done (reused)" in step["figures"] and "graphs)" in step["figures"]

@@ -117,7 +117,7 @@ class CutMixCLI(LightningCLI):
         model = cfg.model if isinstance(cfg.get("model"), Namespace) else Namespace()
         if trainer.precision is None:
             trainer.precision = (resumed.get("trainer") or {}).get("precision")
-        if "channels_last" in model and model.channels_last is None:
+        if model.get("channels_last", False) is None:  # a model without the option is left alone
             model.channels_last = (resumed.get("model") or {}).get("channels_last")
         if trainer.precision is None or model.get("channels_last", False) is None:
             choice, chosen = hardware.choose(trainer.accelerator), []

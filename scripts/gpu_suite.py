@@ -27,8 +27,9 @@ suite goes on:
   throughput     scripts/sweep.py --throughput: one short fit alone, then --parallel K at once; the ratio
   sweep          scripts/sweep.py --grid gpu-results --parallel K --reuse, with --budget-minutes set to what is left
                  and --speedup set to the measured ratio (smoke: --grid smoke); on the engine when engine200's run
-                 finished (--engine auto), its estimates scaled by that run's measured minutes; runs listed as done
-                 in docs/sweeps/*.csv (earlier GPU leases, same configs and flags) are not run again (--prior)
+                 finished (--engine auto), its estimates scaled by that run's measured minutes plus its cold start;
+                 runs listed as done in docs/sweeps/*.csv (earlier GPU leases, same configs and flags) are not run
+                 again (--prior)
 
 It ends by printing a summary table (step, status, time, key figures, files) and writing it to summary.md, with the
 environment. Exit status 0 only if every step asked for passed.
@@ -44,11 +45,11 @@ CPU processes; then torchrun launches the ranks and Lightning checks that their 
 
 On the device machine: jsonargparse is not installed there (carry its wheel and put it on PYTHONPATH; the env
 step fails and names it when it is missing); CIFAR-10 must be made there (carry ../shared/data, pass
---make-data .../make_cifar10.py). The step limits are caps, and together they exceed 9 minutes:
-what a first call leaves undone, a second call on the still-warm machine takes up (``--steps ...`` with the same
-``--work``, outside $OUT, so that the runs and the compile cache stay): the sweep resumes its runs, with the engine,
-the throughput ratio and the engine's scale that the first call measured (``state.json`` in --work). A lease's grid goes on in the next lease:
-copy its results.csv to docs/sweeps/<date>-<device>.csv, which the next suite reads (``--prior``).
+--make-data .../make_cifar10.py). The step limits are caps, and together they exceed 9 minutes: what a first call
+leaves undone, a second call on the still-warm machine takes up (``--steps ...`` with the same ``--work``, outside
+$OUT, so that the runs and the compile cache stay): the sweep resumes its runs, with the engine, the throughput ratio
+and the engine's scale that the first call measured (``suite/state.json`` in --work). A lease's grid goes on in the
+next lease: copy its results.csv to docs/sweeps/<date>-<device>.csv, which the next suite reads (``--prior``).
 
 The folder: the device machine returns at most 8 files from $OUT, and none deeper than $OUT/a/b/file, so the top of
 --out holds only summary.md, suite.json, results.md, results.csv, val_acc.png, throughput.md and logs.tar.gz (every
@@ -474,7 +475,8 @@ class Suite:
     # - the engine's 200-epoch run, and the sweep -
     def sweep_base(self, out: Path, parallel: int | None = None) -> list[str]:
         return [sys.executable, str(HERE / "sweep.py"), "--data-dir", str(self.data_dir), "--out", str(out),
-                "--parallel", str(parallel or self.args.parallel), "--quiet", *(["--threads", "1"] if self.smoke else [])]
+                "--parallel", str(parallel or self.args.parallel), "--quiet",
+                *(["--threads", "1"] if self.smoke else [])]
 
     def step_engine200(self, step: Step) -> None:
         if not self.need_data(step):

@@ -25,7 +25,8 @@ from the start of this sweep); the runs not started are listed as "not run (budg
 per-run minutes (one run alone, fit + test) times a calibration factor: before any run of this sweep has finished,
 k / s_k, k the processes that will share the machine (K, or fewer for the grid's last runs) and s_k their aggregate
 speed-up over one process, ``--speedup`` at K (as ``--throughput`` measures it; 1 assumes sharing gains nothing) and
-linear from 1 alone (``slowdown``); after, the measured wall minutes of this sweep's finished runs over their preset minutes.
+linear from 1 alone (``slowdown``); after, the measured wall minutes of this sweep's finished runs over their
+preset minutes.
 A run without a preset estimate is estimated by the mean of the finished runs (and launched if there are none).
 ``--estimate-minutes M`` replaces the preset's minutes of every run (for flags that change the runs' length, e.g.
 ``--trainer.max_epochs 30``); else ``--estimate-scale S`` multiplies the preset's (for a faster engine: its measured
@@ -190,6 +191,11 @@ def has_test(folder: Path) -> bool:
     return any((folder / "test").glob("events.out.tfevents.*"))
 
 
+def is_done(folder: Path) -> bool:
+    """The run's fit ended normally and its test was written: nothing is left to do."""
+    return is_finished(folder) and has_test(folder)
+
+
 # -- images per second ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def training_set_size(data_dir: str) -> int:
@@ -287,7 +293,7 @@ def work_left(folder: Path) -> float:
     if not folder.is_dir():
         return 1.0
     if is_finished(folder):
-        return 0.0 if has_test(folder) else 0.1
+        return 0.0 if is_done(folder) else 0.1
     if not (folder / "checkpoints" / "last.ckpt").is_file():
         return 1.0
     epochs = read_fit(folder)[0].get("epoch")
@@ -475,7 +481,7 @@ class Sweep:
 
     def needs_nothing(self, run: Run) -> bool:
         folder = run_dir(self.args.out, run.name)
-        return self.args.reuse and is_finished(folder) and has_test(folder)
+        return self.args.reuse and is_done(folder)
 
     def forward_stop(self, active: list[Job]) -> None:
         """Pass a stop on to the running processes once (fits save last.ckpt); a second stop kills them."""
@@ -500,10 +506,10 @@ def run_flags(run: Run, extra: list[str]) -> str:
     return " ".join([*run.flags, *extra])
 
 
-def ledger_minutes(out: Path, name: str, stages: tuple[str, ...] = ("fit", "test")) -> float | None:
-    """Wall minutes of a run's processes that this script timed (fit and test by default), None if none."""
+def ledger_minutes(out: Path, name: str) -> float | None:
+    """Wall minutes of a run's fit and test processes that this script timed, None if none."""
     ledger = read_ledger(out, name)
-    timed = [e["seconds"] for stage in stages for e in ledger.get(stage, [])]
+    timed = [e["seconds"] for stage in ("fit", "test") for e in ledger.get(stage, [])]
     return sum(timed) / 60 if timed else None
 
 
@@ -518,10 +524,10 @@ def result_row(out: Path, run: Run, status: str, extra: list[str]) -> dict[str, 
         return row
     fit, span = read_fit(folder)
     row["val_acc_curve"] = [v for _, v, _ in fit.get("val/acc", [])]
-    timed = ledger_minutes(out, run.name, ("fit",))
-    row["fit_minutes"] = timed if timed is not None else (span / 60 if span is not None else None)
+    fits = read_ledger(out, run.name)["fit"]
+    row["fit_minutes"] = sum(e["seconds"] for e in fits) / 60 if fits else (span / 60 if span is not None else None)
     row["images_per_s"] = train_rate(folder)
-    fits = read_ledger(out, run.name)["fit"]  # where and when its fit last ran (this machine, if not timed here)
+    # where and when its fit last ran (this machine, if this script did not time it)
     row["device"] = fits[-1].get("device", device_name()) if fits else device_name()
     row["date"] = fits[-1]["ended"][:10] if fits else None
     if has_test(folder):
@@ -758,10 +764,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]
     if args.throughput:
         return throughput(args, extra, runs)
     earlier = read_prior(args.prior, runs, extra)
-    for name in [n for n in earlier if is_finished(run_dir(args.out, n)) and has_test(run_dir(args.out, n))]:
+    for name in [n for n in earlier if is_done(run_dir(args.out, n))]:
         del earlier[name]  # a run done here, in --out, is this machine's own result: it wins over an earlier one
     todo = [r for r in runs if r.name not in earlier]
-    taken = [r.name for r in todo if (args.out / "runs" / r.name / "version_0").exists()]
+    taken = [r.name for r in todo if run_dir(args.out, r.name).exists()]
     if taken and not args.reuse:
         sys.exit(f"sweep.py: error: {args.out}/runs already holds {', '.join(taken)}; fix: pass --reuse to skip "
                  "finished runs and resume the others, or choose another --out")

@@ -45,7 +45,8 @@ CPU processes; then torchrun launches the ranks and Lightning checks that their 
 
 On the device machine: jsonargparse is not installed there (carry its wheel and put it on PYTHONPATH; the env
 step fails and names it when it is missing); CIFAR-10 must be made there (carry ../shared/data, pass
---make-data .../make_cifar10.py). The step limits are caps, and together they exceed 9 minutes: what a first call
+--make-data .../make_cifar10.py). The step limits are caps (a --minutes above the default stretches them in
+proportion, for a slow or busy machine), and together they exceed 9 minutes: what a first call
 leaves undone, a second call on the still-warm machine takes up (``--steps ...`` with the same ``--work``, outside
 $OUT, so that the runs and the compile cache stay): the sweep resumes its runs, with the engine, the throughput ratio
 and the engine's scale that the first call measured (``suite/state.json`` in --work). A lease's grid goes on in the
@@ -86,7 +87,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # cutmix_pl from the checkout, also where it is not installed (the device machine)
 STEPS = ("env", "data", "engine200", "pytest", "bench_augment", "bench_train", "bench_fit", "ddp", "bench_randaugment",
          "throughput", "sweep")
-# Seconds per step: (on the GPU, in --smoke); each is also clipped to what is left of --minutes. The sweep gets the
+# Seconds per step: (on the GPU, in --smoke), for the default --minutes (MINUTES); a longer --minutes stretches them
+# in proportion (a slow or busy machine), and each is clipped to what is left of --minutes. The sweep gets the
 # rest. The GPU limits are generous guesses (a few of these steps have never run on a GPU): a step that needs less
 # leaves the difference to the sweep.
 LIMITS = {"env": (60, 45), "data": (90, 30), "engine200": (240, 60), "pytest": (150, 60), "ddp": (120, 60),
@@ -95,6 +97,7 @@ LIMITS = {"env": (60, 45), "data": (90, 30), "engine200": (240, 60), "pytest": (
 STATE = "suite/state.json"  # in --work (a folder down: only deliverables come back): for a later call
 # smoke: the engine's code path without compiling (a CPU compiles for longer than the smoke suite may take)
 ENGINE_SMOKE_FLAGS = ["--model.compile", "false", "--data.compile_transform", "false"]
+MINUTES = (9.0, 3.0)  # the whole suite's default time (on the GPU, in --smoke)
 SUMMARY_RESERVE = (20, 5)  # seconds kept for the summary and the archive (GPU: many logs; smoke)
 GRACE = (30, 10)  # seconds between SIGTERM and SIGKILL at a step's limit: a fit saves last.ckpt in it
 ARCHIVE_LIMIT = 15 * 2**20  # the device machine returns files up to 16 MiB
@@ -175,6 +178,7 @@ class Suite:
         self.smoke = args.smoke
         self.start = STARTED
         self.deadline = self.start + 60 * args.minutes
+        self.stretch = max(1.0, args.minutes / MINUTES[self.smoke])  # of every step's limit
         self.out: Path = args.out
         self.work: Path = args.work
         self.steps: dict[str, Step] = {}
@@ -270,7 +274,7 @@ class Suite:
             step.status = "skipped (not asked)"
             return step
         left = self.left() - SUMMARY_RESERVE[self.smoke]
-        step.limit = left if name == "sweep" else min(LIMITS[name][self.smoke], left)
+        step.limit = left if name == "sweep" else min(LIMITS[name][self.smoke] * self.stretch, left)
         if step.limit < 5:
             step.status = "failed (no time left)"
             return step
@@ -478,6 +482,11 @@ class Suite:
                 "--parallel", str(parallel or self.args.parallel), "--quiet",
                 *(["--threads", "1"] if self.smoke else [])]
 
+    def choose_engine(self, ran: bool) -> None:
+        """`--engine auto` takes the engine for the sweep only where its 200-epoch run finished in this suite."""
+        if self.engine == "auto":
+            self.engine = "graphs" if ran else "eager"
+
     def step_engine200(self, step: Step) -> None:
         if not self.need_data(step):
             return
@@ -493,7 +502,7 @@ class Suite:
         probe = read_csv(probe_out / "results.csv")
         if rc != 0 or not probe or not probe[0]["status"].startswith("done"):
             self.settle(step, rc, "the 1-epoch probe did not finish")
-            self.engine = "eager" if self.engine == "auto" else self.engine
+            self.choose_engine(ran=False)
             return
         out = self.folder("sweep")
         (out / "results.csv").unlink(missing_ok=True)  # an earlier call's table must not pass for this run's
@@ -501,8 +510,7 @@ class Suite:
         row = next((r for r in read_csv(out / "results.csv") if r["name"] == run.name), None)
         done = row is not None and row["status"].startswith("done")
         self.settle(step, rc, None if done else "the run did not finish")
-        if self.engine == "auto":
-            self.engine = "graphs" if done else "eager"
+        self.choose_engine(ran=done)
         step.files.append(str(out / "results.csv"))
         step.figures = f"cold start: a 1-epoch fit {60 * float(probe[0]['fit_minutes']):.0f} s start to exit"
         if done:
@@ -695,7 +703,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the results folder (default: $OUT if set, else gpu_suite_out)")
     p.add_argument("--work", type=Path, default=None, help="the steps' own files (default: <out>/work/steps)")
     p.add_argument("--smoke", action="store_true", help="toy sizes on a CPU, the same code paths (< 3 min)")
-    p.add_argument("--minutes", type=float, default=None, help="the whole suite's time (default: 9; smoke: 3)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help=f"the whole suite's time (default: {MINUTES[0]:g}; smoke: {MINUTES[1]:g}); more stretches "
+                   "every step's limit in proportion")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="CIFAR-10 (ignored by --smoke)")
     p.add_argument("--make-data", type=Path, default=None,
@@ -718,7 +728,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if asked & {"engine200", "ddp", "bench_train", "bench_fit", "throughput", "sweep"}:
         asked.add("data")  # they read the data set
     args.steps = [s for s in STEPS if s in asked]
-    args.minutes = args.minutes or (3.0 if args.smoke else 9.0)
+    if args.minutes is not None and args.minutes <= 0:
+        p.error(f"--minutes must be > 0, got {args.minutes:g}; fix: leave it out for {MINUTES[0]:g} "
+                f"(smoke: {MINUTES[1]:g})")
+    args.minutes = args.minutes or MINUTES[args.smoke]
     args.parallel = args.parallel or (2 if args.smoke else 4)
     args.out = args.out.resolve()
     args.work = (args.work or args.out / "work" / "steps").resolve()

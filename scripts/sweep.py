@@ -732,9 +732,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
         args.parallel = 4 if torch.cuda.is_available() else 1
     if args.parallel < 1:
-        p.error("--parallel must be >= 1")
+        p.error(f"--parallel must be >= 1, got {args.parallel}; fix: pass --parallel 1 to run one at a time")
     if args.estimate_scale <= 0:
-        p.error(f"--estimate-scale must be > 0, got {args.estimate_scale:g}")
+        p.error(f"--estimate-scale must be > 0, got {args.estimate_scale:g}; fix: pass a run's measured minutes over "
+                "its preset's (1 keeps the presets)")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     return args, extra
 

@@ -58,7 +58,25 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (``-n``) the workers share the cores: each takes its part for torch, and so do the
+    # processes its tests start (through OMP_NUM_THREADS), instead of every worker's torch using every core.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def expected_seconds(item: pytest.Item) -> float:
+    """What a test's ``slow`` mark says it takes (``@pytest.mark.slow(seconds=...)``); 0 without one."""
+    mark = item.get_closest_marker("slow")
+    return 0.0 if mark is None else float(mark.kwargs.get("seconds", 1.0))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Longest first: with several workers (``-n``), a long test started last would run alone at the end.
+    items.sort(key=expected_seconds, reverse=True)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -28,7 +28,7 @@ import torch
 from cutmix_pl.cli import CONFIG_DIR
 from cutmix_pl.data import CIFAR10DataModule
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=10)
 
 TESTS = Path(__file__).resolve().parent
 VAL_SIZE, TRAIN_SIZE, BATCH, WORLD = 101, 538, 64, 2

@@ -37,7 +37,7 @@ def build_artifacts() -> set[str]:
     return {p.name for p in REPO.iterdir() if p.name in ("build", "dist") or p.name.endswith(".egg-info")}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_a_wheel_install_prints_the_same_config_as_the_editable_one(tmp_path):
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs the git checkout to copy its tracked files")

@@ -17,6 +17,7 @@ def test_normalised_training_set_has_zero_mean_unit_std(real_cifar):
     torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=0.03, rtol=0)
 
 
+@pytest.mark.slow(seconds=25)
 def test_one_epoch_on_10k_real_images_beats_chance_by_far(real_cifar, in_tmp, capsys):
     args = ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(real_cifar),
             "--data.download", "false", "--data.train_size", "10000", "--data.batch_size", "128",

@@ -28,6 +28,7 @@ def event_steps(run: Path) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow(seconds=35)
 def test_three_interrupts_end_where_an_uninterrupted_run_ends(reference_run, tiny_cifar, steps_config, tmp_path):
     args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
     run = tmp_path / "runs" / "smoke" / "version_0"
@@ -200,7 +201,7 @@ def test_evaluation_writes_into_the_checkpoints_run(tiny_cifar, in_tmp, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # concurrent fits
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.slow(seconds=11)
 def test_fits_started_together_get_a_folder_each(tiny_cifar, tmp_path):
     procs = [spawn(tmp_path, quick(tiny_cifar), tag=f"p{i}") for i in range(3)]
     assert [finish(p) for p in procs] == [0, 0, 0], [(tmp_path / f"p{i}.err").read_text()[-2000:] for i in range(3)]

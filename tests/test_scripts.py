@@ -28,7 +28,7 @@ def assert_png(path, min_size=(64, 64)):
         assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_path):
     out = tmp_path / "cmp"
     settings = ["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",

@@ -293,7 +293,7 @@ def test_throughput_of_concurrent_runs_is_measured_where_all_of_them_train(tiny_
     assert sweep.aggregate_rate([r1, r3]) == (None, 0.0)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_a_sigterm_mid_fit_is_passed_on_and_reuse_resumes_to_the_uninterrupted_result(tiny_cifar, tmp_path):
     longer = ["--only", "smoke-cutmix", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "8"]
     reference = load("sweep").main(sweep_args(tiny_cifar, tmp_path / "ref", *longer))
@@ -326,7 +326,7 @@ def test_a_sigterm_mid_fit_is_passed_on_and_reuse_resumes_to_the_uninterrupted_r
 SMOKE_MINUTES = 5
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 def test_gpu_suite_smoke_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "suite"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}

@@ -13,7 +13,8 @@ suite goes on:
                  synthetic set made by the tests' own helper (tests/conftest.py, cutmix_pl.cifar.write_batches)
   engine200      the 200-epoch CutMix run of configs/fast.yaml on the static-shape engine (sweep.py --engine
                  graphs, the grid's first run, alone), start to exit with a warm compile cache, then tested; before
-                 it, a 1-epoch fit of the same settings with an empty cache (the cold start). Its run folder is the
+                 it, a 1-epoch fit of the same settings with an empty cache (the cold start; no test, which would
+                 compile the network once more for nothing: sweep.py --no-test). Its run folder is the
                  sweep's, so the sweep counts it (smoke: 2 tiny epochs, drop_last alone, nothing compiled)
   pytest         ``pytest -m cuda`` with a JUnit XML report (on a CPU the cuda tests are collected and skipped)
   bench_augment  scripts/bench_augment.py on the device
@@ -498,7 +499,9 @@ class Suite:
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.inductor)}
         probe_out = self.folder("engine200") / "probe"
         shutil.rmtree(probe_out, ignore_errors=True)
-        rc = self.call(step, [*self.sweep_base(probe_out, 1), *what, "--trainer.max_epochs", "1"], **cache)
+        # the probe's fit alone: its test would compile the network again, on the GPU's time, for nothing
+        rc = self.call(step, [*self.sweep_base(probe_out, 1), *what, "--trainer.max_epochs", "1", "--no-test"],
+                       **cache)
         probe = read_csv(probe_out / "results.csv")
         if rc != 0 or not probe or not probe[0]["status"].startswith("done"):
             self.settle(step, rc, "the 1-epoch probe did not finish")

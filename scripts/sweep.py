@@ -31,7 +31,8 @@ A run without a preset estimate is estimated by the mean of the finished runs (a
 ``--estimate-minutes M`` replaces the preset's minutes of every run (for flags that change the runs' length, e.g.
 ``--trainer.max_epochs 30``); else ``--estimate-scale S`` multiplies the preset's (for a faster engine: its measured
 minutes over the preset's). With ``--reuse``, a fit to resume is estimated by the share of its epochs not yet done,
-a run that needs only its test as a tenth of a run.
+a run that needs only its test as a tenth of a run. ``--no-test`` runs the fits alone (a probe of a fit's time, as the
+GPU suite's cold start): their rows have no test metrics, and ``--reuse`` counts a finished fit as done.
 
 Engine (``--engine graphs``): every run also gets ENGINE's flags (the transform compiled, static shapes, the
 network's forward and backward as CUDA graphs) and its setting the suffix ``-graphs``, so that its runs never mix
@@ -333,7 +334,7 @@ class Sweep:
 
     args: argparse.Namespace
     extra: list[str]
-    with_test: bool = True  # False: fits only (the throughput runs)
+    with_test: bool = True  # False: fits only (the throughput runs, --no-test)
     start: float = field(default_factory=time.monotonic)
     done: list[tuple[Run, float]] = field(default_factory=list)  # fresh finished runs and their wall minutes
     stop_signals: int = 0
@@ -377,7 +378,7 @@ class Sweep:
             job.resumed = self.args.reuse and (folder / "checkpoints" / "last.ckpt").is_file()
             job.fresh = not job.resumed
             self.launch(job, "fit", ["--ckpt_path", str(folder)] if job.resumed else [])
-        elif not has_test(folder):
+        elif self.with_test and not has_test(folder):
             job.fresh = False
             self.launch_test(job)
         else:
@@ -481,7 +482,7 @@ class Sweep:
 
     def needs_nothing(self, run: Run) -> bool:
         folder = run_dir(self.args.out, run.name)
-        return self.args.reuse and is_done(folder)
+        return self.args.reuse and (is_done(folder) if self.with_test else is_finished(folder))
 
     def forward_stop(self, active: list[Job]) -> None:
         """Pass a stop on to the running processes once (fits save last.ckpt); a second stop kills them."""
@@ -609,7 +610,8 @@ def write_results(args: argparse.Namespace, extra: list[str], runs: list[Run], s
               + (f", budget {args.budget_minutes:g} min" if args.budget_minutes is not None else "")
               + (f"; flags for every run: `{' '.join(extra)}`" if extra else "")
               + (f"; {len(earlier)} run(s) taken from earlier sweeps (status `done (earlier: ...)`)" if earlier else "")
-              + ". Test metrics of the last epoch's checkpoint.")
+              + (". Fits only (--no-test): no test metrics." if args.no_test
+                 else ". Test metrics of the last epoch's checkpoint."))
     (args.out / "results.md").write_text(markdown(rows, header))
     write_csv(rows, args.out / "results.csv")
     curves = [dict(r, method=r["name"]) for r in rows if r["val_acc_curve"]]
@@ -725,6 +727,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--throughput-steps", type=int, default=200, help="training steps of each throughput run")
     p.add_argument("--throughput-setting", default=None,
                    help="the grid setting whose first run the throughput runs copy (default: the grid's first run)")
+    p.add_argument("--no-test", action="store_true",
+                   help="fits only, no test of their checkpoints (a probe of a fit's time; no test metrics)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     args, extra = p.parse_known_args(argv)  # anything else goes to every run, e.g. --trainer.limit_train_batches 5
     if args.parallel is None:
@@ -772,7 +776,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]
     if taken and not args.reuse:
         sys.exit(f"sweep.py: error: {args.out}/runs already holds {', '.join(taken)}; fix: pass --reuse to skip "
                  "finished runs and resume the others, or choose another --out")
-    status = Sweep(args, extra).execute(todo)
+    status = Sweep(args, extra, with_test=not args.no_test).execute(todo)
     rows = write_results(args, extra, runs, status, earlier)
     print((args.out / "results.md").read_text())
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.csv'} and {args.out / 'val_acc.png'}")

@@ -133,6 +133,21 @@ def test_reuse_redoes_only_the_removed_parts_and_gives_the_same_results(swept, t
     assert len(json.loads((out / "runs" / "smoke-cutmix-s0" / "sweep.json").read_text())["test"]) == 2
 
 
+def test_no_test_takes_a_finished_fit_as_done_and_starts_no_test(swept, tiny_cifar, tmp_path):
+    src, before = swept
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "runs" / "smoke-cutmix-s0" / "version_0" / "test")  # its fit is finished, its test gone
+    rows = load("sweep").main(sweep_args(tiny_cifar, out, "--reuse", "--no-test"))
+    assert [r["status"] for r in rows] == ["done (reused)", "done (reused)"]
+    assert rows[0]["test_acc"] is None and rows[1]["test_acc"] == before[1]["test_acc"]
+    assert rows[0]["fit_minutes"] == pytest.approx(before[0]["fit_minutes"])  # its fit's time, from the ledger
+    assert not (out / "runs" / "smoke-cutmix-s0" / "version_0" / "test").exists()
+    ledger = json.loads((out / "runs" / "smoke-cutmix-s0" / "sweep.json").read_text())
+    assert len(ledger["fit"]) == 1 and len(ledger["test"]) == 1  # no process was started
+    assert "Fits only (--no-test): no test metrics." in (out / "results.md").read_text()
+
+
 def test_a_tiny_budget_starts_nothing_and_lists_every_run_as_not_run(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "budget"
     rows = load("sweep").main(sweep_args(tiny_cifar, out, "--budget-minutes", "0.01"))
@@ -349,6 +364,9 @@ def test_gpu_suite_smoke_runs_every_step_on_the_cpu(tmp_path):
     assert "parameters identical" in steps["ddp"]["figures"]
     assert "fit / fixed-batch step" in steps["bench_fit"]["figures"]
     assert "cold start: a 1-epoch fit" in steps["engine200"]["figures"]
+    probe = out / "work" / "steps" / "engine200" / "probe"  # the cold start: a fit alone, never tested
+    assert [r["status"] for r in read_csv(probe / "results.csv")] == ["done"]
+    assert not (probe / "runs" / "smoke-graphs-cutmix-s0" / "version_0" / "test").exists()
     assert "smoke-graphs-cutmix-s0: fit" in steps["engine200"]["figures"]
     # the summary is printed last and saved
     summary = (out / "summary.md").read_text()

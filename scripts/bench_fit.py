@@ -34,18 +34,24 @@ from sweep import step_series  # noqa: E402
 EVENTS_EVERY = 10  # --events: log_every_n_steps of the timed fit
 
 
+def fit_command(variant: str, batches: int, args: argparse.Namespace, extra: list[str], save_dir: str
+                ) -> tuple[Path, list[str]]:
+    """The checkout a variant runs in (its working folder) and its ``fit`` command line."""
+    folder, _, flags = variant.partition("::")
+    return Path(folder), [
+        sys.executable, "-m", "cutmix_pl", "fit", "--config", "configs/smoke.yaml",
+        "--data.data_dir", str(Path(args.data_dir).resolve()), "--data.download", "false",
+        "--data.batch_size", str(args.batch_size), "--trainer.limit_train_batches", str(batches),
+        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", save_dir, *extra,
+        *flags.split()]
+
+
 def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: list[str]
                 ) -> tuple[float, list[tuple[int, float]]]:
     """Wall time of one fit of ``batches`` training batches, and the (step, wall time) of its logged steps."""
-    folder, _, flags = variant.partition("::")
-    checkout = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "cutmix_pl", "fit", "--config", "configs/smoke.yaml",
-               "--data.data_dir", str(Path(args.data_dir).resolve()), "--data.download", "false",
-               "--data.batch_size", str(args.batch_size), "--trainer.limit_train_batches", str(batches),
-               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-               "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", tmp, *extra,
-               *flags.split()]
+        checkout, cmd = fit_command(variant, batches, args, extra, tmp)
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
         start = time.perf_counter()
         subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -54,7 +60,8 @@ def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: lis
         return seconds, [point for run in runs for series in step_series(run) for point in series]
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The arguments, and the flags left for every fit (--events adds its logging interval to them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+", help="CHECKOUT (a folder holding cutmix_pl) or CHECKOUT::FLAGS")
     parser.add_argument("--data-dir", default="data")
@@ -72,6 +79,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             parser.error(f"--events needs two logged steps (every {EVENTS_EVERY}th) from --short {args.short} on; "
                          f"fix: a --long of at least {first + EVENTS_EVERY + 1}")
         extra = [*extra, "--trainer.log_every_n_steps", str(EVENTS_EVERY)]
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args, extra = parse(argv)
     rates: dict[str, list[float]] = {v: [] for v in args.variants}
     for rep in range(args.reps):
         for variant in args.variants:

@@ -80,14 +80,18 @@ def methods(batch: torch.Tensor, workers: int) -> dict[str, Callable[[], Any]]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per method (median taken)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed block")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional path (0: off)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.reps} interleaved "
           "repetitions; N=2, M=9, uint8 3x32x32")
     rows: list[dict[str, Any]] = []

@@ -132,7 +132,7 @@ def timed(step: Callable, source: Iterator, steps: int, device: torch.device) ->
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--precision", choices=["32", "bf16"], default=None, help="default: bf16 on CUDA, 32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (all three pipelines)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse(argv)
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")
     channels_last = device.type == "cuda"

@@ -53,6 +53,10 @@ $OUT, so that the runs and the compile cache stay): the sweep resumes its runs, 
 and the engine's scale that the first call measured (``suite/state.json`` in --work). A lease's grid goes on in the
 next lease: copy its results.csv to docs/sweeps/<date>-<device>.csv, which the next suite reads (``--prior``).
 
+Checked without a GPU: the smoke mode runs every step with CPU flags (tests/test_sweep.py), and
+tests/test_gpu_commands.py parses every command of the GPU mode (each script's flags, each fit's configuration)
+without running it.
+
 The folder: the device machine returns at most 8 files from $OUT, and none deeper than $OUT/a/b/file, so the top of
 --out holds only summary.md, suite.json, results.md, results.csv, val_acc.png, throughput.md and logs.tar.gz (every
 step's log, the JUnit XML, the benchmark JSON, the runs' small files; no checkpoints, no data). Everything else is in

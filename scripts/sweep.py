@@ -644,8 +644,9 @@ def read_prior(paths: list[Path], runs: list[Run], extra: list[str]) -> dict[str
 
 
 # -- throughput: one run alone vs K at once -----------------------------------------------------------------------
-def throughput(args: argparse.Namespace, extra: list[str], runs: list[Run]) -> dict[str, Any]:
-    """The same short fit once alone, then ``--parallel`` copies at once; images/s of each and the ratio."""
+def throughput_runs(args: argparse.Namespace, runs: list[Run]) -> tuple[Run, dict[str, list[Run]]]:
+    """The grid's first run of ``--throughput-setting``, and the short copies of it that ``--throughput`` times:
+    one alone ("alone"), then ``--parallel`` at once ("x<K>")."""
     k = args.parallel
     if k < 2:
         sys.exit("sweep.py: error: --throughput compares K concurrent runs with one; pass --parallel K >= 2")
@@ -656,13 +657,20 @@ def throughput(args: argparse.Namespace, extra: list[str], runs: list[Run]) -> d
     short = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(args.throughput_steps),
              "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
              "--trainer.log_every_n_steps", str(log_every), "--model.log_images", "false")
+    return base, {label: [Run(base.method, base.seed, f"{label}-{i}", base.configs, (*base.flags, *short))
+                          for i in range(count)] for label, count in (("alone", 1), (f"x{k}", k))}
+
+
+def throughput(args: argparse.Namespace, extra: list[str], runs: list[Run]) -> dict[str, Any]:
+    """The same short fit once alone, then ``--parallel`` copies at once; images/s of each and the ratio."""
+    k = args.parallel
+    base, plan = throughput_runs(args, runs)
     root = args.out / "throughput"
     shutil.rmtree(root, ignore_errors=True)  # a measurement, never resumed
     results: dict[str, Any] = {"setting": base.setting, "method": base.method, "steps": args.throughput_steps,
                                "processes": k, "threads_per_process": args.threads}
-    for label, count in (("alone", 1), (f"x{k}", k)):
-        copies = [Run(base.method, base.seed, f"{label}-{i}", base.configs, (*base.flags, *short))
-                  for i in range(count)]
+    for label, copies in plan.items():
+        count = len(copies)
         sub = argparse.Namespace(**{**vars(args), "out": root, "parallel": count, "reuse": False,
                                     "budget_minutes": None})
         status = Sweep(sub, extra, with_test=False).execute(copies)

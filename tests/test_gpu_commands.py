@@ -1,7 +1,7 @@
 """The GPU suite's commands as it would start them on a GPU, checked on the CPU without running them: every script's
-flags parse, and every fit that the suite or its scripts would start parses as a CLI configuration
-(``--print_config``). The smoke mode runs the same steps with CPU flags; a typo in a flag that only the GPU mode
-passes fails here, not in a GPU lease."""
+flags parse, and every fit (and the sweep's tests) that the suite or its scripts would start parses as a CLI
+configuration (``--print_config``). The smoke mode runs the same steps with CPU flags; a typo in a flag that only
+the GPU mode passes fails here, not in a GPU lease."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def assert_fit_parses(args: list[str]) -> None:
 
 
 def fits_of_script(script: str, argv: list[str], tmp: Path) -> list[list[str]]:
-    """The script's flags parsed as its own ``main`` parses them; the ``cutmix_pl`` arguments of its fits."""
+    """The script's flags parsed as its own ``main`` parses them; the ``cutmix_pl`` arguments of the fits (and
+    tests) it would start."""
     module = load(script)
     if script == "bench_fit":
         args, extra = module.parse(argv)
@@ -53,7 +54,10 @@ def fits_of_script(script: str, argv: list[str], tmp: Path) -> list[list[str]]:
         runs = module.select(args)
         if args.throughput:
             runs = [r for copies in module.throughput_runs(args, runs)[1].values() for r in copies]
-        return [module.Sweep(args, extra).command("fit", r, [])[3:] for r in runs]
+        sweep = module.Sweep(args, extra)
+        tests = [] if args.throughput or args.no_test else [
+            sweep.command("test", r, ["--ckpt_path", str(tmp / "last.ckpt")])[3:] for r in runs]
+        return [*(sweep.command("fit", r, [])[3:] for r in runs), *tests]
     module.parse(argv)  # a benchmark of its own: no fit
     return []
 
@@ -74,8 +78,10 @@ def test_every_command_of_the_gpu_mode_parses(tiny_cifar, tmp_path, monkeypatch)
             fits[step] = fits_of_script(cmd[2].split("from ")[1].split()[0], cmd[4:], tmp_path)
     sweep = load("sweep")
     grid = len(sweep.PRESETS["gpu-results"])
+    # the sweep: a fit and a test of each run; the engine's probe: a fit alone (--no-test)
     assert {s: len(f) for s, f in fits.items() if f} == {"engine200": 1, "bench_fit": 3, "ddp": 1, "throughput": 5,
-                                                         "sweep": grid}
+                                                         "sweep": 2 * grid}
+    assert [a[0] for a in fits["sweep"]] == ["fit"] * grid + ["test"] * grid
     assert all("--model.compile" in args and "reduce-overhead" in args for args in fits["sweep"])  # the engine's
     assert "--trainer.accelerator" in fits["ddp"][0] and "gpu" in fits["ddp"][0]
     for args in (a for f in fits.values() for a in f):

@@ -33,8 +33,8 @@ def gpu_commands(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list
     return calls
 
 
-def assert_fit_parses(args: list[str]) -> None:
-    """``python -m cutmix_pl <args>`` as a configuration: parsed and checked, nothing run."""
+def assert_cli_parses(args: list[str]) -> None:
+    """``python -m cutmix_pl <args>`` (fit or test) as a configuration: parsed and checked, nothing run."""
     with pytest.raises(SystemExit) as exit_:
         cli([*args, "--print_config"])
     assert exit_.value.code in (0, None), f"does not parse: {' '.join(args)}"
@@ -85,4 +85,4 @@ def test_every_command_of_the_gpu_mode_parses(tiny_cifar, tmp_path, monkeypatch)
     assert all("--model.compile" in args and "reduce-overhead" in args for args in fits["sweep"])  # the engine's
     assert "--trainer.accelerator" in fits["ddp"][0] and "gpu" in fits["ddp"][0]
     for args in (a for f in fits.values() for a in f):
-        assert_fit_parses(args)
+        assert_cli_parses(args)

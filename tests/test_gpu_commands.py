@@ -17,7 +17,8 @@ REPO = SCRIPTS.parent
 
 
 def gpu_commands(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
-    """(step, command) of every process the suite starts first in each step, with the GPU mode's flags."""
+    """(step, command) of every process the suite starts first in each step, with the GPU mode's flags; a script's
+    ``main(argv)`` that the suite runs in a process of its own (``python_call``) as ``python scripts/<name>.py argv``."""
     gpu_suite = load("gpu_suite")
     calls: list[tuple[str, list[str]]] = []
 
@@ -25,7 +26,12 @@ def gpu_commands(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list
         calls.append((step.name, cmd))
         return 1  # as if it failed: each step stops after its first process
 
+    def record_script(self, step, script, result, argv):
+        record(self, step, [sys.executable, str(SCRIPTS / f"{script}.py"), *argv])
+        return 1, None
+
     monkeypatch.setattr(gpu_suite.Suite, "call", record)
+    monkeypatch.setattr(gpu_suite.Suite, "python_call", record_script)
     # --engine graphs: the sweep gets the engine's flags too (they extend each run's own)
     suite = gpu_suite.Suite(gpu_suite.parse(["--data-dir", str(data), "--out", str(out), "--engine", "graphs"]))
     for name in gpu_suite.STEPS:
@@ -72,10 +78,8 @@ def test_every_command_of_the_gpu_mode_parses(tiny_cifar, tmp_path, monkeypatch)
         assert cmd[0] == sys.executable
         if cmd[1:3] == ["-m", "cutmix_pl"]:
             fits[step] = [cmd[3:]]
-        elif cmd[1] == str(SCRIPTS / "sweep.py"):
-            fits[step] = fits_of_script("sweep", cmd[2:], tmp_path)
-        elif cmd[1] == "-c" and "import main" in cmd[2]:  # main(argv) of a script, argv after the result file
-            fits[step] = fits_of_script(cmd[2].split("from ")[1].split()[0], cmd[4:], tmp_path)
+        elif Path(cmd[1]).parent == SCRIPTS:
+            fits[step] = fits_of_script(Path(cmd[1]).stem, cmd[2:], tmp_path)
     sweep = load("sweep")
     grid = len(sweep.PRESETS["gpu-results"])
     # the sweep: a fit and a test of each run; the engine's probe: a fit alone (--no-test)

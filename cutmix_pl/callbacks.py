@@ -1,10 +1,11 @@
-"""Callbacks the CLI adds to every run: a clean stop on a signal, and the predictions file of ``predict``.
+"""Callbacks the CLI adds to every run: ``last.ckpt`` after every validation, a clean stop on a signal, and the
+predictions file of ``predict``.
 
 The CLI adds :class:`StopOnSignal` to every run (through ``trainer_defaults``, so a config that replaces
 ``trainer.callbacks`` cannot drop it). On the first SIGTERM, SIGHUP (a closed terminal or ssh session) or SIGINT
 the current training batch runs to its end,
 then the full training state (weights, optimiser, scheduler, loop position, the DataModule's epoch position and
-augmentation stream, the global RNGs) is written where ``ModelCheckpoint(save_last=True)`` keeps ``last.ckpt``,
+augmentation stream, the global RNGs) is written to ``last.ckpt`` (:class:`LastCheckpoint`'s file),
 and :class:`Interrupted` ends the fit; ``cutmix_pl.cli.main`` turns it into one line and exit status 128 + the
 signal number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). ``fit --ckpt_path last`` continues from that
 checkpoint. A signal during a validation lets it finish (its epoch-end checkpoint included), then stops the same way,
@@ -28,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["Interrupted", "PredictionWriter", "StopOnSignal", "last_checkpoint_path"]
+__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "StopOnSignal", "last_checkpoint_path"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
@@ -44,10 +45,30 @@ class Interrupted(BaseException):
                          "resume: run the same command with --ckpt_path last")
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``<run>/checkpoints/last.ckpt`` at every point where Lightning checkpoints (after each validation, or
+    each epoch when there is none), so that it is always the newest state, whatever other checkpoints a config keeps.
+
+    ``ModelCheckpoint(save_last=True)`` does not promise that: since Lightning 2.6 it writes ``last.ckpt`` only at a
+    step where it also wrote a top-k checkpoint, so with ``monitor: val/acc, save_top_k: 1`` its ``last.ckpt`` is the
+    best epoch's state, not the last one's. Here the one kept "top-k" file is itself named ``last``: one file,
+    rewritten (atomically, checkpoint_io.py) at every save.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
+                         enable_version_counter=False)
+
+    @property
+    def state_key(self) -> str:
+        # its own key, so that a config's ModelCheckpoint(monitor=None) beside it keeps its own state on resume
+        return type(self).__name__
+
+
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ``last.ckpt`` lives for this run: the first ``ModelCheckpoint``'s folder, else ``log_dir/checkpoints``."""
+    """Where ``last.ckpt`` lives for this run: :class:`LastCheckpoint`'s folder, else ``log_dir/checkpoints``."""
     for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+        if isinstance(cb, LastCheckpoint) and cb.dirpath:
             return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
     root = trainer.log_dir or trainer.default_root_dir
     return Path(root) / "checkpoints" / "last.ckpt"

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import hardware, runs
 from .run_plan import RunPlan, blocked
-from .callbacks import Interrupted, PredictionWriter, StopOnSignal
+from .callbacks import Interrupted, LastCheckpoint, PredictionWriter, StopOnSignal
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier, net_differences
@@ -261,8 +261,10 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
             ImageClassifier,
             CIFAR10DataModule,
             # Our loaders shard themselves (see data.ShardedBatchSampler), so Lightning must not re-wrap them.
-            # StopOnSignal and PredictionWriter are added to every run, whatever trainer.callbacks a config sets.
-            trainer_defaults={"use_distributed_sampler": False, "callbacks": [StopOnSignal(), PredictionWriter()]},
+            # Added to every run, whatever trainer.callbacks a config sets (after the config's ModelCheckpoint, so
+            # that last.ckpt records its best model, and StopOnSignal after both).
+            trainer_defaults={"use_distributed_sampler": False,
+                              "callbacks": [LastCheckpoint(), StopOnSignal(), PredictionWriter()]},
             parser_kwargs=parser_kwargs,
             save_config_callback=SaveConfigNoOverwrite,
             auto_configure_optimizers=False,

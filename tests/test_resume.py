@@ -9,14 +9,17 @@ import os
 import signal
 import subprocess
 from collections import Counter
+from unittest import mock
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cutmix_pl import runs
 from cutmix_pl.cli import main
+from cutmix_pl.module import ImageClassifier
 
 from cli_runs import (assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
                       finish, small, spawn, wait_paused)
@@ -163,6 +166,27 @@ def test_fit_prints_where_the_run_is(tiny_cifar, in_tmp, capsys):
     err = capsys.readouterr().err
     assert "cutmix-pl: run runs/smoke/version_0\n" in err
     assert "checkpoints: runs/smoke/version_0/checkpoints" in err and "tensorboard --logdir runs/smoke" in err
+
+
+def test_last_ckpt_is_the_last_epoch_when_an_earlier_one_was_best(tiny_cifar, in_tmp, monkeypatch):
+    # The first epoch's validation is made perfect (val/acc 1.0), so no later epoch beats it and the recipe's
+    # ModelCheckpoint(monitor=val/acc) keeps epoch 0 as best: last.ckpt must still be the final state.
+    real = ImageClassifier._eval_step
+
+    def perfect_first_epoch(self, stage, batch):
+        if stage == "val" and self.current_epoch == 0:
+            one_hot = F.one_hot(batch[1], 10).float()
+            with mock.patch.object(ImageClassifier, "_predict_logits", lambda module, images: one_hot):
+                return real(self, stage, batch)
+        return real(self, stage, batch)
+
+    monkeypatch.setattr(ImageClassifier, "_eval_step", perfect_first_epoch)
+    cli = main(quick(tiny_cifar, "--trainer.max_epochs", "3"))
+    folder = Path(cli.trainer.log_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = ckpt(folder / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 6) == (cli.trainer.current_epoch - 1, cli.trainer.global_step)
+    assert ckpt(folder / "best-epoch000.ckpt")["global_step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------

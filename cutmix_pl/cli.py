@@ -56,6 +56,8 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
 # Model arguments that say how to run the network, not what it is: taken from this run's config even when a
 # checkpoint is loaded (its other hyperparameters win, as Lightning does).
 RUN_OPTIONS = ("tta_flip", "compile", "channels_last", "log_images", "grid_size")
+# DataModule arguments that say which training images were held out for validation: an evaluation takes the run's.
+SPLIT_KEYS = ("val_size", "split_seed")
 
 
 class CutMixCLI(LightningCLI):
@@ -87,6 +89,7 @@ class CutMixCLI(LightningCLI):
             self._choose_for_machine(cfg, self._resumed_config(sub, cfg))
             self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
             self._check_architecture(cfg)  # before a resume's settings check: the more specific message
+            self._split_from_checkpoint(sub, cfg)
             self.plan.place(sub, cfg)
 
     @staticmethod
@@ -152,6 +155,20 @@ class CutMixCLI(LightningCLI):
                              "out --ckpt_path to train from scratch")
         for key, old, _ in diffs:
             print(f"cutmix-pl: model.net {key}={old!r} from the checkpoint", file=sys.stderr)
+
+    def _split_from_checkpoint(self, sub: str, cfg: Namespace) -> None:
+        """An evaluation of a checkpoint validates on its run's held-out images: the split (``data.val_size``,
+        ``data.split_seed``) comes from the checkpoint, as the network does; another split would hold images the
+        run trained on (a short.yaml run, val_size 0, trained on all 50,000)."""
+        data = cfg.get("data")
+        if sub == "fit" or self.plan.checkpoint is None or not isinstance(data, Namespace):
+            return
+        saved = self.plan.checkpoint.get("datamodule_hyper_parameters") or {}
+        for key in SPLIT_KEYS:
+            if key in saved and key in data and saved[key] != data[key]:
+                print(f"cutmix-pl: data.{key}={saved[key]!r} from the checkpoint, not {data[key]!r}: the run's "
+                      "validation split (another would hold images it trained on)", file=sys.stderr)
+                data[key] = saved[key]
 
     def before_instantiate_classes(self) -> None:
         # Lightning let the checkpoint's hyperparameters override the config. How to run the network (TTA, compile,

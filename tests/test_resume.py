@@ -222,6 +222,23 @@ def test_evaluation_writes_into_the_checkpoints_run(tiny_cifar, in_tmp, capsys):
     assert recount == pytest.approx(acc), "the file's predictions give the test command's accuracy"
 
 
+def test_evaluation_validates_on_the_runs_held_out_split(tiny_cifar, in_tmp, capsys):
+    run = Path(main(quick(tiny_cifar, "--data.split_seed", "3")).trainer.log_dir).absolute()
+    capsys.readouterr()
+    # the recipe's split (val_size 50 of small(), split_seed 0) would hold images this run trained on
+    cli = main(["validate", *small(tiny_cifar), "--ckpt_path", str(run)])
+    err = capsys.readouterr().err
+    assert "data.split_seed=3 from the checkpoint, not 0: the run's validation split" in err
+    assert "data.val_size" not in err, "only what differs is named"
+    dm, fit_dm = cli.datamodule, main(quick(tiny_cifar, "--data.split_seed", "3")).datamodule
+    assert torch.equal(dm.split("val").images, fit_dm.split("val").images)
+    assert "split_seed: 3" in (run / "validate" / "config.yaml").read_text()
+    cli = main(["validate", *small(tiny_cifar), "--data.val_size", "0", "--data.split_seed", "3",
+                "--ckpt_path", str(run)])
+    assert "data.val_size=50 from the checkpoint, not 0" in capsys.readouterr().err
+    assert len(cli.datamodule.split("val").labels) == 50
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # concurrent fits
 # ----------------------------------------------------------------------------------------------------------------

@@ -266,11 +266,21 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = total / max(1, self.trainer.max_epochs or 1)
-        warmup = int(round(self.hparams.warmup_epochs * per_epoch))
+        warmup = int(round(self.hparams.warmup_epochs * self._steps_per_epoch(total)))
         schedule = self.hparams.lr_schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self, total: int) -> float:
+        """Optimiser steps in one epoch, from the training loader: not ``total / max_epochs``, which is wrong when
+        ``trainer.max_steps`` ends the run first (or alone, with ``max_epochs: -1``)."""
+        trainer = self.trainer
+        if not math.isfinite(trainer.num_training_batches):
+            trainer.fit_loop.setup_data()  # as estimated_stepping_batches does; with max_epochs -1 it does not
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches < 1:  # a loader without a length
+            return total / max(1, trainer.max_epochs or 1)
+        return math.ceil(batches / trainer.accumulate_grad_batches)
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _predict_logits(self, images: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
 from cutmix_pl.resnet import ResNet
 from cutmix_pl.schedules import SCHEDULES, lr_factor
@@ -63,6 +64,31 @@ def test_lr_schedules():
     assert lr_factor(50, 100, 0, "linear") == pytest.approx(0.5)
     assert [lr_factor(s, 100, 0, "step") for s in (49, 50, 75)] == pytest.approx([1.0, 0.1, 0.01])
     assert lr_factor(70, 100, 0, "constant") == 1.0
+
+
+class LearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("max_epochs, max_steps", [(3, -1), (-1, 18), (50, 18)])
+def test_warm_up_is_one_epoch_and_the_schedule_ends_at_the_run_s_end(max_epochs, max_steps, tiny_cifar, tmp_path):
+    """Warm-up lasts warmup_epochs of the loader's steps and the cosine reaches 0 at the last step, whether
+    max_epochs or max_steps ends the run."""
+    lrs = LearningRates()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=6,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[lrs], default_root_dir=tmp_path)
+    model = ImageClassifier(net=ResNet(depth=8, width=4), warmup_epochs=1.0, log_images=False)
+    trainer.fit(model, CIFAR10DataModule(str(tiny_cifar), download=False, batch_size=32, val_size=50, mixer=None))
+    total = 18
+    assert len(lrs.seen) == total
+    expected = [0.1 * lr_factor(s, total, 6, "cosine") for s in range(total)]
+    assert lrs.seen == pytest.approx(expected)
+    assert lrs.seen[5] == pytest.approx(0.1) and lrs.seen[-1] < 0.002
 
 
 def test_model_argument_checks():

@@ -201,15 +201,24 @@ class CIFAR10DataModule(L.LightningDataModule):
     # -- the batch on its device: the training transform, or normalisation only ---------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, Tensor):  # images alone (the model's example input for its summary): normalise
-            return self.transform.normalize(batch)
+            return self._as_input(self.transform.normalize(batch))
         images, labels = batch[0], batch[1]
         trainer = self.trainer
         if trainer is not None and trainer.training:
             epoch = self._train_sampler.epoch if self._train_sampler is not None else trainer.current_epoch
             done = self._position[1] if self._position[0] == epoch else 0
             self._position = (epoch, done + 1)
-            return self.transform(images, labels, epoch)
-        return (self.transform.normalize(images), *batch[1:])  # labels (and, for predict, the images' indices)
+            out = self.transform(images, labels, epoch)
+            return out._replace(images=self._as_input(out.images))
+        # labels (and, for predict, the images' indices) as they are
+        return (self._as_input(self.transform.normalize(images)), *batch[1:])
+
+    def _as_input(self, images: Tensor) -> Tensor:
+        """Images in the precision's input type (bf16 for bf16-true, float64 for 64-true; unchanged for the mixed
+        precisions): Lightning converts a batch before this hook, when it is still uint8, so the float images made
+        here are converted here. Targets stay float32, so the loss against them is taken in float32."""
+        trainer = self.trainer
+        return trainer.precision_plugin.convert_input(images) if trainer is not None else images
 
     # -- checkpointed state: where the epoch stands and the augmentation stream ----------------------
     def state_dict(self) -> dict[str, Any]:

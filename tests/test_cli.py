@@ -101,6 +101,22 @@ def test_no_mixing_mixup_and_randaugment_configs_train(tiny_cifar, in_tmp):
         assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_true_precisions_train_and_evaluate(precision, dtype, tiny_cifar, in_tmp):
+    """Lightning converts a batch to a true precision before the DataModule's hook, when it is still uint8: the
+    images the hook makes must reach the network in its dtype, in training and in evaluation."""
+    flags = ["--trainer.precision", precision, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+             "--model.net.depth", "8", "--model.net.width", "4", "--model.log_images", "false"]
+    cli = fit(tiny_cifar, *flags)
+    assert cli.trainer.state.finished and next(cli.model.parameters()).dtype == dtype
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
+    ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    test = main(["test", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar), *TINY,
+                 *flags, "--ckpt_path", ckpt])
+    assert 0.0 <= float(test.trainer.callback_metrics["test/acc"]) <= 1.0
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
 def test_print_config_for_every_config(config, capsys):
     with pytest.raises(SystemExit) as exit_:

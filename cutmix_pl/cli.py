@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import hardware, runs
-from .run_plan import RunPlan, blocked
+from .run_plan import RunPlan, blocked, plain
 from .callbacks import Interrupted, LastCheckpoint, PredictionWriter, StopOnSignal
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
@@ -89,6 +89,7 @@ class CutMixCLI(LightningCLI):
             self._choose_for_machine(cfg, self._resumed_config(sub, cfg))
             self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
             self._check_architecture(cfg)  # before a resume's settings check: the more specific message
+            self._check_model_settings(sub, cfg)
             self._split_from_checkpoint(sub, cfg)
             self.plan.place(sub, cfg)
 
@@ -155,6 +156,29 @@ class CutMixCLI(LightningCLI):
                              "out --ckpt_path to train from scratch")
         for key, old, _ in diffs:
             print(f"cutmix-pl: model.net {key}={old!r} from the checkpoint", file=sys.stderr)
+
+    def _check_model_settings(self, sub: str, cfg: Namespace) -> None:
+        """``fit --ckpt_path`` of a checkpoint outside a run folder (no config.yaml beside it to compare the command
+        with, as a resume into its run does): Lightning trains with the model settings the checkpoint records, so
+        one that this command sets otherwise (by a --config or flag: it differs from the recipe) is refused in one
+        line rather than ignored; the others are taken from the checkpoint, and said so."""
+        if sub != "fit" or self.plan.checkpoint is None or not isinstance(cfg.get("model"), Namespace):
+            return
+        if runs.saved_config(runs.run_of_checkpoint(cfg.ckpt_path)) is not None:
+            return  # a resume into its run: runs.changed_settings compares the whole config
+        saved = runs.flatten(self.plan.checkpoint.get("hyper_parameters") or {})
+        asked = runs.flatten(plain(cfg.model))
+        recipe = runs.flatten(_recipe().get("model") or {})
+        differ = [k for k in sorted(set(saved) & set(asked)) if not runs.same_value(saved[k], asked[k])
+                  and not k.startswith(("net.", "_")) and k.split(".")[0] not in (*RUN_OPTIONS, "num_classes")]
+        refused = [k for k in differ if k in recipe and not runs.same_value(recipe[k], asked[k])]
+        if refused:
+            text = ", ".join(f"model.{k} ({saved[k]!r} there, {asked[k]!r} asked)" for k in refused)
+            raise ValueError(f"--ckpt_path {cfg.ckpt_path} continues with the model settings it was trained with, "
+                             f"but this command asks for others: {text}; fix: leave them out, or leave out "
+                             "--ckpt_path to start a new run with them")
+        for key in differ:
+            print(f"cutmix-pl: model.{key}={saved[key]!r} from the checkpoint", file=sys.stderr)
 
     def _split_from_checkpoint(self, sub: str, cfg: Namespace) -> None:
         """An evaluation of a checkpoint validates on its run's held-out images: the split (``data.val_size``,
@@ -240,10 +264,14 @@ class CutMixCLI(LightningCLI):
               f"  TensorBoard: tensorboard --logdir {run.parent}", file=sys.stderr)
 
 
+def _recipe() -> dict[str, Any]:
+    """The default recipe, configs/cutmix.yaml, as a dict."""
+    return (yaml.safe_load(DEFAULT_CONFIG.read_text()) if DEFAULT_CONFIG.is_file() else None) or {}
+
+
 def _recipe_net() -> dict[str, Any]:
-    """``model.net`` as the default recipe (configs/cutmix.yaml) has it."""
-    recipe = yaml.safe_load(DEFAULT_CONFIG.read_text()) if DEFAULT_CONFIG.is_file() else {}
-    return (recipe.get("model") or {}).get("net") or {"class_path": "cutmix_pl.resnet.ResNet"}
+    """``model.net`` as the default recipe has it."""
+    return (_recipe().get("model") or {}).get("net") or {"class_path": "cutmix_pl.resnet.ResNet"}
 
 
 def _check_yaml_files(args: list[str]) -> None:

@@ -30,7 +30,7 @@ import yaml
 
 __all__ = ["CHOSEN_WHEN_NULL", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "find_resumable", "flatten",
            "is_finished", "mark_finished", "newest_last", "outermost_missing", "remove_failed", "run_of_checkpoint",
-           "saved_config"]
+           "same_value", "saved_config"]
 
 # Settings a resume may change: they say how to run or report, not what is trained (or, for max_epochs, how long;
 # the learning-rate schedule follows the new end). Everything else must equal the run's saved config.
@@ -139,7 +139,8 @@ def saved_config(run: Path) -> dict[str, Any] | None:
         return yaml.safe_load(f) or {}
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, with numbers compared to a relative 1e-9 (a float read back from YAML)."""
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
     if numbers:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
@@ -153,7 +154,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
     may = lambda k: any(k == p or k.startswith(p + ".") for p in MAY_CHANGE)  # noqa: E731
     chosen = lambda k: k in CHOSEN_WHEN_NULL and new.get(k) is None  # noqa: E731
     return [(k, old.get(k), new.get(k)) for k in keys
-            if not may(k) and not chosen(k) and not _same(old.get(k), new.get(k))]
+            if not may(k) and not chosen(k) and not same_value(old.get(k), new.get(k))]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:

@@ -79,8 +79,8 @@ def test_kill_during_a_checkpoint_save_leaves_a_last_ckpt_that_resumes(reference
         args = ["fit", *small(tiny_cifar), "--config", str(steps_config),
                 "--trainer.logger.init_args.save_dir", str(shared / "runs")]
         run = shared / "runs" / "smoke" / "version_0"
-        # saves: step004.ckpt, last.ckpt (step 4), best-epoch000.ckpt, last.ckpt (step 6): die inside the fourth
-        proc = spawn(tmp_path, args, KILL_IN_SAVE="4")
+        # saves: step004.ckpt, last.ckpt (step 4), last.ckpt (step 6, the epoch's end): die inside the third
+        proc = spawn(tmp_path, args, KILL_IN_SAVE="3")
         assert finish(proc) == -signal.SIGKILL
         assert "last.ckpt" in (tmp_path / "killed_in_save").read_text()
         assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4, "the previous last.ckpt is intact"
@@ -148,6 +148,23 @@ def test_resume_refuses_a_changed_setting_by_name(change, key, tiny_cifar, in_tm
     line = fails(capsys, *quick(tiny_cifar, *change, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")))
     assert f"cannot resume {run.absolute()} with changed settings: {key}" in line and "fix:" in line
     assert files_under(run) == before, "a refused resume writes nothing into the run"
+
+
+def test_a_checkpoint_outside_its_run_refuses_other_model_settings_and_names_the_ones_it_brings(tiny_cifar, in_tmp,
+                                                                                                   capsys):
+    run = Path(main(quick(tiny_cifar, "--model.optimizer.init_args.lr", "0.05")).trainer.log_dir)
+    loose = in_tmp / "copied" / "model.ckpt"  # no config.yaml beside it to compare the command with
+    loose.parent.mkdir()
+    loose.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    before = files_under(in_tmp / "runs")
+    line = fails(capsys, *quick(tiny_cifar, "--model.label_smoothing", "0.3", "--model.warmup_epochs", "0",
+                                "--trainer.max_epochs", "2", "--ckpt_path", str(loose)))
+    assert ("but this command asks for others: model.label_smoothing (0.0 there, 0.3 asked), model.warmup_epochs "
+            "(1.0 there, 0.0 asked); fix:") in line
+    assert files_under(in_tmp / "runs") == before, "a refused command writes nothing"
+    cli = main(quick(tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(loose)))
+    assert "model.optimizer.init_args.lr=0.05 from the checkpoint" in capsys.readouterr().err
+    assert cli.trainer.optimizers[0].defaults["lr"] == 0.05 and cli.trainer.global_step == 4
 
 
 def test_a_second_concurrent_resume_is_refused(tiny_cifar, in_tmp, capsys):
@@ -315,8 +332,8 @@ def test_same_seed_same_metrics_and_runs_never_overwrite(tiny_cifar, in_tmp):
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny_cifar, steps_config, tmp_path):
     args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
     run = tmp_path / "runs" / "smoke" / "version_0"
-    # Hold after step 7 (epoch 1, batch 0): the newest checkpoint is step 4's, mid-epoch 0; steps 5-7 are lost.
-    proc = spawn(tmp_path, args, pause_at=7)
+    # Hold after step 5 (epoch 0, batch 4): the newest checkpoint is step 4's, mid-epoch 0; step 5 is lost.
+    proc = spawn(tmp_path, args, pause_at=5)
     wait_paused(proc, tmp_path)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step004.ckpt"]
     config_before = (run / "config.yaml").read_bytes()

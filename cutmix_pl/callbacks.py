@@ -159,13 +159,16 @@ class StopOnSignal(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._uninstall()
-        if self.signum is not None:
+        # agreed over ranks: saving is collective (the DataModule gathers every rank's stream), so a signal that
+        # reached some ranks only must not send those alone into it
+        if self._agreed(trainer):
             # The signal came during the last validation, after the last training batch: the fit is complete, and
             # last.ckpt is saved again here in case no ModelCheckpoint keeps one; still, the run was asked to stop.
             path = last_checkpoint_path(trainer)
             trainer.save_checkpoint(path)
             last_epoch = max(0, trainer.current_epoch - 1)  # the loop has counted past the epoch it finished
-            raise Interrupted(self.signum, str(path), trainer.global_step, last_epoch,
+            signum = self.signum if self.signum is not None else signal.SIGTERM
+            raise Interrupted(signum, str(path), trainer.global_step, last_epoch,
                               max(0, trainer.num_training_batches - 1))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -90,12 +91,22 @@ class GlobalRNGState(Callback):
     exactly. Stored as tensors and ints only: checkpoints still load with ``torch.load(weights_only=True)``."""
 
     KEY = "global_rng_states"
+    PER_RANK = "global_rng_states_per_rank"
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[self.KEY] = rng_states()
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # Only rank 0's dict reaches the file, and each rank's streams are its own (its GPU's CUDA generator
+            # above all): it carries every rank's, gathered (all ranks save together).
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, checkpoint[self.KEY])
+            checkpoint[self.PER_RANK] = gathered
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.KEY in checkpoint:
+        per_rank = checkpoint.get(self.PER_RANK) or []
+        if len(per_rank) == trainer.world_size > 1:
+            set_rng_states(per_rank[trainer.global_rank])
+        elif self.KEY in checkpoint:  # one process, or saved with another number of them: rank 0's
             set_rng_states(checkpoint[self.KEY])
 
 

@@ -202,7 +202,8 @@ def test_resume_under_ddp_continues_exactly(resumed, ref):
         assert {b["epoch"] for b in got} == {1}, "resumed run re-trained epoch 0"
         assert [b["global_step"] for b in got] == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
         assert p_res[r]["global_step"] == 2 * STEPS_PER_EPOCH and p_res[r]["current_epoch"] == 2
-        # the same shard, labels and CutMix draws as epoch 1 of the uninterrupted run, rank by rank
+        # the same shard, labels, CutMix draws and global-stream draws as epoch 1 of the uninterrupted run, rank by
+        # rank (each rank's global stream is its own: GlobalRNGState restores every rank's)
         assert p_res[r]["shards"]["1"] == p_ref[r]["shards"]["1"]
         assert got == batches(p_ref[r], 1), f"rank {r}'s epoch 1 after resume differs from the uninterrupted run"
 

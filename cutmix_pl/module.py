@@ -94,7 +94,8 @@ class ImageClassifier(L.LightningModule):
         lr_schedule: per-step multiplier, a name in ``schedules.SCHEDULES``: ``cosine`` to 0, ``linear`` to 0,
             ``step`` (x0.1 at 50% and 75%) or ``constant``.
         warmup_epochs: linear warm-up from 0, in epochs (fractions allowed), >= 0.
-        label_smoothing: smoothing of the targets in the loss, in [0, 1); applied once, mixed or not.
+        label_smoothing: smoothing of the targets in the training loss, in [0, 1); applied once, mixed or not.
+            The validation and test loss are plain cross-entropy, comparable across settings.
         channels_last: run the network in channels-last memory format (faster convolutions on GPUs and AVX-512
             CPUs); None: the CLI chooses for the machine at start (``hardware.py``), plain Python keeps NCHW.
         compile: ``torch.compile`` the network: true (the default mode) or a mode name; ``reduce-overhead`` also
@@ -138,6 +139,8 @@ class ImageClassifier(L.LightningModule):
         # one uint8 image, as batches arrive: lets Lightning's model summary count FLOPs (else a column of zeros)
         self.example_input_array = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
         self.criterion = SoftTargetCrossEntropy(label_smoothing)
+        # val/test loss: plain cross-entropy, so that it compares across runs with any label_smoothing (as timm's)
+        self.eval_criterion = SoftTargetCrossEntropy()
         # Training metrics are updated every step, so they must not make the host wait for a GPU (metrics.py).
         self.train_acc = WeightedMean()
         self.train_loss = WeightedMean()
@@ -297,7 +300,7 @@ class ImageClassifier(L.LightningModule):
         # A WeightedMean, not self.log(sync_dist=True): Lightning's mean sync floors the integer image count when
         # ranks hold unequal numbers of images (Lightning issue #21838), inflating the loss under DDP.
         loss = self.eval_loss[stage]
-        loss.update(self.criterion(logits, labels), n)
+        loss.update(self.eval_criterion(logits, labels), n)
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n)
         metrics = self.eval_metrics[stage]
         metrics.update(logits.float().softmax(-1), labels)  # probabilities: the calibration error needs them

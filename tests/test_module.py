@@ -49,6 +49,22 @@ def test_smoothing_in_the_loss_equals_mixing_smoothed_targets():
     assert not torch.allclose(ours, SoftTargetCrossEntropy()(logits, lam * a + (1 - lam) * b))
 
 
+def test_evaluation_loss_is_plain_cross_entropy_whatever_the_smoothing():
+    torch.manual_seed(4)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    losses = []
+    for eps in (0.0, 0.2):
+        torch.manual_seed(5)
+        model = ImageClassifier(net=ResNet(depth=8, width=4), label_smoothing=eps, log_images=False).eval()
+        model.trainer = SimpleNamespace(validating=True)  # _eval_step logs through self.log: not called here
+        with torch.no_grad():
+            logits = model(images)
+        losses.append(model.eval_criterion(logits, labels))
+        assert model.criterion.label_smoothing == eps
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(losses[0], F.cross_entropy(logits, labels))
+
+
 @pytest.mark.parametrize("eps", [-0.1, 1.0])
 def test_label_smoothing_range(eps):
     with pytest.raises(ValueError, match="label_smoothing"):

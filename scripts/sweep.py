@@ -128,7 +128,7 @@ PAIR = ("cutmix", "baseline")  # CutMix vs no mixing
 E200 = ("--trainer.max_epochs", "200")
 # Tiny CPU runs for tests and the suite's smoke mode (any data set with >= 140 training images).
 SMOKE_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
-               "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+               "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
                "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false",
                "--data.val_size", "100", "--data.batch_size", "32", "--data.eval_batch_size", "100")
 # Per-run minutes on one H100, fit + test alone: fast.yaml 200 epochs took 5.5 min to fit (docs/results.md), plus
@@ -749,6 +749,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--estimate-scale must be > 0, got {args.estimate_scale:g}; fix: pass a run's measured minutes over "
                 "its preset's (1 keeps the presets)")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    args.out = args.out.absolute()  # the runs start in --out: the paths they are given must not be relative
     return args, extra
 
 

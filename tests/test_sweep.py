@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import chdir
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,12 @@ def event_files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def swept(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """The smoke grid (CutMix and no mixing, seed 0, 2 epochs of 3 batches), 2 processes at once."""
-    out = tmp_path_factory.mktemp("sweep") / "out"
-    rows = load("sweep").main(sweep_args(tiny_cifar, out))
-    return out, rows
+    """The smoke grid (CutMix and no mixing, seed 0, 2 epochs of 3 batches), 2 processes at once; --out relative to
+    the working folder (the runs start in --out, so every path they are given must be absolute)."""
+    base = tmp_path_factory.mktemp("sweep")
+    with chdir(base):
+        rows = load("sweep").main(sweep_args(tiny_cifar, Path("out")))
+    return base / "out", rows
 
 
 def test_sweep_writes_one_row_per_run_with_metrics_in_range(swept):

@@ -56,6 +56,7 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
 # Model arguments that say how to run the network, not what it is: taken from this run's config even when a
 # checkpoint is loaded (its other hyperparameters win, as Lightning does).
 RUN_OPTIONS = ("tta_flip", "compile", "channels_last", "log_images", "grid_size")
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 # DataModule arguments that say which training images were held out for validation: an evaluation takes the run's.
 SPLIT_KEYS = ("val_size", "split_seed")
 
@@ -85,6 +86,10 @@ class CutMixCLI(LightningCLI):
         if sub:
             cfg = self.config[sub]
             self._settle_defaults(cfg)
+            if sub != "fit" and cfg.get("ckpt_path") is None:
+                raise ValueError(f"{sub} needs --ckpt_path: without one it would evaluate an untrained network; fix: "
+                                 "pass a run folder (runs/<name>/version_N), a .ckpt file, or last (the newest "
+                                 "run's last.ckpt)")
             self.plan.read(sub, cfg)
             self._choose_for_machine(cfg, self._resumed_config(sub, cfg))
             self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
@@ -101,6 +106,11 @@ class CutMixCLI(LightningCLI):
         if max_epochs is not None and max_epochs < 1 and (max_steps is None or max_steps < 1):
             raise ValueError(f"trainer.max_epochs={max_epochs} is out of range: the learning-rate schedules need an "
                              "end; fix: a value >= 1 (or a trainer.max_steps >= 1)")
+        for name in LIMITS:
+            if trainer.get(name) == 1:
+                # Lightning reads a float as a fraction, and the CLI parses Trainer's int-or-float limits as floats
+                print(f"cutmix-pl: trainer.{name}=1 reads as 1.0, all batches (a float is a fraction of them); for a "
+                      "few batches pass 2 or more", file=sys.stderr)
         for cb in trainer.get("callbacks") or []:
             if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
                 # one last.ckpt per run, overwritten (atomically) by every save, never last-v1.ckpt beside a stale one

@@ -378,7 +378,7 @@ class Suite:
         shutil.rmtree(folder / "runs", ignore_errors=True)
         device = "cpu" if self.smoke else "cuda:0"
         size = (["--data.val_size", "100", "--data.batch_size", "32", "--data.eval_batch_size", "100",
-                 "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1"] if self.smoke else
+                 "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"] if self.smoke else
                 ["--data.batch_size", "256", "--trainer.limit_train_batches", "20", "--trainer.limit_val_batches", "2"])
         cmd = [sys.executable, "-m", "cutmix_pl", "fit", "--config", str(REPO / "cutmix_pl" / "configs" / "smoke.yaml"),
                "--trainer.accelerator", "cpu" if self.smoke else "gpu",

@@ -23,7 +23,7 @@ STEPS_PER_EPOCH = 6
 def small(data_dir: Path | str) -> list[str]:
     return ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir),
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "null",
-            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+            "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--data.batch_size", "16", "--data.eval_batch_size", "50", "--data.val_size", "50",
             "--data.train_size", "96", "--data.download", "false",

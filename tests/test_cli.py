@@ -14,7 +14,7 @@ from cutmix_pl import runs
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.module import ImageClassifier
 
-TINY = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+TINY = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "2",
         "--trainer.limit_train_batches", "null", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--data.batch_size", "64", "--data.eval_batch_size", "100",
         "--data.val_size", "100", "--data.download", "false"]
@@ -99,6 +99,14 @@ def test_no_mixing_mixup_and_randaugment_configs_train(tiny_cifar, in_tmp):
         assert chosen["randaugment"].startswith("RandAugment(num_ops=2, magnitude=9" if "rand" in cfg else "none")
         events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
         assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
+
+
+def test_a_limit_of_one_is_named_as_all_batches(tiny_cifar, in_tmp, capsys):
+    # a float is a fraction to Lightning, and the CLI reads Trainer's int-or-float limits as floats
+    cli = fit(tiny_cifar, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+              "--data.eval_batch_size", "50", "--model.log_images", "false")
+    assert "trainer.limit_val_batches=1 reads as 1.0, all batches" in capsys.readouterr().err
+    assert cli.trainer.num_val_batches == [2]  # 100 validation images in batches of 50
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])

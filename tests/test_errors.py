@@ -215,6 +215,13 @@ def test_validate_last_without_any_run(tiny_cifar, in_tmp, capsys):
     assert "found no last.ckpt" in line and "--ckpt_path PATH" in line
 
 
+@pytest.mark.parametrize("sub", ["validate", "test", "predict"])
+def test_evaluation_without_a_checkpoint(sub, tiny_cifar, in_tmp, capsys):
+    line = fails(capsys, sub, *small(tiny_cifar))
+    assert f"{sub} needs --ckpt_path" in line and "an untrained network" in line and "fix:" in line
+    assert not (in_tmp / "runs").exists(), "nothing written"
+
+
 @pytest.mark.parametrize("args,expected", [
     (["fit", "--model.dpth", "20"], "model.dpth"),
     (["fit", "--data.data_dir", "{data}", "--data.download", "false", "--trainer.accelerator", "cpu"],

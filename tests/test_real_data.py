@@ -1,5 +1,7 @@
 """Training on the real CIFAR-10 copy (built from ../shared/data): slow, but run by .ci/run."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,10 +24,10 @@ def test_one_epoch_on_10k_real_images_beats_chance_by_far(real_cifar, in_tmp, ca
     args = ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(real_cifar),
             "--data.download", "false", "--data.train_size", "10000", "--data.batch_size", "128",
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "null",
-            "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "4",
+            "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "4",
             "--trainer.enable_progress_bar", "false", "--model.warmup_epochs", "0.5"]
     cli = main(["fit", *args])
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
     test = main(["test", *args, "--ckpt_path", ckpt])
     acc = float(test.trainer.callback_metrics["test/acc"])
     with capsys.disabled():

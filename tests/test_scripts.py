@@ -32,7 +32,7 @@ def assert_png(path, min_size=(64, 64)):
 def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_path):
     out = tmp_path / "cmp"
     settings = ["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
-                "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+                "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
                 "--data.batch_size", "32", "--data.eval_batch_size", "100"]
     rows = load("compare").main(settings)
     assert [r["method"] for r in rows] == ["cutmix", "baseline", "mixup"]
@@ -63,9 +63,9 @@ def test_visualize_grid_and_cam(tiny_cifar, in_tmp):
     assert_png(grid, (8 * 96, 96))
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar),
                     "--data.download", "false", "--data.val_size", "100", "--data.batch_size", "32",
-                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
                     "--trainer.enable_progress_bar", "false"])
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
     cam = viz.main(["cam", "--data-dir", str(tiny_cifar), "--out", str(in_tmp / "cam.png"), "--n", "3",
                     "--ckpt", f"cutmix={ckpt}", "--ckpt", f"baseline={ckpt}"])
     assert_png(cam, (3 * 128, 3 * 128))

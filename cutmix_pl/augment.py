@@ -128,8 +128,11 @@ class Mixer:
         self.mode = mode
         self.pairing = pairing
 
+    _hidden_in_repr: tuple[str, ...] = ()
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and k not in self._hidden_in_repr)
         return f"{type(self).__name__}({args})"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -382,6 +385,8 @@ class CutMixUp(Mixer):
         mode: ``elem`` or ``batch``; overrides the halves' own modes.
         pairing: ``perm`` or ``roll``; overrides the halves' own pairing.
     """
+
+    _hidden_in_repr = ("alpha",)  # the CutMix half's, shown with it (the MixUp half has its own)
 
     def __init__(self, cutmix: CutMix | None = None, mixup: MixUp | None = None, switch_prob: float = 0.5,
                  prob: float = 1.0, mode: Mode = "elem", pairing: Pairing = "perm") -> None:

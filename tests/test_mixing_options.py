@@ -139,6 +139,9 @@ def test_every_option_is_configurable_from_yaml(tmp_path):
     mixer = dm.mixer
     assert isinstance(mixer, CutMixUp) and (mixer.switch_prob, mixer.mode, mixer.pairing) == (0.5, "batch", "roll")
     assert mixer.cutmix.minmax == (0.2, 0.8) and mixer.cutmix.correct_lam and mixer.mixup.alpha == 0.8
+    # the HPARAMS tab's record: each alpha once, with its own half
+    record = dm.hparams["mixer"]
+    assert record.startswith("CutMixUp(prob=") and record.count("alpha=") == 2 and "alpha=0.8" in record
     bad = YAML.format(data_dir=tmp_path).replace("switch_prob: 0.5", "switch_prob: 1.5")
     with pytest.raises(ValueError, match=r"switch_prob=1\.5 .*\[0, 1\]"):
         parser.instantiate_classes(parser.parse_string(bad))

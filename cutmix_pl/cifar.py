@@ -36,9 +36,11 @@ class Split(NamedTuple):
     labels: Tensor  # int64 [N]
 
 
-def _fix_hint(folder: Path) -> str:
-    return (f"pass --data.download true on a machine with internet, or put the python-version batches in "
-            f"{folder} (offline: python make_cifar10.py --out {folder.parent}, from the shared data folder)")
+def _fix_hint(folder: Path, downloading: bool = False) -> str:
+    fetch = "run again where the internet is reachable" if downloading else \
+        "pass --data.download true where the internet is reachable"
+    return (f"{fetch}, or put the python-version batches in {folder} (offline, from a local copy such as "
+            f"../shared/data: python ../shared/data/make_cifar10.py --out {folder.parent.absolute()})")
 
 
 def check_root(root: str | Path) -> None:
@@ -82,7 +84,7 @@ def download(root: str | Path) -> Path:
                 p.unlink()
         reason = " ".join(str(err).split()) or type(err).__name__
         raise DataError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({reason}); "
-                        f"fix: {_fix_hint(root / FOLDER)}") from None
+                        f"fix: {_fix_hint(root / FOLDER, downloading=True)}") from None
     folder = find(root)
     if folder is None:
         raise DataError(f"the archive from {URL} did not contain {FOLDER}/ with all batches; fix: {_fix_hint(root / FOLDER)}")

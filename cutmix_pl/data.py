@@ -73,15 +73,17 @@ class CIFAR10DataModule(L.LightningDataModule):
         for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1),
                                  ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}")
+                raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}; fix: "
+                                 f"pass --data.{name} with such a value (the recipe's is in configs/cutmix.yaml)")
         if not 0 <= val_size < 50_000:
             raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, 49999] "
-                             "(CIFAR-10 has 50000 training images)")
+                             "(CIFAR-10 has 50000 training images); fix: e.g. 5000, or 0 to validate on the test set")
         if train_size is not None and train_size < 2:
-            raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all)")
+            raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all); fix: "
+                             "pass such a value, or null to train on the whole training split")
         if mixer is not None and mixer.num_classes != self.num_classes:
             raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match CIFAR-10's "
-                             f"{self.num_classes} classes")
+                             f"{self.num_classes} classes; fix: data.mixer.init_args.num_classes {self.num_classes}")
         self.transform = TrainTransform(mixer, mix_off_epoch, crop_padding, flip, cifar.MEAN, cifar.STD,
                                         randaugment=randaugment, compile=compile_transform)
         # TensorBoard's HPARAMS tab shows these next to the model's; the mixer and RandAugment as their readable repr.
@@ -130,7 +132,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         train, test = cifar.load(self.data_dir, download_if_missing=False)
         if self.val_size >= len(train.labels):
             raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has "
-                             f"{len(train.labels)}; use a value in [0, {len(train.labels) - 1}]")
+                             f"{len(train.labels)}; fix: a value in [0, {len(train.labels) - 1}]")
         perm = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size :][: self.train_size]
         self._splits["val"] = cifar.Split(train.images[val_idx], train.labels[val_idx]) if self.val_size else test

@@ -154,10 +154,10 @@ def check_batch(name: str, global_batch: int, world: int) -> None:
     if global_batch % world:
         key = "batch_size" if name == "train" else "eval_batch_size"
         raise ValueError(f"data.{key}={global_batch} is the global batch and must be divisible by the "
-                         f"{world} processes; use a multiple of {world}")
+                         f"{world} processes; fix: a multiple of {world}")
     if name == "train" and global_batch < 2 * world:
         raise ValueError(f"data.batch_size={global_batch} gives each of the {world} processes fewer than 2 images "
-                         f"a step, and BatchNorm needs 2; use a multiple of {world} >= {2 * world}")
+                         f"a step, and BatchNorm needs 2; fix: a multiple of {world} >= {2 * world}")
 
 
 def check_shards(name: str, count: int, world: int, val_size: int) -> None:
@@ -168,10 +168,10 @@ def check_shards(name: str, count: int, world: int, val_size: int) -> None:
         return
     if name == "train":
         raise ValueError(f"the training split has {count} images, too few for {world} processes (each needs at "
-                         f"least 2); use at least {need * world} (lower data.val_size or raise data.train_size) "
+                         f"least 2); fix: at least {need * world} (lower data.val_size or raise data.train_size) "
                          "or fewer devices")
     if name == "val" and val_size:
         raise ValueError(f"data.val_size={val_size} gives {world} processes fewer than one validation image "
-                         f"each; use a value >= {world} or fewer devices")
+                         f"each; fix: a value >= {world} or fewer devices")
     raise ValueError(f"the test set has {count} images, fewer than the {world} processes of this {name} run; "
-                     f"use at most {count} devices")
+                     f"fix: at most {count} devices")

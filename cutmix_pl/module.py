@@ -186,7 +186,8 @@ class ImageClassifier(L.LightningModule):
                              "model.optimizer.init_args to valid values (lr > 0, momentum >= 0, ...)") from None
         lr = probe.defaults.get("lr")
         if isinstance(lr, (int, float)) and not lr > 0:
-            raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0")
+            raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0; fix: e.g. "
+                             "--model.optimizer.init_args.lr 0.1 (the recipe's)")
         return probe
 
     def configure_callbacks(self) -> list[Callback]:

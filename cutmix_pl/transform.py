@@ -109,7 +109,9 @@ class TrainTransform:
                              f"{max_epochs} (no known end); fix: set trainer.max_epochs, or a mix_off_epoch >= 0")
         if off < -max_epochs:
             raise ValueError(f"data.mix_off_epoch={off} counts back past the start of training "
-                             f"(trainer.max_epochs={max_epochs}); fix: a value in [-{max_epochs}, -1], or >= 0")
+                             f"(trainer.max_epochs={max_epochs}); fix: "
+                             + (f"a value in [-{max_epochs}, -1], " if max_epochs > 1 else "-1, ")
+                             + "a value >= 0, or null to mix in every epoch")
         return max_epochs + off
 
     def mixing_on(self, epoch: int) -> bool:

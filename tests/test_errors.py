@@ -80,7 +80,7 @@ CONFIG_CASES = {
 def fit_fails_cleanly(capsys, in_tmp, expected, *args):
     """``fit`` fails in one line holding every text of ``expected`` and leaves no run folder."""
     line = fails(capsys, "fit", *args)
-    for text in expected:
+    for text in [*expected, "fix:"]:  # every error says how to fix it
         assert text in line, (text, line)
     assert not (in_tmp / "runs").exists(), "a failed start must leave no run folder"
 

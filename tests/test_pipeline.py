@@ -158,7 +158,7 @@ def test_every_process_needs_images_else_one_line_naming_the_setting(tiny_cifar)
         on_ranks(4, val_size=4, train_size=7).train_dataloader()
     for name in ("val", "test", "predict"):  # the 200 test images (val_size 0 validates on them too)
         with pytest.raises(ValueError, match=rf"^the test set has 200 images, fewer than the 256 processes of this "
-                                             rf"{name} run; use at most 200 devices"):
+                                             rf"{name} run; fix: at most 200 devices"):
             getattr(on_ranks(256, val_size=0), f"{name}_dataloader")()
     dm = on_ranks(4)
     dm.batch_size = 4

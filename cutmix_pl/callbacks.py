@@ -147,7 +147,7 @@ class StopOnSignal(Checkpoint):
     def _save(self, trainer: L.Trainer, batch_idx: int, epoch: int) -> Interrupted:
         """Save last.ckpt; return the exception that ends the fit."""
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         signum = self.signum if self.signum is not None else signal.SIGTERM
         return Interrupted(signum, str(path), trainer.global_step, epoch, batch_idx)
 
@@ -155,7 +155,7 @@ class StopOnSignal(Checkpoint):
         self._uninstall()
         # Lightning's own SIGTERM handler (active before training starts) ends the loop at a batch boundary too.
         if isinstance(exception, SIGTERMException) and trainer.training and not trainer.sanity_checking:
-            trainer.save_checkpoint(last_checkpoint_path(trainer))
+            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._uninstall()
@@ -165,7 +165,7 @@ class StopOnSignal(Checkpoint):
             # The signal came during the last validation, after the last training batch: the fit is complete, and
             # last.ckpt is saved again here in case no ModelCheckpoint keeps one; still, the run was asked to stop.
             path = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             last_epoch = max(0, trainer.current_epoch - 1)  # the loop has counted past the epoch it finished
             signum = self.signum if self.signum is not None else signal.SIGTERM
             raise Interrupted(signum, str(path), trainer.global_step, last_epoch,

@@ -307,6 +307,8 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     parser_kwargs: dict[str, Any] = {cmd: {"default_config_files": defaults, "exit_on_error": False}
                                      for cmd in SUBCOMMANDS}
     parser_kwargs["exit_on_error"] = False  # parse errors come back as ArgumentError: one line below, no usage dump
+    # `python -m cutmix_pl --help` would say "usage: __main__.py"
+    parser_kwargs["prog"] = "python -m cutmix_pl" if Path(sys.argv[0]).name == "__main__.py" else None
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     _quiet()
@@ -361,6 +363,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
     # the summary counts parameters at 32 bits under bf16 autocast, which is right: autocast keeps fp32 weights
     warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+    # a fit refuses a checkpoint folder of another run (CutMixCLI.before_fit), so a non-empty one is its own resume's
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # per-class accuracy and hp_metric are computed from values already reduced over the ranks
+    warnings.filterwarnings("ignore", message=r".*self\.log\('(val_class/|hp_metric)")
 
 
 class _NoAdvert(logging.Filter):

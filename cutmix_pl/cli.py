@@ -304,9 +304,11 @@ def _check_yaml_files(args: list[str]) -> None:
 def main(args: list[str] | None = None) -> CutMixCLI | None:
     """Run the CLI. Errors in our own argument and data checks end in one line and exit status 2."""
     defaults = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
-    parser_kwargs: dict[str, Any] = {cmd: {"default_config_files": defaults, "exit_on_error": False}
-                                     for cmd in SUBCOMMANDS}
-    parser_kwargs["exit_on_error"] = False  # parse errors come back as ArgumentError: one line below, no usage dump
+    # exit_on_error off: parse errors come back as ArgumentError, one line below, no usage dump; allow_abbrev off: a
+    # misspelt key that happens to be a prefix of one (--trainer.max_epoch) is an error, not a guess
+    strict = {"exit_on_error": False, "allow_abbrev": False}
+    parser_kwargs: dict[str, Any] = {cmd: {"default_config_files": defaults, **strict} for cmd in SUBCOMMANDS}
+    parser_kwargs.update(strict)
     # `python -m cutmix_pl --help` would say "usage: __main__.py"
     parser_kwargs["prog"] = "python -m cutmix_pl" if Path(sys.argv[0]).name == "__main__.py" else None
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.

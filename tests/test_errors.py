@@ -67,6 +67,7 @@ CONFIG_CASES = {
     "val_size >= training set": (["--data.val_size", "640"], ["data.val_size=640", "[0, 639]"]),
     "val_size >= 50000": (["--data.val_size", "50000"], ["data.val_size=50000", "[0, 49999]"]),
     "unknown key": (["--model.dpth", "20"], ["model.dpth", "--help"]),
+    "a key cut short": (["--trainer.max_epoch", "3"], ["unrecognized arguments: --trainer.max_epoch", "--help"]),
     "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
     "data missing offline": (["--data.data_dir", "nowhere"], ["nowhere/cifar-10-batches-py", "--data.download true"]),
     "checkpoint path missing": (["--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist", "--ckpt_path last"]),

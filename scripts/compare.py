@@ -5,7 +5,7 @@ validating on the test set every epoch) followed by ``test`` on its last checkpo
 TensorBoard event files and writes ``results.md`` (test accuracy, top-5, expected calibration error, wall time)
 and ``val_acc.png`` (the validation-accuracy curves) into ``--out``.
 
-    python scripts/compare.py --data-dir data --out results/short          # about 3 x 35 min on a 2-core CPU
+    python scripts/compare.py --data-dir data --out results/short          # about 3 x 40 min on a 2-core CPU (results.md)
     python scripts/compare.py --data-dir data --out results/short --reuse  # finish or re-read earlier runs
 """
 

@@ -191,11 +191,11 @@ class CutMixCLI(LightningCLI):
             print(f"cutmix-pl: model.{key}={saved[key]!r} from the checkpoint", file=sys.stderr)
 
     def _split_from_checkpoint(self, sub: str, cfg: Namespace) -> None:
-        """An evaluation of a checkpoint validates on its run's held-out images: the split (``data.val_size``,
+        """``validate`` of a checkpoint validates on its run's held-out images: the split (``data.val_size``,
         ``data.split_seed``) comes from the checkpoint, as the network does; another split would hold images the
-        run trained on (a short.yaml run, val_size 0, trained on all 50,000)."""
+        run trained on (a short.yaml run, val_size 0, trained on all 50,000). test and predict use the test set."""
         data = cfg.get("data")
-        if sub == "fit" or self.plan.checkpoint is None or not isinstance(data, Namespace):
+        if sub != "validate" or self.plan.checkpoint is None or not isinstance(data, Namespace):
             return
         saved = self.plan.checkpoint.get("datamodule_hyper_parameters") or {}
         for key in SPLIT_KEYS:

@@ -198,9 +198,9 @@ def find_resumable(base: Path, current: dict[str, Any]) -> Path:
                          "fix: pass --ckpt_path with the run folder to resume")
     if matching:
         done = matching[-1][0]
-        raise ValueError(f"--ckpt_path last: the run with this config, {done}, has finished; fix: pass --ckpt_path "
-                         f"{done} with a larger --trainer.max_epochs to train it longer, or leave out --ckpt_path "
-                         "to start a new run")
+        raise ValueError(f"--ckpt_path last continues unfinished runs only, and the run with this config, {done}, "
+                         f"has finished; fix: to train it longer, pass --ckpt_path {done} (with the larger "
+                         "--trainer.max_epochs), or leave out --ckpt_path to start a new run")
     listed = "; ".join(f"{r.name}: {describe_changes(c, 2)}" for r, c in other[-4:])
     raise ValueError(f"--ckpt_path last found no run in {base} with this command's settings ({listed}); fix: "
                      "repeat the run's settings, pass --ckpt_path RUN_FOLDER (a resume then refuses changed "

@@ -110,7 +110,8 @@ def test_last_is_the_one_unfinished_run_with_these_settings(tmp_path):
 def test_last_of_a_finished_run_says_how_to_extend_it(tmp_path):
     base = tmp_path / "runs" / "cutmix"
     done = make_run(base / "version_0", CONFIG, finished=True)
-    with pytest.raises(ValueError, match=f"{done}, has finished; fix: pass --ckpt_path {done} with a larger"):
+    with pytest.raises(ValueError, match=rf"continues unfinished runs only, and the run with this config, {done}, "
+                                         rf"has finished; fix: to train it longer, pass --ckpt_path {done} \(with"):
         runs.find_resumable(base, changed())
 
 

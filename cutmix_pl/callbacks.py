@@ -16,20 +16,22 @@ also after the last epoch's. A second Ctrl-C stops at once, without saving.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "StopOnSignal", "last_checkpoint_path"]
+__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "StopOnSignal", "StoppedEarly", "last_checkpoint_path",
+           "stop_early_on_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
@@ -63,6 +65,36 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         # its own key, so that a config's ModelCheckpoint(monitor=None) beside it keeps its own state on resume
         return type(self).__name__
+
+
+class StoppedEarly(Exception):
+    """A signal outside training (while the command starts, sets up, or evaluates): there is no training state to
+    save, so the command stops, and what it wrote is removed as after any failure (an Exception, so it is)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} outside training (while starting, evaluating or "
+                         "finishing): no training state to save; a fit that had saved a checkpoint resumes with "
+                         "--ckpt_path last, else run the command again")
+
+
+@contextlib.contextmanager
+def stop_early_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`StoppedEarly` while the block runs (StopOnSignal takes over during
+    training), instead of killing the process where it stands or printing a KeyboardInterrupt traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise StoppedEarly(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:

@@ -26,7 +26,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import hardware, runs
 from .run_plan import RunPlan, blocked, plain
-from .callbacks import Interrupted, LastCheckpoint, PredictionWriter, StopOnSignal
+from .callbacks import (Interrupted, LastCheckpoint, PredictionWriter, StopOnSignal, StoppedEarly,
+                        stop_early_on_signals)
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier, net_differences
@@ -316,19 +317,8 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     _quiet()
     try:
         _check_yaml_files(list(args) if args is not None else sys.argv[1:])
-        return CutMixCLI(
-            ImageClassifier,
-            CIFAR10DataModule,
-            # Our loaders shard themselves (see data.ShardedBatchSampler), so Lightning must not re-wrap them.
-            # Added to every run, whatever trainer.callbacks a config sets (after the config's ModelCheckpoint, so
-            # that last.ckpt records its best model, and StopOnSignal after both).
-            trainer_defaults={"use_distributed_sampler": False,
-                              "callbacks": [LastCheckpoint(), StopOnSignal(), PredictionWriter()]},
-            parser_kwargs=parser_kwargs,
-            save_config_callback=SaveConfigNoOverwrite,
-            auto_configure_optimizers=False,
-            args=args,
-        )
+        with stop_early_on_signals():
+            return _cli(args, parser_kwargs)
     except (ValueError, FloatingPointError, ArgumentError) as err:
         if os.environ.get("CUTMIX_PL_TRACEBACK"):
             raise
@@ -346,10 +336,29 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     except Interrupted as stop:
         print(f"cutmix-pl: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except StoppedEarly as stop:
+        print(f"cutmix-pl: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     except SIGTERMException:
         print("cutmix-pl: stopped by SIGTERM; the last finished batch is in last.ckpt if training had started; "
               "resume: run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
+
+
+def _cli(args: list[str] | None, parser_kwargs: dict[str, Any]) -> CutMixCLI:
+    return CutMixCLI(
+        ImageClassifier,
+        CIFAR10DataModule,
+        # Our loaders shard themselves (see data.ShardedBatchSampler), so Lightning must not re-wrap them.
+        # Added to every run, whatever trainer.callbacks a config sets (after the config's ModelCheckpoint, so
+        # that last.ckpt records its best model, and StopOnSignal after both).
+        trainer_defaults={"use_distributed_sampler": False,
+                          "callbacks": [LastCheckpoint(), StopOnSignal(), PredictionWriter()]},
+        parser_kwargs=parser_kwargs,
+        save_config_callback=SaveConfigNoOverwrite,
+        auto_configure_optimizers=False,
+        args=args,
+    )
 
 
 def _quiet() -> None:

@@ -46,7 +46,8 @@ trainer:
 """
 
 # `python -m cutmix_pl` plus test hooks: PAUSE_AT_STEP holds training after that global step, PAUSE_IN_LAST_VAL holds
-# the last epoch's validation (each until a signal arrives, so that it lands at a known point), KILL_IN_SAVE=N kills
+# the last epoch's validation, PAUSE_IN_SETUP the DataModule's setup, before training (each until a signal arrives,
+# so that it lands at a known point), KILL_IN_SAVE=N kills
 # the process with SIGKILL half-way through writing its N-th checkpoint file; the final metrics go to metrics.json.
 WRAPPER = textwrap.dedent("""
     import json, os, sys, time
@@ -73,6 +74,14 @@ WRAPPER = textwrap.dedent("""
         if os.environ.get("PAUSE_IN_LAST_VAL") and last and not self.trainer.sanity_checking and batch_idx == 0:
             hold(self.trainer, "validation")
 
+    if os.environ.get("PAUSE_IN_SETUP"):
+        from cutmix_pl.data import CIFAR10DataModule
+
+        def setup(self, stage=None):
+            Path("paused").write_text("setup")
+            time.sleep(300)  # a signal ends it (the CLI's handler raises outside training)
+
+        CIFAR10DataModule.setup = setup
     if int(os.environ.get("KILL_IN_SAVE", "0")):
         sys.path.insert(0, os.environ["TESTS_DIR"])
         import kill_on_write
@@ -110,7 +119,8 @@ def files_under(folder: Path) -> dict[str, str]:
 def spawn(cwd: Path, args: list[str], pause_at: int | None = None, tag: str = "run", **hooks: str) -> subprocess.Popen:
     """``python -m cutmix_pl ARGS`` in ``cwd`` (output in TAG.out/TAG.err), with the WRAPPER's hooks set."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for key in ("CUTMIX_PL_TRACEBACK", "CUTMIX_PL_RUN", "PAUSE_AT_STEP", "PAUSE_IN_LAST_VAL", "KILL_IN_SAVE"):
+    for key in ("CUTMIX_PL_TRACEBACK", "CUTMIX_PL_RUN", "PAUSE_AT_STEP", "PAUSE_IN_LAST_VAL", "PAUSE_IN_SETUP",
+                "KILL_IN_SAVE"):
         env.pop(key, None)
     if pause_at is not None:
         env["PAUSE_AT_STEP"] = str(pause_at)

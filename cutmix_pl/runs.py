@@ -45,6 +45,9 @@ MAY_CHANGE = (
     # filled in from data.num_classes by the CLI's links, so not a setting of its own (and unset before instantiation)
     "model.num_classes", "model.net.init_args.num_classes",
 )
+# ... and, under trainer.callbacks, a ModelCheckpoint's save_last: which files are kept, not what is trained (the
+# recipe dropped it once LastCheckpoint kept last.ckpt; runs started before that resume with the new recipe).
+MAY_CHANGE_CALLBACK_ARGS = ("save_last",)
 # Settings that null leaves to the machine (cli.py, hardware.py): a run found for a resume matches whatever it chose,
 # and the resume keeps that choice.
 CHOSEN_WHEN_NULL = ("trainer.precision",)
@@ -151,7 +154,8 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
     """``(key, saved value, this command's value)`` for every setting outside :data:`MAY_CHANGE` that differs."""
     old, new = flatten(saved), flatten(current)
     keys = sorted(set(old) | set(new))
-    may = lambda k: any(k == p or k.startswith(p + ".") for p in MAY_CHANGE)  # noqa: E731
+    may = lambda k: (any(k == p or k.startswith(p + ".") for p in MAY_CHANGE)  # noqa: E731
+                     or re.fullmatch(rf"trainer\.callbacks\.\d+\.init_args\.({'|'.join(MAY_CHANGE_CALLBACK_ARGS)})", k))
     chosen = lambda k: k in CHOSEN_WHEN_NULL and new.get(k) is None  # noqa: E731
     return [(k, old.get(k), new.get(k)) for k in keys
             if not may(k) and not chosen(k) and not same_value(old.get(k), new.get(k))]

@@ -155,3 +155,16 @@ def test_remove_failed_keeps_runs_that_saved(tmp_path):
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
     runs.remove_failed(run, set(), top)
     assert (run / "checkpoints" / "last.ckpt").is_file(), "a run that saved a checkpoint is kept"
+
+
+def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():
+    """Runs started while the recipe's ModelCheckpoint had save_last: true resume under today's recipe."""
+    def with_callback(**init_args: object) -> dict:
+        cfg = changed()
+        cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                        "init_args": {"monitor": "val/acc", **init_args}}]
+        return cfg
+
+    assert runs.changed_settings(with_callback(save_last=True), with_callback(save_last=None)) == []
+    assert runs.changed_settings(with_callback(save_last=True), with_callback(save_last=True, monitor="val/loss")) == [
+        ("trainer.callbacks.0.init_args.monitor", "val/acc", "val/loss")]

@@ -48,8 +48,10 @@ class Interrupted(BaseException):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Writes ``<run>/checkpoints/last.ckpt`` at every point where Lightning checkpoints (after each validation, or
-    each epoch when there is none), so that it is always the newest state, whatever other checkpoints a config keeps.
+    """Writes ``<run>/checkpoints/last.ckpt`` at every point where Lightning checkpoints an epoch (after each
+    validation, or each epoch when there is none), so that it is the newest state, whatever other checkpoints a
+    config keeps. A config's checkpoint every N steps keeps it current between those points with its own
+    ``save_last: true`` (it writes the same file).
 
     ``ModelCheckpoint(save_last=True)`` does not promise that: since Lightning 2.6 it writes ``last.ckpt`` only at a
     step where it also wrote a top-k checkpoint, so with ``monitor: val/acc, save_top_k: 1`` its ``last.ckpt`` is the
@@ -60,11 +62,6 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self) -> None:
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
                          enable_version_counter=False)
-
-    @property
-    def state_key(self) -> str:
-        # its own key, so that a config's ModelCheckpoint(monitor=None) beside it keeps its own state on resume
-        return type(self).__name__
 
 
 class StoppedEarly(Exception):
@@ -194,8 +191,9 @@ class StopOnSignal(Checkpoint):
         # agreed over ranks: saving is collective (the DataModule gathers every rank's stream), so a signal that
         # reached some ranks only must not send those alone into it
         if self._agreed(trainer):
-            # The signal came during the last validation, after the last training batch: the fit is complete, and
-            # last.ckpt is saved again here in case no ModelCheckpoint keeps one; still, the run was asked to stop.
+            # The signal came during the last validation, after the last training batch: the fit is complete and
+            # LastCheckpoint has saved it; saved again here all the same (a fit outside the CLI may lack it), and the
+            # run was asked to stop.
             path = last_checkpoint_path(trainer)
             trainer.save_checkpoint(path, weights_only=False)
             last_epoch = max(0, trainer.current_epoch - 1)  # the loop has counted past the epoch it finished

@@ -22,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import hardware, runs
@@ -110,8 +111,8 @@ class CutMixCLI(LightningCLI):
         for name in LIMITS:
             if trainer.get(name) == 1:
                 # Lightning reads a float as a fraction, and the CLI parses Trainer's int-or-float limits as floats
-                print(f"cutmix-pl: trainer.{name}=1 reads as 1.0, all batches (a float is a fraction of them); for a "
-                      "few batches pass 2 or more", file=sys.stderr)
+                _note(f"trainer.{name}=1 reads as 1.0, all batches (a float is a fraction of them); for a few batches "
+                      "pass 2 or more")
         for cb in trainer.get("callbacks") or []:
             if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
                 # one last.ckpt per run, overwritten (atomically) by every save, never last-v1.ckpt beside a stale one
@@ -143,8 +144,8 @@ class CutMixCLI(LightningCLI):
             if model.get("channels_last", False) is None:
                 model.channels_last = choice.channels_last
                 chosen.append(f"model.channels_last={str(choice.channels_last).lower()}")
-            print(f"cutmix-pl: {', '.join(chosen)} (the fastest measured safe on {choice.why}; set them to override)"
-                  + (f"; {hint}" if hint else ""), file=sys.stderr)
+            _note(f"{', '.join(chosen)} (the fastest measured safe on {choice.why}; set them to override)"
+                  + (f"; {hint}" if hint else ""))
 
     def _check_architecture(self, cfg: Namespace) -> None:
         """Lightning builds the network the checkpoint was saved with. Where this run's config names another
@@ -166,7 +167,7 @@ class CutMixCLI(LightningCLI):
                              f"{key}={new!r}; fix: pass {flag} (or leave it out: the checkpoint's is used), or leave "
                              "out --ckpt_path to train from scratch")
         for key, old, _ in diffs:
-            print(f"cutmix-pl: model.net {key}={old!r} from the checkpoint", file=sys.stderr)
+            _note(f"model.net {key}={old!r} from the checkpoint")
 
     def _check_model_settings(self, sub: str, cfg: Namespace) -> None:
         """``fit --ckpt_path`` of a checkpoint outside a run folder (no config.yaml beside it to compare the command
@@ -189,7 +190,7 @@ class CutMixCLI(LightningCLI):
                              f"but this command asks for others: {text}; fix: leave them out, or leave out "
                              "--ckpt_path to start a new run with them")
         for key in differ:
-            print(f"cutmix-pl: model.{key}={saved[key]!r} from the checkpoint", file=sys.stderr)
+            _note(f"model.{key}={saved[key]!r} from the checkpoint")
 
     def _split_from_checkpoint(self, sub: str, cfg: Namespace) -> None:
         """``validate`` of a checkpoint validates on its run's held-out images: the split (``data.val_size``,
@@ -201,8 +202,8 @@ class CutMixCLI(LightningCLI):
         saved = self.plan.checkpoint.get("datamodule_hyper_parameters") or {}
         for key in SPLIT_KEYS:
             if key in saved and key in data and saved[key] != data[key]:
-                print(f"cutmix-pl: data.{key}={saved[key]!r} from the checkpoint, not {data[key]!r}: the run's "
-                      "validation split (another would hold images it trained on)", file=sys.stderr)
+                _note(f"data.{key}={saved[key]!r} from the checkpoint, not {data[key]!r}: the run's validation split "
+                      "(another would hold images it trained on)")
                 data[key] = saved[key]
 
     def before_instantiate_classes(self) -> None:
@@ -273,6 +274,12 @@ class CutMixCLI(LightningCLI):
         runs.mark_finished(run)
         print(f"cutmix-pl: run {run}\n  checkpoints: {run / 'checkpoints'} (last.ckpt: the final state)\n"
               f"  TensorBoard: tensorboard --logdir {run.parent}", file=sys.stderr)
+
+
+def _note(text: str) -> None:
+    """A line about this command's settings, once: DDP-launched ranks parse the same command again."""
+    if rank_zero_only.rank == 0:
+        print(f"cutmix-pl: {text}", file=sys.stderr)
 
 
 def _recipe() -> dict[str, Any]:
@@ -374,8 +381,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
     # the summary counts parameters at 32 bits under bf16 autocast, which is right: autocast keeps fp32 weights
     warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
-    # a fit refuses a checkpoint folder of another run (CutMixCLI.before_fit), so a non-empty one is its own resume's
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # per-class accuracy and hp_metric are computed from values already reduced over the ranks
     warnings.filterwarnings("ignore", message=r".*self\.log\('(val_class/|hp_metric)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,8 @@ class RunPlan:
                              f"leave them as the run has them ({run}/config.yaml), or leave out --ckpt_path to start "
                              "a new run with them")
         point_logger(logger, run)
+        # its checkpoints folder holds its own checkpoints, which this fit continues: no warning that it is not empty
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
             # TensorBoard hides the run's events from the checkpoint's step on, which the resumed run logs again
             # (after a kill, steps past the newest checkpoint were logged once already): no doubled stretch.

@@ -31,7 +31,8 @@ from .callbacks import (Interrupted, LastCheckpoint, PredictionWriter, StopOnSig
                         stop_early_on_signals)
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
-from .module import ImageClassifier, net_differences
+from .module import ImageClassifier
+from .nets import net_differences
 from .upgrade import is_old
 
 # The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.

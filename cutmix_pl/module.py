@@ -3,7 +3,6 @@ optimiser. What it reports besides metrics, and the global random state, live in
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from typing import Any
@@ -19,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from .metrics import WeightedMean
 from .model_callbacks import GlobalRNGState, MixedImageGrid, ValConfusionMatrix
-from .resnet import ResNet
+from .nets import check_compatible, describe, make_network
 from .schedules import SCHEDULES, Schedule, lr_factor
 
 __all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
@@ -51,29 +50,6 @@ class SoftTargetCrossEntropy(nn.Module):
         if eps:
             targets = targets * (1.0 - eps) + eps / logits.shape[-1]
         return -(targets * log_p).sum(-1).mean()
-
-
-def build(spec: dict[str, Any]) -> Any:
-    """An object from ``{"class_path": "pkg.mod.Class", "init_args": {...}}``, the form the YAML configs use."""
-    module, _, name = str(spec.get("class_path", "")).rpartition(".")
-    if not module:
-        raise ValueError(f"{spec!r} names no class; fix: give class_path as package.module.Class")
-    return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
-
-
-def describe(obj: Any, init_args: dict[str, Any]) -> dict[str, Any]:
-    """The ``{"class_path", "init_args"}`` form of an object (the inverse of :func:`build`)."""
-    cls = type(obj)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
-
-
-def net_differences(saved: dict[str, Any], built: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, built value) for each way two ``model.net`` records differ: the class, then the init
-    arguments both name (``num_classes`` aside: the model checks it)."""
-    if saved.get("class_path") != built.get("class_path"):
-        return [("class_path", saved.get("class_path"), built.get("class_path"))]
-    a, b = saved.get("init_args") or {}, built.get("init_args") or {}
-    return [(k, a[k], b[k]) for k in a if k in b and k != "num_classes" and a[k] != b[k]]
 
 
 def _default_sgd(params: Any) -> torch.optim.Optimizer:
@@ -121,7 +97,7 @@ class ImageClassifier(L.LightningModule):
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
             raise ValueError(f"model.grid_size={grid_size!r} is out of range: it must be an integer >= 1 (images in "
                              "the logged grid); fix: e.g. 16, or model.log_images false for no grid")
-        self.net = self._network(net, num_classes)
+        self.net = make_network(net, num_classes)
         self.optimizer_factory = optimizer or _default_sgd
         self._check_optimizer()
         # From the CLI, the network and the optimiser arrive here built, and Lightning records them as the config
@@ -149,21 +125,6 @@ class ImageClassifier(L.LightningModule):
         self.eval_metrics = nn.ModuleDict({stage: self._metrics(stage, num_classes) for stage in ("val", "test")})
         self.best_val_acc = 0.0
         self._nonfinite: Tensor | None = None
-
-    @staticmethod
-    def _network(net: nn.Module | dict[str, Any] | None, num_classes: int) -> nn.Module:
-        if net is None:
-            return ResNet(num_classes=num_classes)
-        if isinstance(net, dict):  # a checkpoint's record, loaded outside the CLI
-            net = build({**net, "init_args": {**(net.get("init_args") or {}), "num_classes": num_classes}})
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"model.net={net!r} is not a torch.nn.Module; fix: class_path (e.g. "
-                             "cutmix_pl.resnet.ResNet) and init_args in YAML")
-        theirs = getattr(net, "num_classes", num_classes)
-        if theirs != num_classes:
-            raise ValueError(f"model.net has num_classes={theirs} but the model has num_classes={num_classes}; fix: "
-                             "build the network for the data's classes (the CLI links them)")
-        return net
 
     @staticmethod
     def _metrics(stage: str, num_classes: int) -> MetricCollection:
@@ -331,27 +292,7 @@ class ImageClassifier(L.LightningModule):
 
     def check_compatible(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
         """A checkpoint of another network fails here in one line, not in load_state_dict's size dump."""
-        what = f"the checkpoint {where}" if where else "the checkpoint"
-        saved = checkpoint.get("hyper_parameters") or {}
-        theirs, ours = saved.get("net"), self.hparams.get("net")
-        if isinstance(theirs, dict) and isinstance(ours, dict):
-            diffs = net_differences(theirs, ours)
-            if saved.get("num_classes", self.hparams.num_classes) != self.hparams.num_classes:
-                diffs.append(("num_classes", saved["num_classes"], self.hparams.num_classes))
-            if diffs:
-                old = ", ".join(f"{k}={a!r}" for k, a, _ in diffs)
-                new = ", ".join(f"{k}={b!r}" for k, _, b in diffs)
-                fix = ("use a checkpoint trained on this data set" if diffs[0][0] == "num_classes" else
-                       "pass " + " ".join(f"--model.net.{k} {a}" for k, a, _ in diffs))
-                raise ValueError(f"{what} holds a model with {old} but this run builds {new}; fix: {fix}, "
-                                 "or leave out --ckpt_path to train from scratch")
-        own = self.state_dict()
-        for key, value in (checkpoint.get("state_dict") or {}).items():
-            if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"{what} does not fit this model: {key} has shape {list(value.shape)} there and "
-                                 f"{list(own[key].shape)} here; fix: pass the --model.net settings it was trained with "
-                                 "(e.g. --model.net.depth, --model.net.width), or "
-                                 "leave out --ckpt_path to train from scratch")
+        check_compatible(checkpoint, self.hparams.get("net"), self.hparams.num_classes, self.state_dict(), where)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step("test", batch)

@@ -190,7 +190,7 @@ def test_code_defaults_are_the_recipe():
     import inspect
 
     from cutmix_pl.data import CIFAR10DataModule
-    from cutmix_pl.module import build
+    from cutmix_pl.nets import build
 
     recipe = yaml.safe_load((CONFIG_DIR / "cutmix.yaml").read_text())
     model, data = recipe["model"], recipe["data"]

@@ -66,6 +66,8 @@ class RunPlan:
         if sub != "fit":
             if has_run:  # evaluation of a checkpoint: into <run>/<command>/, beside the run's own logs
                 point_logger(logger, run_of_checkpoint(ckpt) / sub)
+                if str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
+                    logger.default_hp_metric = False  # not a run of its own: no placeholder hp_metric of -1 there
             return
         resumed = run_of_checkpoint(ckpt) if has_run else None
         if resumed is not None and saved_config(resumed) is not None:

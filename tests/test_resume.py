@@ -222,8 +222,9 @@ def test_evaluation_writes_into_the_checkpoints_run(tiny_cifar, in_tmp, capsys):
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"], "no new version_N for evaluation"
     assert {p.name for p in run.iterdir() if p.is_dir()} == {"checkpoints", "validate", "test", "predict"}
     acc = float(test.trainer.callback_metrics["test/acc"])
-    shown = EventAccumulator(str(run / "test"), size_guidance={"scalars": 0}).Reload().Scalars("test/acc")
-    assert shown[-1].value == pytest.approx(acc), "the test metrics are in the run's TensorBoard"
+    events = EventAccumulator(str(run / "test"), size_guidance={"scalars": 0}).Reload()
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(acc), "the test metrics are in the run's TensorBoard"
+    assert "hp_metric" not in events.Tags()["scalars"], "no placeholder hp_metric (-1) beside the run's"
 
     target = run / "predict" / "predictions.csv"
     assert f"wrote the predictions to {target}" in capsys.readouterr().err

@@ -194,12 +194,8 @@ class StopOnSignal(Checkpoint):
             # The signal came during the last validation, after the last training batch: the fit is complete and
             # LastCheckpoint has saved it; saved again here all the same (a fit outside the CLI may lack it), and the
             # run was asked to stop.
-            path = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path, weights_only=False)
             last_epoch = max(0, trainer.current_epoch - 1)  # the loop has counted past the epoch it finished
-            signum = self.signum if self.signum is not None else signal.SIGTERM
-            raise Interrupted(signum, str(path), trainer.global_step, last_epoch,
-                              max(0, trainer.num_training_batches - 1))
+            raise self._save(trainer, max(0, trainer.num_training_batches - 1), last_epoch)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._uninstall()

@@ -94,10 +94,11 @@ class CutMixCLI(LightningCLI):
                                  "pass a run folder (runs/<name>/version_N), a .ckpt file, or last (the newest "
                                  "run's last.ckpt)")
             self.plan.read(sub, cfg)
-            self._choose_for_machine(cfg, self._resumed_config(sub, cfg))
+            resumed = self._resumed_config(sub, cfg)
+            self._choose_for_machine(cfg, resumed)
             self._asked = {k: cfg.model.get(k) for k in RUN_OPTIONS} if isinstance(cfg.get("model"), Namespace) else {}
             self._check_architecture(cfg)  # before a resume's settings check: the more specific message
-            self._check_model_settings(sub, cfg)
+            self._check_model_settings(sub, cfg, resumed)
             self._split_from_checkpoint(sub, cfg)
             self.plan.place(sub, cfg)
 
@@ -170,15 +171,15 @@ class CutMixCLI(LightningCLI):
         for key, old, _ in diffs:
             _note(f"model.net {key}={old!r} from the checkpoint")
 
-    def _check_model_settings(self, sub: str, cfg: Namespace) -> None:
+    def _check_model_settings(self, sub: str, cfg: Namespace, resumed: dict[str, Any]) -> None:
         """``fit --ckpt_path`` of a checkpoint outside a run folder (no config.yaml beside it to compare the command
         with, as a resume into its run does): Lightning trains with the model settings the checkpoint records, so
         one that this command sets otherwise (by a --config or flag: it differs from the recipe) is refused in one
         line rather than ignored; the others are taken from the checkpoint, and said so."""
         if sub != "fit" or self.plan.checkpoint is None or not isinstance(cfg.get("model"), Namespace):
             return
-        if runs.saved_config(runs.run_of_checkpoint(cfg.ckpt_path)) is not None:
-            return  # a resume into its run: runs.changed_settings compares the whole config
+        if resumed:
+            return  # a resume into its run (its saved config): runs.changed_settings compares the whole config
         saved = runs.flatten(self.plan.checkpoint.get("hyper_parameters") or {})
         asked = runs.flatten(plain(cfg.model))
         recipe = runs.flatten(_recipe().get("model") or {})
@@ -341,10 +342,7 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     except CheckpointWriteError as err:
         print(f"cutmix-pl: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except Interrupted as stop:
-        print(f"cutmix-pl: {stop}", file=sys.stderr)
-        raise SystemExit(128 + stop.signum) from None
-    except StoppedEarly as stop:
+    except (Interrupted, StoppedEarly) as stop:
         print(f"cutmix-pl: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     except SIGTERMException:

@@ -66,7 +66,7 @@ class RunPlan:
         if sub != "fit":
             if has_run:  # evaluation of a checkpoint: into <run>/<command>/, beside the run's own logs
                 point_logger(logger, run_of_checkpoint(ckpt) / sub)
-                if str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
+                if _is_tensorboard(cfg):
                     logger.default_hp_metric = False  # not a run of its own: no placeholder hp_metric of -1 there
             return
         resumed = run_of_checkpoint(ckpt) if has_run else None
@@ -108,7 +108,7 @@ class RunPlan:
         point_logger(logger, run)
         # its checkpoints folder holds its own checkpoints, which this fit continues: no warning that it is not empty
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        if str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        if _is_tensorboard(cfg):
             # TensorBoard hides the run's events from the checkpoint's step on, which the resumed run logs again
             # (after a kill, steps past the newest checkpoint were logged once already): no doubled stretch.
             logger.purge_step = int((self.checkpoint or {}).get("global_step", 0))
@@ -153,13 +153,24 @@ class RunPlan:
         self.lock.acquire()
 
 
-def logger_args(trainer_cfg: Namespace) -> Namespace | None:
-    """init_args of the (first) logger when it has a save_dir/name/version layout (TensorBoard, CSV)."""
+def _first_logger(trainer_cfg: Namespace) -> Namespace | None:
     logger = trainer_cfg.get("logger")
     if isinstance(logger, list):
         logger = logger[0] if logger else None
-    args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    return logger if isinstance(logger, Namespace) else None
+
+
+def logger_args(trainer_cfg: Namespace) -> Namespace | None:
+    """init_args of the (first) logger when it has a save_dir/name/version layout (TensorBoard, CSV)."""
+    logger = _first_logger(trainer_cfg)
+    args = logger.get("init_args") if logger is not None else None
     return args if isinstance(args, Namespace) and args.get("save_dir") is not None else None
+
+
+def _is_tensorboard(cfg: Namespace) -> bool:
+    """Whether the logger that logger_args describes is TensorBoard's."""
+    logger = _first_logger(cfg.trainer)
+    return logger is not None and str(logger.get("class_path", "")).endswith("TensorBoardLogger")
 
 
 def runs_base(logger: Namespace) -> Path:

@@ -1,8 +1,8 @@
 """Reading (and fetching) CIFAR-10 in the python-pickle layout of the official archive.
 
 The pickles are read straight into uint8 tensors: no PIL, no per-image objects. They are read with a restricted
-unpickler that knows only what CIFAR-10 batches contain, so a crafted file cannot run code. The copy made by
-``../shared/data/make_cifar10.py`` has the same layout and is read unchanged.
+unpickler that knows only what CIFAR-10 batches contain, so a crafted file cannot run code. Any copy in that layout
+(``data_batch_1..5``, ``test_batch``, ``batches.meta``) is read unchanged, whatever its md5 sums.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class Split(NamedTuple):
 def _fix_hint(folder: Path, downloading: bool = False) -> str:
     fetch = "run again where the internet is reachable" if downloading else \
         "pass --data.download true where the internet is reachable"
-    return (f"{fetch}, or put the python-version batches in {folder} (offline, from a local copy such as "
-            f"../shared/data: python ../shared/data/make_cifar10.py --out {folder.parent.absolute()})")
+    return (f"{fetch}, or put the python-version batches (data_batch_1..5, test_batch, batches.meta) in {folder} "
+            "(offline: copy them from a machine that has them)")
 
 
 def check_root(root: str | Path) -> None:

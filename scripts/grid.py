@@ -3,25 +3,25 @@
     python scripts/grid.py --out results/short --data-dir data --arm cutmix=short --arm baseline=short,baseline \\
         --seeds 0 1 --parallel 2 -- --trainer.max_epochs 30
 
-An arm is NAME=RECIPE[,RECIPE...], each recipe a YAML file or the name of one the package ships (``short`` is
+An arm is NAME=RECIPE[,RECIPE...], each recipe a YAML file or the name of a packaged one (``short``:
 cutmix_pl/configs/short.yaml), applied in order on top of the default recipe. A cell (arm x seed) is
-``python -m cutmix_pl fit --config RECIPE ... --seed_everything SEED``, its run in DIR/<arm>/s<seed>/version_N (so
+``python -m cutmix_pl fit --config RECIPE ... --seed_everything SEED`` into DIR/<arm>/s<seed>/version_N (so that
 ``--ckpt_path last`` there means this cell), then ``python -m cutmix_pl test --ckpt_path <run>``, and with ``--tta``
-a second test with ``--model.tta_flip true``. Flags after ``--`` go to every fit and test. Each cell's commands and
-output are in DIR/<arm>/s<seed>/fit.log and test.log.
+a second test with ``--model.tta_flip true``. Flags after ``--`` go to every fit and test. A cell's commands and
+their output: DIR/<arm>/s<seed>/fit.log and test.log.
 
-``--parallel K`` cells run at once (on one GPU they share it); each process gets ``--threads`` torch threads
-through OMP_NUM_THREADS (default: the CPU cores divided by K).
+``--parallel K`` cells run at once (on one GPU they share it), each process with ``--threads`` torch threads
+(OMP_NUM_THREADS; default: the CPU cores divided by K).
 
-Resumable: the same command again skips finished cells (fit finished, tests recorded), tests a finished fit
-that lacks them, and resumes an unfinished fit with ``--ckpt_path last`` (which refuses changed settings in one
-line). A first Ctrl-C or SIGTERM lets the running fits save last.ckpt and stop; the tables are still written.
+The same command again skips finished cells (fit finished, tests recorded), tests a finished fit that lacks its
+tests, and resumes an unfinished fit with ``--ckpt_path last`` (which refuses changed settings in one line). A first
+Ctrl-C or SIGTERM lets the running fits save last.ckpt and stop; the tables are still written.
 
-Outputs in DIR: results.csv (a row per cell), results.md (per arm: mean and half range over seeds, and the
-difference from the first arm, paired by seed) and val_acc.png (validation curves; needs matplotlib). test_acc,
-test_acc_tta and ece are the tests' ``test/acc`` and ``test/ece`` (the last checkpoint); train_wall_s is the span of
-the fit's event files, summed over its process starts (start-up, and the pause between an interruption and its
-resume, are not counted); epochs is the last logged epoch + 1.
+DIR/results.csv: a row per cell; test_acc, test_acc_tta and ece are the tests' ``test/acc`` and ``test/ece`` (the
+last checkpoint), train_wall_s the span of the fit's event files summed over its process starts (no start-up, no
+pause between an interruption and its resume), epochs the last logged epoch + 1. DIR/results.md: per arm, the mean
+and half range over seeds and the difference from the first arm, paired by seed. DIR/val_acc.png: the validation
+curves (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ RECORD = "cell.json"  # a cell's test metrics, written once its tests are done
 OWN_FLAGS = ("--ckpt_path", "--seed_everything", "--trainer.logger.init_args.save_dir",
              "--trainer.logger.init_args.name", "--trainer.logger.init_args.version")
 STOPPED = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
+def say(line: str) -> None:
+    sys.stdout.write(f"grid: {line}\n")  # one write: lines from the cells' threads do not interleave
+    sys.stdout.flush()
 
 
 def fail(message: str) -> None:
@@ -208,17 +213,19 @@ class Grid:
     def on_signal(self, signum: int, _frame: Any) -> None:
         self.signals += 1
         self.stop.set()
-        print(f"grid: {signal.Signals(signum).name}: no new commands; the running fits save and stop", flush=True)
+        say(f"{signal.Signals(signum).name}: " + ("no new commands; the running fits save and stop" if self.signals == 1
+                                                  else "the running commands are killed"))
         for proc in list(self.procs):
             proc.send_signal(signal.SIGTERM if self.signals == 1 else signal.SIGKILL)
 
     def ended(self, cell: Cell, sub: str, rc: int | None) -> str:
-        if rc is None or rc in STOPPED:
-            return "interrupted" if rc is not None else "not run"
+        # None: the grid was stopping, so it did not start; < 0: a signal ended it before the CLI took signals over
+        if rc is None or rc < 0 or rc in STOPPED:
+            return "interrupted"
         log = cell.base(self.args.out) / f"{sub}.log"
-        lines = log.read_text(errors="replace").strip().splitlines()
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip() and not ln.startswith("+ ")]
         why = next((ln for ln in reversed(lines) if ln.startswith("cutmix-pl: error")), lines[-1] if lines else "")
-        print(f"grid: {cell}: {sub} failed (exit {rc}): {why} (log: {log})", flush=True)
+        say(f"{cell}: {sub} failed (exit {rc}): {why} (log: {log})")
         return f"failed ({sub} exit {rc})"
 
     def run(self, cell: Cell) -> str:
@@ -226,13 +233,13 @@ class Grid:
         run = run_folder(base)
         done = record(base)
         if finished(run) and "test_acc" in done and (not self.args.tta or "test_acc_tta" in done):
-            print(f"grid: {cell}: finished and tested, skipped", flush=True)
+            say(f"{cell}: finished and tested, skipped")
             return "done"
         if self.stop.is_set():
             return "not run"
         base.mkdir(parents=True, exist_ok=True)
         if not finished(run):
-            print(f"grid: {cell}: fit{' (resuming ' + str(run) + ')' if run else ''}", flush=True)
+            say(f"{cell}: fit{' (resuming ' + str(run) + ')' if run else ''}")
             rc = self.call("fit", cell, ["--ckpt_path", "last"] if run else [])
             run = run_folder(base)
             if rc != 0 or not finished(run):
@@ -247,7 +254,7 @@ class Grid:
             if rc != 0:
                 return self.ended(cell, "test", rc)
             if len(new) != 1:
-                print(f"grid: {cell}: the test wrote {len(new)} event files in {run / 'test'}, not 1", flush=True)
+                say(f"{cell}: the test wrote {len(new)} event files in {run / 'test'}, not 1")
                 return "failed (test events)"
             series = events.scalars(new[0])
             result[key] = last(series, "test/acc")
@@ -256,7 +263,7 @@ class Grid:
         tmp = base / f".{RECORD}.tmp"
         tmp.write_text(json.dumps(result))
         tmp.replace(base / RECORD)  # whole or absent: a cell stopped here is tested again
-        print(f"grid: {cell}: done, test acc {result['test_acc']:.2%}", flush=True)
+        say(f"{cell}: done, test acc {result['test_acc']:.2%}")
         return "done"
 
     def execute(self, cells: list[Cell]) -> dict[Cell, str]:
@@ -288,17 +295,13 @@ def row(cell: Cell, status: str, out: Path) -> dict[str, Any]:
     return r
 
 
-def half_range(values: list[float]) -> float:
-    return (max(values) - min(values)) / 2
-
-
 def spread(values: list[float], difference: bool = False) -> str:
     """Mean ± half range (max - min) / 2 over the seeds: accuracies in %, differences of them in points."""
     if not values:
         return ""
     mean = statistics.mean(values)
     text = f"{100 * mean:+.2f}" if difference else f"{mean:.2%}"
-    return text + (f" ± {100 * half_range(values):.2f}" if len(values) > 1 else "")
+    return text + (f" ± {100 * (max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
 
 
 def summary(rows: list[dict[str, Any]], recipes: dict[str, str]) -> list[str]:
@@ -327,17 +330,10 @@ def write_tables(args: argparse.Namespace, extra: list[str], cells: list[Cell], 
         w.writerows({k: "" if r.get(k) is None else r[k] for k in COLUMNS} for r in rows)
     recipes = {c.arm: ", ".join(p.stem if p.parent == packaged_recipes() else str(p) for p in c.recipes)
                for c in cells}
-    text = [f"Grid in {args.out}, {time.strftime('%Y-%m-%d')}: {len(recipes)} arms x seeds "
+    text = [f"Grid in {args.out}, {time.strftime('%Y-%m-%d')}: arms {', '.join(recipes)} x seeds "
             f"{' '.join(map(str, args.seeds))}" + (f"; flags for every cell: `{shlex.join(extra)}`" if extra else "")
             + ". Test metrics of the last checkpoint; ± is the half range (max - min) / 2 over the seeds; the "
-            "difference from the first arm is paired by seed.", "", *summary(rows, recipes), "",
-            "| arm | seed | status | epochs | test acc | TTA | ECE | train min |", "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-    for r in rows:
-        minutes = r["train_wall_s"] / 60 if r.get("train_wall_s") is not None else None
-        text.append(f"| {r['arm']} | {r['seed']} | {r['status']} | {fmt(r.get('epochs'), 'd')} | "
-                    f"{fmt(r.get('test_acc'), '.2%')} | {fmt(r.get('test_acc_tta'), '.2%')} | "
-                    f"{fmt(r.get('ece'), '.4f')} | {fmt(minutes, '.1f')} |")
+            "difference from the first arm is paired by seed. Each cell: results.csv.", "", *summary(rows, recipes)]
     (args.out / "results.md").write_text("\n".join(text) + "\n")
     arms = list(recipes)
     curves = {f"{r['arm']} s{r['seed']}": r["curve"] for r in rows if r["curve"]}
@@ -345,7 +341,7 @@ def write_tables(args: argparse.Namespace, extra: list[str], cells: list[Cell], 
                                            "linestyle": ("-", "--", ":", "-.")[args.seeds.index(r["seed"]) % 4]}
               for r in rows}
     if not events.plot(curves, args.out / "val_acc.png", "validation accuracy", styles):
-        print("grid: matplotlib is not installed: no val_acc.png (pip install matplotlib)")
+        say("matplotlib is not installed: no val_acc.png (pip install matplotlib)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if cifar.find(args.data_dir) is None:
-            print(f"grid: no CIFAR-10 in {args.data_dir}: downloading it once for every cell", flush=True)
+            say(f"no CIFAR-10 in {args.data_dir}: downloading it once for every cell")
             cifar.download(args.data_dir)
     except cifar.DataError as err:
         fail(str(err))
@@ -364,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     print((args.out / "results.md").read_text())
     bad = [f"{c} {s}" for c, s in status.items() if s != "done"]
     if bad:
-        print(f"grid: not done: {', '.join(bad)}; the same command resumes them", flush=True)
+        say(f"not done: {', '.join(bad)}; the same command resumes them")
     return 1 if bad else 0
 
 

@@ -7,6 +7,8 @@ import csv
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,29 @@ def test_the_summary_gives_mean_and_half_range_per_arm_and_the_difference_paired
         "| a | short | 0, 1 | 71.00% ± 1.00 | 72.50% ± 1.50 | 0.0300 |  |",
         "| b | short, baseline | 0, 1, 2 | 74.33% ± 12.00 |  | 0.0700 | -4.50 ± 0.50 |",
         "| c | short, mixup | - |  |  |  |  |"]
+
+
+def test_a_stop_reaches_the_running_commands_once_then_kills_them_and_starts_nothing_more(tmp_path, monkeypatch):
+    args, extra, cells = grid.parse(["--out", str(tmp_path), "--data-dir", str(tmp_path), "--arm", "a=smoke",
+                                     "--seeds", "0", "1", "2", "--parallel", "2"])
+    # each command notes the signals it gets and goes on running (as a fit still saving would)
+    child = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, lambda s, f: pathlib.Path('got').open('a')"
+             ".write(f'{s} ')); pathlib.Path('ready').touch(); time.sleep(120)")
+    runner = grid.Grid(args, extra)
+    monkeypatch.setattr(runner, "command", lambda sub, cell, more: [sys.executable, "-c", child])
+    first, second = (c.base(tmp_path) for c in cells[:2])
+
+    def stop_twice() -> None:  # Ctrl-C, and once the commands took it, Ctrl-C again
+        for files in (["ready"], ["got"]):
+            while not all((b / f).is_file() for b in (first, second) for f in files):
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop_twice, daemon=True).start()
+    status = runner.execute(cells)
+    assert list(status.values()) == ["interrupted", "interrupted", "not run"]
+    assert [(b / "got").read_text() for b in (first, second)] == [f"{signal.SIGTERM.value} "] * 2
+    assert not cells[2].base(tmp_path).exists() and not any(tmp_path.rglob(grid.RECORD))
 
 
 @pytest.mark.slow(seconds=60)

@@ -82,7 +82,7 @@ def placement(procs: int, accelerator: str) -> list[str]:
             "--trainer.devices", str(procs)]
 
 
-def run_once(procs: int, args: argparse.Namespace, threads: int) -> dict:
+def run_once(procs: int, args: argparse.Namespace, threads: int, extra: list[str]) -> dict:
     """One CLI fit with ``procs`` processes of ``threads`` threads each; the Throughput callback's numbers."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "throughput.json"
@@ -94,7 +94,7 @@ def run_once(procs: int, args: argparse.Namespace, threads: int) -> dict:
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                "--trainer.callbacks+=ddp_throughput.Throughput", "--trainer.callbacks.out", str(out),
                "--trainer.callbacks.warmup", str(args.warmup),
-               "--trainer.callbacks.global_batch", str(args.batch_size)]
+               "--trainer.callbacks.global_batch", str(args.batch_size), *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[float]]:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is shown")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads shared by the processes")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # anything else goes to every fit, e.g. --trainer.precision
 
     settings = []
     for spec in args.procs:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[float]]:
     results: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
     for r in range(args.rounds):
         for p, t in settings:
-            res = run_once(p, args, t)
+            res = run_once(p, args, t, extra)
             results[p, t].append(res["images_per_second"])
             print(f"round {r + 1}: {p} process(es) x {t} thread(s): "
                   f"{res['images_per_second']:.1f} images/s ({res['steps']} steps in {res['seconds']:.1f} s)",

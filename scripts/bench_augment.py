@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from cutmix_pl.augment import CutMix  # noqa: E402
+from cutmix_pl.augment import CutMix
 
 NUM_CLASSES = 10
 TV = "torchvision v2.CutMix"

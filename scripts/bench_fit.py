@@ -15,6 +15,12 @@ A variant is ``CHECKOUT`` or ``CHECKOUT::FLAGS`` (flags for that variant only), 
 ``--events`` times instead the steps inside one ``--long`` fit, from the wall times of its logged ``train/lr`` values
 (logged every 10 steps; the first ``--short`` steps are left out as warm-up): no start-up in the figure at all, which
 matters where the per-step difference is small next to the start-up's noise (a tiny network, a loaded machine).
+
+The fits start from configs/smoke.yaml, which trains on the CPU; on a GPU, give the accelerator as a flag for all
+(flags after the variants go to every fit)::
+
+    python scripts/bench_fit.py --events --data-dir data --batch-size 512 --short 20 --long 80 --reps 1 \
+        . ".::--data.compile_transform true" --trainer.accelerator gpu
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep.py beside this file
-from sweep import step_series  # noqa: E402
+import events
 
 EVENTS_EVERY = 10  # --events: log_every_n_steps of the timed fit
 
@@ -56,8 +61,8 @@ def fit_seconds(variant: str, batches: int, args: argparse.Namespace, extra: lis
         start = time.perf_counter()
         subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
-        runs = {p.parent for p in Path(tmp).rglob("events.out.tfevents.*")}
-        return seconds, [point for run in runs for series in step_series(run) for point in series]
+        logged = [events.scalars(f).get("train/lr", []) for f in Path(tmp).rglob("events.out.tfevents.*")]
+        return seconds, [(step, wall) for series in logged for step, _, wall in series]
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -12,18 +12,15 @@ operations are counted too, so the figures bound the kernel launches from above.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from cutmix_pl.augment import CutMix  # noqa: E402
-from cutmix_pl.resnet import ResNet  # noqa: E402
-from cutmix_pl.transform import TrainTransform  # noqa: E402
+from cutmix_pl.augment import CutMix
+from cutmix_pl.resnet import ResNet
+from cutmix_pl.transform import TrainTransform
 
 
 def count(fn: Callable[[], Any]) -> int:

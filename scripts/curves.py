@@ -1,24 +1,22 @@
 """Validation curves of finished runs, wherever they were made: one PNG and a markdown table.
 
-compare.py makes its own runs; this script only reads. Give it fit run folders (``runs/<name>/version_N``, the
-folder holding the TensorBoard event files), for instance runs made on a GPU machine and copied back:
+It only reads (grid.py makes runs and plots their curves). Give it fit run folders (``runs/<name>/version_N``, the
+folder holding the TensorBoard event files), for instance runs made on another machine and copied back:
 
     python scripts/curves.py --out docs/val_acc_gpu.png --threshold 0.85 --threshold 0.89 \\
         "100 epochs=runs/fast100/version_0" "200 epochs=runs/fast200/version_0"
 
 For each run the table gives the epochs, the last and the best ``val/acc``, the training seconds (the span of its
-event files, as compare.py counts them) and, per threshold, the first epoch whose ``val/acc`` reaches it and the
+event files, as grid.py counts them) and, per threshold, the first epoch whose ``val/acc`` reaches it and the
 seconds from the run's first logged step to the end of that epoch.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import plot, read_fit  # noqa: E402  (a sibling script, not a package)
+import events
 
 
 def _named(text: str) -> tuple[str, Path]:
@@ -33,7 +31,7 @@ def _named(text: str) -> tuple[str, Path]:
 
 
 def summarize(name: str, folder: Path, thresholds: list[float]) -> dict[str, object]:
-    fit, seconds = read_fit(folder)
+    fit, seconds = events.read_run(folder)
     val = fit.get("val/acc", [])
     if not val:
         raise SystemExit(f"{folder}: no val/acc in its event files (was validation switched off?)")
@@ -42,7 +40,7 @@ def summarize(name: str, folder: Path, thresholds: list[float]) -> dict[str, obj
     for t in thresholds:
         hit = next(((i + 1, w - start) for i, (_, v, w) in enumerate(val) if v >= t), None)
         reach[t] = hit
-    return {"method": name, "val_acc_curve": [v for _, v, _ in val], "last": val[-1][1],
+    return {"name": name, "val_acc_curve": [v for _, v, _ in val], "last": val[-1][1],
             "best": max(v for _, v, _ in val), "seconds": seconds, "reach": reach}
 
 
@@ -51,7 +49,7 @@ def table(rows: list[dict[str, object]], thresholds: list[float]) -> str:
         f" val/acc >= {t:.0%} |" for t in thresholds)
     lines = [head, "|" + "---|" * (5 + len(thresholds))]
     for r in rows:
-        cells = [r["method"], str(len(r["val_acc_curve"])), f"{r['last']:.2%}", f"{r['best']:.2%}",
+        cells = [r["name"], str(len(r["val_acc_curve"])), f"{r['last']:.2%}", f"{r['best']:.2%}",
                  f"{r['seconds']:.0f} s"]
         for t in thresholds:
             hit = r["reach"][t]
@@ -73,7 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         p.error(f"--threshold {bad[0]} is out of range: accuracies are fractions in (0, 1]")
     rows = [summarize(name, folder, args.thresholds) for name, folder in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.out, args.title)
+    if not events.plot({r["name"]: r["val_acc_curve"] for r in rows}, args.out, args.title):
+        p.error("matplotlib is not installed; fix: pip install matplotlib")
     print(table(rows, args.thresholds))
     print(f"wrote {args.out}")
     return rows

@@ -1,14 +1,19 @@
 """Training throughput of the CLI with 1 and with N DDP processes, same global batch, interleaved runs.
 
-    python scripts/ddp_throughput.py --data-dir /tmp/cifar --procs 1 2 1x1 --rounds 3 --batches 20 --warmup 3
+    python scripts/ddp_throughput.py --data-dir data --procs 1 2 1x1 --rounds 3 --batches 20 --warmup 3
+    python scripts/ddp_throughput.py --data-dir data --accelerator gpu --procs 1 2 --batch-size 512
 
-Each run is a real ``python -m cutmix_pl fit`` (default recipe: ResNet-20, per-sample CutMix) on the CPU, in a
+Each run is a real ``python -m cutmix_pl fit`` (default recipe: ResNet-20, per-sample CutMix), in a
 temporary folder, for ``--warmup + --batches`` training batches and no validation. A callback timed on rank 0
 (``Throughput``, below; the script puts its own folder on PYTHONPATH) measures the ``--batches`` training steps
 after the warm-up, so start-up, data loading and checkpointing are left out. Runs are interleaved (1, 2, 1, 2, ...)
 and the median of ``--rounds`` is reported. Threads: ``--threads`` in all (default: the CPU count) are shared
 out, so each of P processes gets OMP_NUM_THREADS = threads // P (torch sizes its intra-op pool by it); a
 setting written PxT gives each of P processes T threads instead (1x1: one process on one thread).
+
+On GPUs (``--accelerator gpu``) P processes take P GPUs over NCCL (configs/ddp.yaml); where P exceeds the GPUs
+present, they share the first one over gloo (``SharedDeviceDDP``, below: Lightning refuses a device list with
+repeats, and NCCL two ranks on one GPU, but DDPStrategy takes one device per rank as ``parallel_devices``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,20 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+from cutmix_pl.cli import CONFIG_DIR
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+
+
+class SharedDeviceDDP(DDPStrategy):
+    """DDP with ``processes`` ranks on the same ``device`` (e.g. two on cuda:0), over ``process_group_backend``."""
+
+    def __init__(self, device: str = "cuda:0", processes: int = 2, process_group_backend: str = "gloo") -> None:
+        super().__init__(parallel_devices=[torch.device(device)] * processes,
+                         process_group_backend=process_group_backend)
 
 
 class Throughput(L.Callback):
@@ -55,21 +71,30 @@ class Throughput(L.Callback):
                 "images_per_second": self.steps * self.global_batch / seconds}))
 
 
-def run_once(procs: int, args: argparse.Namespace, threads: int) -> dict:
+def placement(procs: int, accelerator: str) -> list[str]:
+    """The flags that put ``procs`` processes on the devices: one device alone, DDP over devices, or shared."""
+    if procs == 1:
+        return ["--trainer.accelerator", accelerator, "--trainer.devices", "1"]
+    if accelerator == "gpu" and procs > torch.cuda.device_count():
+        return ["--trainer.accelerator", "gpu", "--trainer.strategy", "ddp_throughput.SharedDeviceDDP",
+                "--trainer.strategy.processes", str(procs)]
+    return ["--config", str(CONFIG_DIR / "ddp.yaml"), "--trainer.accelerator", accelerator,
+            "--trainer.devices", str(procs)]
+
+
+def run_once(procs: int, args: argparse.Namespace, threads: int, extra: list[str]) -> dict:
     """One CLI fit with ``procs`` processes of ``threads`` threads each; the Throughput callback's numbers."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "throughput.json"
-        ddp = ["--config", str(REPO / "configs" / "ddp.yaml")] if procs > 1 else []  # 1: plain single device
-        cmd = [sys.executable, "-m", "cutmix_pl", "fit", *ddp,
+        cmd = [sys.executable, "-m", "cutmix_pl", "fit", *placement(procs, args.accelerator),
                "--data.data_dir", str(Path(args.data_dir).resolve()), "--data.download", "false",
                "--data.batch_size", str(args.batch_size),
-               "--trainer.accelerator", "cpu", "--trainer.devices", str(procs),
                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(args.warmup + args.batches),
                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                "--trainer.callbacks+=ddp_throughput.Throughput", "--trainer.callbacks.out", str(out),
                "--trainer.callbacks.warmup", str(args.warmup),
-               "--trainer.callbacks.global_batch", str(args.batch_size)]
+               "--trainer.callbacks.global_batch", str(args.batch_size), *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
@@ -78,8 +103,8 @@ def run_once(procs: int, args: argparse.Namespace, threads: int) -> dict:
         return json.loads(out.read_text())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
     parser.add_argument("--procs", nargs="+", default=["1", "2"],
                         help="settings to compare: P (P processes sharing --threads) or PxT (T threads each)")
@@ -88,7 +113,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed training batches first")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is shown")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads shared by the processes")
-    args = parser.parse_args()
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    args, extra = parser.parse_known_args(argv)  # anything else goes to every fit, e.g. --trainer.precision
 
     settings = []
     for spec in args.procs:
@@ -97,20 +123,21 @@ def main() -> None:
     results: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
     for r in range(args.rounds):
         for p, t in settings:
-            res = run_once(p, args, t)
+            res = run_once(p, args, t, extra)
             results[p, t].append(res["images_per_second"])
             print(f"round {r + 1}: {p} process(es) x {t} thread(s): "
                   f"{res['images_per_second']:.1f} images/s ({res['steps']} steps in {res['seconds']:.1f} s)",
                   flush=True)
     base = statistics.median(results[settings[0]])
     print(f"\nglobal batch {args.batch_size}, {args.batches} timed steps after {args.warmup}, "
-          f"median of {args.rounds}, {os.cpu_count()} CPUs")
+          f"median of {args.rounds}, {args.accelerator}, {os.cpu_count()} CPUs")
     print("| processes | threads each | images/s (median) | runs | vs first |")
     print("|---|---|---|---|---|")
     for p, t in settings:
         med = statistics.median(results[p, t])
         runs = ", ".join(f"{v:.0f}" for v in results[p, t])
         print(f"| {p} | {t} | {med:.1f} | {runs} | {med / base:.2f}x |")
+    return results
 
 
 if __name__ == "__main__":

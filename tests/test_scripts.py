@@ -1,82 +1,72 @@
-"""The scripts run on tiny data and produce their files (the plot and grids open as PNG)."""
+"""The picture and benchmark scripts on tiny data: what they draw, count and compare (never how fast)."""
 
-import importlib.util
-import json
-import shutil
-import subprocess
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from cutmix_pl.cli import CONFIG_DIR, main as cli_main
+from cli_runs import small
+from cutmix_pl.augment import CutMix
+from cutmix_pl.cli import main as cli_main
+from cutmix_pl.data import CIFAR10DataModule
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import bench_fit  # noqa: E402
+import bench_train  # noqa: E402
+import count_ops  # noqa: E402
+import curves  # noqa: E402
+import visualize  # noqa: E402
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_png(path, min_size=(64, 64)):
+def assert_png(path, size):
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
-
-
-@pytest.mark.slow(seconds=45)
-def test_compare_runs_three_methods_and_writes_table_and_plot(tiny_cifar, tmp_path):
-    out = tmp_path / "cmp"
-    settings = ["--data-dir", str(tiny_cifar), "--out", str(out), "--epochs", "2", "--quiet",
-                "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-                "--data.batch_size", "32", "--data.eval_batch_size", "100"]
-    rows = load("compare").main(settings)
-    assert [r["method"] for r in rows] == ["cutmix", "baseline", "mixup"]
-    for r in rows:
-        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["test_ece"] <= 1.0
-        assert len(r["val_acc_curve"]) == 2 and r["fit_minutes"] > 0
-    table = (out / "results.md").read_text()
-    assert table.count("\n| ") == 4 and "| cutmix |" in table and "| mixup |" in table
-    assert json.loads((out / "results.json").read_text())[1]["method"] == "baseline"
-    assert_png(out / "val_acc.png", (300, 200))
-    marker = out / "runs" / "cutmix" / "version_0" / "fit_done.json"
-    assert json.loads(marker.read_text())["resumed"] is False
-    marker.unlink()  # as if the cutmix fit had been killed after its last checkpoint: --reuse resumes it
-    again = load("compare").main([*settings, "--reuse"])  # a resume must repeat the run's settings
-    assert json.loads(marker.read_text())["resumed"] is True
-    # the fit time sums each process's span: the pause between the two processes (the other fits and tests ran
-    # in it) is not counted, so the total is below the span from the first event to the last, whatever the load
-    files = sorted(marker.parent.glob("events.out.tfevents.*"))
-    assert len(files) == 2
-    walls = [w for events in files for series in load("compare").scalars(events).values() for _, _, w in series]
-    assert rows[0]["fit_minutes"] <= again[0]["fit_minutes"] < (max(walls) - min(walls)) / 60
-    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
+        assert im.format == "PNG" and im.size == size
 
 
 def test_visualize_grid_and_cam(tiny_cifar, in_tmp):
-    viz = load("visualize")
-    grid = viz.main(["grid", "--data-dir", str(tiny_cifar), "--out", str(in_tmp / "grid.png"), "--n", "8"])
-    assert_png(grid, (8 * 96, 96))
-    cli = cli_main(["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar),
-                    "--data.download", "false", "--data.val_size", "100", "--data.batch_size", "32",
-                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-                    "--trainer.enable_progress_bar", "false"])
+    grid = visualize.main(["grid", "--data-dir", str(tiny_cifar), "--out", str(in_tmp / "grid.png"), "--n", "8"])
+    with Image.open(grid) as im:
+        assert im.format == "PNG" and im.size[0] >= 8 * 96
+    cli = cli_main(["fit", *small(tiny_cifar), "--trainer.max_epochs", "1"])
     ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
-    cam = viz.main(["cam", "--data-dir", str(tiny_cifar), "--out", str(in_tmp / "cam.png"), "--n", "3",
-                    "--ckpt", f"cutmix={ckpt}", "--ckpt", f"baseline={ckpt}"])
-    assert_png(cam, (3 * 128, 3 * 128))
+    cam = visualize.main(["cam", "--data-dir", str(tiny_cifar), "--out", str(in_tmp / "cam.png"), "--n", "3",
+                          "--ckpt", f"cutmix={ckpt}", "--ckpt", f"baseline={ckpt}"])
+    # three columns (the image, then each checkpoint's map) of 4x-scaled images, three rows with captions
+    assert_png(cam, (3 * (128 + 4), 14 + 3 * (128 + 14)))
 
 
-def test_bench_train_runs_and_reports_ratios(tiny_cifar, capsys):
-    result = load("bench_train").main(["--data-dir", str(tiny_cifar), "--steps", "1", "--rounds", "1",
-                                       "--warmup", "1", "--workers", "0", "--batch-size", "32"])
-    assert result["a/b"] > 0 and result["a/c"] > 0
+def test_bench_train_feeds_every_pipeline_the_same_kind_of_batch(tiny_cifar):
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=0, batch_size=32,
+                           mixer=CutMix(alpha=1.0, prob=1.0))
+    split = dm.split("train")
+    cpu = torch.device("cpu")
+    sources = {"ours": bench_train.ours(dm, split, 32, cpu), "conventional": bench_train.conventional(split, 32, 0, cpu),
+               "ceiling": bench_train.ceiling(split, 32, cpu, dm)}
+    for name, source in sources.items():
+        images, targets = next(source)
+        assert images.shape == (32, 3, 32, 32) and images.dtype == torch.float32, name
+        assert targets.shape == (32, 10), name
+        torch.testing.assert_close(targets.sum(1), torch.ones(32), msg=name)
+        # every image is mixed (prob 1): two classes share the target, unless the partner has the same label
+        assert (targets.max(1).values < 1).sum() >= 24, name
+    first, again = next(sources["ceiling"]), next(sources["ceiling"])
+    assert first[0] is again[0]  # the ceiling trains on one batch made once
+    x1, x2 = next(sources["ours"])[0], next(sources["ours"])[0]
+    assert not torch.equal(x1, x2)  # ours draws new batches
+
+
+def test_bench_train_prints_the_rates_it_returns(tiny_cifar, capsys):
+    result = bench_train.main(["--data-dir", str(tiny_cifar), "--steps", "1", "--rounds", "1", "--warmup", "1",
+                               "--workers", "0", "--batch-size", "32", "--depth", "8"])
     out = capsys.readouterr().out
-    assert "ratio a/b" in out and "ceiling" in out
+    pipelines = [k for k in result if "/" not in k]
+    assert [p[0] for p in pipelines] == ["a", "b", "c"]
+    for name in pipelines:  # each row: the rate and the seconds an epoch of the 640 images takes at that rate
+        assert re.search(rf"{re.escape(name)}\s+{result[name]:.0f}\s+{640 / result[name]:.1f}\n", out), out
 
 
 def _fake_fit_run(folder, accs, start=1000.0, epoch_seconds=10.0):
@@ -94,10 +84,9 @@ def test_curves_reads_runs_made_elsewhere_and_reports_when_each_threshold_is_rea
     short = _fake_fit_run(tmp_path / "a" / "version_0", [0.5, 0.72, 0.9, 0.88])
     long = _fake_fit_run(tmp_path / "b" / "version_3", [0.4, 0.6, 0.65], epoch_seconds=20.0)
     out = tmp_path / "docs" / "curves.png"
-    rows = load("curves").main(["--out", str(out), "--threshold", "0.7", "--threshold", "0.95",
-                                f"short={short}", str(long)])
-    assert_png(out)
-    assert [r["method"] for r in rows] == ["short", "b"]  # unnamed: the run name above version_N
+    rows = curves.main(["--out", str(out), "--threshold", "0.7", "--threshold", "0.95", f"short={short}", str(long)])
+    assert_png(out, (720, 480))
+    assert [r["name"] for r in rows] == ["short", "b"]  # unnamed: the run name above version_N
     assert rows[0]["last"] == pytest.approx(0.88) and rows[0]["best"] == pytest.approx(0.9)
     assert rows[0]["reach"][0.7] == (2, pytest.approx(20.0)) and rows[0]["reach"][0.95] is None
     assert rows[1]["reach"][0.7] is None and rows[1]["seconds"] == pytest.approx(60.0)
@@ -106,7 +95,6 @@ def test_curves_reads_runs_made_elsewhere_and_reports_when_each_threshold_is_rea
 
 
 def test_curves_rejects_a_folder_without_events_and_a_threshold_out_of_range(tmp_path, capsys):
-    curves = load("curves")
     with pytest.raises(SystemExit):
         curves.main(["--out", str(tmp_path / "x.png"), str(tmp_path)])
     assert "holds no TensorBoard event file" in capsys.readouterr().err
@@ -117,64 +105,36 @@ def test_curves_rejects_a_folder_without_events_and_a_threshold_out_of_range(tmp
     unvalidated = _fake_fit_run(tmp_path / "n" / "version_0", [])
     with pytest.raises(SystemExit, match=r"version_0: no val/acc in its event files \(was validation switched off"):
         curves.main(["--out", str(tmp_path / "x.png"), str(unvalidated)])
+    assert not (tmp_path / "x.png").exists()
 
 
-def test_data_efficiency_table_and_plot(tmp_path):
-    made = {(5000, 0): (0.70, 0.66), (5000, 1): (0.72, 0.67), (10000, 0): (0.80, 0.79)}
-    args = []
-    for (size, seed), (cut, base) in made.items():
-        folder = tmp_path / f"n{size}-s{seed}"
-        folder.mkdir()
-        (folder / "results.json").write_text(json.dumps([{"method": "cutmix", "test_acc": cut},
-                                                         {"method": "baseline", "test_acc": base}]))
-        args.append(f"{size}={folder}")
-    # a seed whose methods ran into two folders (compare.py --methods cutmix, then --methods baseline)
-    for method, acc in (("cutmix", 0.68), ("baseline", 0.66)):
-        (tmp_path / f"n5000-s2-{method}").mkdir()
-        (tmp_path / f"n5000-s2-{method}" / "results.json").write_text(json.dumps([{"method": method, "test_acc": acc}]))
-    args.append(f"5000={tmp_path / 'n5000-s2-cutmix'},{tmp_path / 'n5000-s2-baseline'}")
-    with pytest.raises(SystemExit, match="n5000-s2-cutmix: no test accuracy for baseline"):
-        load("data_efficiency").main([f"5000={tmp_path / 'n5000-s2-cutmix'}"])
-    rows = load("data_efficiency").main([*args, "--out", str(tmp_path / "gain.png")])
-    assert [r["size"] for r in rows] == [5000, 10000]
-    # 5,000: gains 0.04, 0.05, 0.02 over three seeds; half ranges of the gain and of CutMix's accuracy
-    assert rows[0]["gain"] == pytest.approx(0.11 / 3) and rows[0]["gain_spread"] == pytest.approx(0.015)
-    assert rows[0]["cutmix"] == pytest.approx(0.70) and rows[0]["cutmix_spread"] == pytest.approx(0.02)
-    assert rows[1]["gain"] == pytest.approx(0.01) and rows[1]["seeds"] == 1
-    assert "| 5,000 | 3 | 70.00% ± 2.00 | 66.33% ± 0.50 | +3.67 ± 1.50 | +4.00, +5.00, +2.00 |" in load(
-        "data_efficiency").table(rows)
-    assert_png(tmp_path / "gain.png", (300, 200))
-
-
+@pytest.mark.slow(seconds=15)
 def test_bench_fit_times_the_logged_steps_of_one_fit(tiny_cifar, capsys):
-    """--events: the rate comes from the wall times of the logged steps after the warm-up, one fit per variant."""
-    repo = str(SCRIPTS.parent)
-    rates = load("bench_fit").main([f"{repo}::--data.flip false", "--events", "--data-dir", str(tiny_cifar),
-                                    "--reps", "1", "--batch-size", "16", "--short", "5", "--long", "30",
-                                    "--data.val_size", "100", "--model.log_images", "false"])
-    assert list(rates) == [f"{repo}::--data.flip false"] and rates[f"{repo}::--data.flip false"] > 0
-    # logged every 10 steps; step 9 is the first after the 5 of warm-up
-    assert "rep 0: " in (out := capsys.readouterr().out) and "steps 9-29 in" in out
-
-
-def test_count_ops_counts_each_part_of_a_step():
-    counts = load("count_ops").main(["--depth", "8", "--batch-size", "16", "--no-compile"])
-    # a ResNet-8's forward and backward dispatch far more ops than the transform, and foreach SGD only a few
-    assert counts["forward + backward"] > counts["transform (eager)"] > 20 > counts["optimiser step"] > 0
+    """--events: the rate is the images of the logged steps after the warm-up over the wall time between them."""
+    variant = f"{SCRIPTS.parent}::--data.flip false"
+    rates = bench_fit.main([variant, "--events", "--data-dir", str(tiny_cifar), "--reps", "1", "--batch-size", "16",
+                            "--short", "5", "--long", "30", "--data.val_size", "100", "--model.log_images", "false",
+                            "--model.net.depth", "8", "--model.net.width", "4"])
+    # logged every 10 steps (global steps 9, 19, 29); 9 is the first after the 5 of warm-up
+    line = re.search(r"rep 0: .*: ([\d,]+) img/s \(steps 9-29 in ([\d.]+) s\)", capsys.readouterr().out)
+    assert line is not None
+    rate, seconds = float(line.group(1).replace(",", "")), float(line.group(2))
+    assert rate == pytest.approx(20 * 16 / seconds, rel=0.02, abs=1)  # the printed seconds are rounded
+    assert list(rates) == [variant] and rates[variant] == pytest.approx(rate, abs=0.5)
 
 
 def test_bench_fit_events_refuses_a_fit_too_short_to_time_before_running_it(tiny_cifar, capsys):
     with pytest.raises(SystemExit):
-        load("bench_fit").main([str(SCRIPTS.parent), "--events", "--data-dir", str(tiny_cifar), "--short", "5",
-                                "--long", "19"])
+        bench_fit.main([str(SCRIPTS.parent), "--events", "--data-dir", str(tiny_cifar), "--short", "5", "--long", "19"])
     assert "fix: a --long of at least 20" in capsys.readouterr().err
 
 
-def test_device_bundle_refuses_a_folder_without_the_cifar_archive_and_leaves_nothing(tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(SCRIPTS, repo / "scripts")
-    proc = subprocess.run(["bash", str(repo / "scripts" / "device_bundle.sh"), str(tmp_path / "nowhere")],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and not (repo / ".device").exists()
-    assert proc.stderr.strip() == (f"device_bundle.sh: no make_cifar10.py in {tmp_path / 'nowhere'}; fix: pass the "
-                                   "folder of the CIFAR-10 archive")
+def test_count_ops_counts_what_grows_with_the_network_and_what_does_not():
+    shallow = count_ops.main(["--depth", "8", "--batch-size", "16", "--no-compile"])
+    deeper = count_ops.main(["--depth", "14", "--batch-size", "16", "--no-compile"])
+    # foreach SGD updates every parameter in a fixed number of ops, and the transform does not see the network;
+    # the forward and backward dispatch the same ops for each of the 3 residual blocks that depth 14 adds
+    assert deeper["optimiser step"] == shallow["optimiser step"] < 10
+    assert deeper["transform (eager)"] == shallow["transform (eager)"]
+    added = deeper["forward + backward"] - shallow["forward + backward"]
+    assert added > 0 and added % 3 == 0

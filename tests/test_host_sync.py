@@ -94,9 +94,9 @@ class _Watched(ImageClassifier):
 
 @pytest.mark.parametrize("mixer", [CutMix(prob=0.5), None], ids=["cutmix", "no-mixing"])
 def test_training_steps_read_from_the_device_only_at_logging_steps(tiny_cifar, tmp_path, mixer):
-    every = 4
+    every = 2
     model = _Watched(net=ResNet(8, width=4), log_images=True, grid_size=4)
-    data = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, mixer=mixer)
+    data = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, train_size=320, batch_size=64, mixer=mixer)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, log_every_n_steps=every,
                         logger=TensorBoardLogger(str(tmp_path)), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

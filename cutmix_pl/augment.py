@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import default_collate
 
 Mode = Literal["elem", "batch"]
 Pairing = Literal["perm", "roll"]
@@ -34,7 +33,6 @@ __all__ = [
     "MixUp",
     "CutMixUp",
     "Mixed",
-    "MixCollate",
     "sample_beta",
     "to_soft_targets",
     "random_crop_flip",
@@ -424,20 +422,6 @@ class CutMixUp(Mixer):
         keep = torch.where(active.view(-1, 1, 1, 1), keep, torch.ones((), dtype=keep.dtype, device=device))
         lam = torch.where(active, torch.where(use_cut, lam_c, lam_m), torch.ones_like(lam_c))
         return keep, lam, use_cut & active
-
-
-class MixCollate:
-    """A ``collate_fn`` that mixes on the CPU: ``DataLoader(ds, collate_fn=MixCollate(CutMix()))``.
-
-    Picklable, so it works in DataLoader worker processes. Returns ``(images, soft_targets)``.
-    """
-
-    def __init__(self, mixer: Mixer, base: Callable[[list[Any]], Any] = default_collate) -> None:
-        self.mixer, self.base = mixer, base
-
-    def __call__(self, samples: list[Any]) -> tuple[Tensor, Tensor]:
-        images, labels = self.base(samples)[:2]
-        return self.mixer(images.float() if not images.is_floating_point() else images, labels)
 
 
 def random_crop_flip(images: Tensor, padding: int = 4, flip: bool = True,

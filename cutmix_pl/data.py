@@ -13,11 +13,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from . import cifar
 from .augment import CutMix, Mixer
-from .loaders import HostBatches, ShardedBatchSampler, TensorBatchLoader, check_batch, check_shards, identity, mix_seed
+from .loaders import ShardedBatchSampler, TensorBatchLoader, check_batch, check_shards, mix_seed
 from .randaugment import RandAugment
 from .transform import TrainBatch, TrainTransform
 
@@ -48,10 +47,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         flip: random horizontal flips.
         randaugment: RandAugment per image on the device, after crop/flip and before mixing
             (``cutmix_pl.randaugment.RandAugment``: ``num_ops``, ``magnitude``, ...); null: off.
-        resident: keep the training set on the training device (GPU-resident pipeline). False keeps it in
-            host memory and feeds batches through a DataLoader (pinned, ``num_workers`` processes).
-        num_workers: DataLoader worker processes when ``resident`` is false; the gathers are vectorised,
-            so 0 is usually fastest.
         seed: seed of the epoch permutations and augmentation; null follows ``seed_everything``. Each DDP
             rank derives its own augmentation stream from it.
         drop_last: leave out each epoch's ragged last training batch, so that every step has the same shape (a new
@@ -66,12 +61,11 @@ class CIFAR10DataModule(L.LightningDataModule):
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  train_size: int | None = None, mixer: Mixer | None = CutMix(alpha=1.0, prob=0.5),
                  mix_off_epoch: int | None = None, crop_padding: int = 4, flip: bool = True,
-                 randaugment: RandAugment | None = None, resident: bool = True, num_workers: int = 0,
-                 seed: int | None = None, drop_last: bool = False, compile_transform: bool = False) -> None:
+                 randaugment: RandAugment | None = None, seed: int | None = None, drop_last: bool = False,
+                 compile_transform: bool = False) -> None:
         super().__init__()
         # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
-        for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1),
-                                 ("num_workers", num_workers, 0)):
+        for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}; fix: "
                                  f"pass --data.{name} with such a value (the recipe's is in configs/cutmix.yaml)")
@@ -93,7 +87,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.train_size = val_size, split_seed, train_size
-        self.resident, self.num_workers, self.seed, self.drop_last = resident, num_workers, seed, drop_last
+        self.seed, self.drop_last = seed, drop_last
         self.classes = cifar.CLASSES
         self._splits: dict[str, cifar.Split] = {}
         self._on_device: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
@@ -166,19 +160,13 @@ class CIFAR10DataModule(L.LightningDataModule):
         check_batch(name, global_batch, world)
         split = self.split(name)
         check_shards(name, len(split.labels), world, self.val_size)
-        home = device if self.resident else torch.device("cpu")
         sampler = ShardedBatchSampler(len(split.labels), global_batch // world, shuffle=shuffle,
-                                      seed=self._seed(), rank=rank, world_size=world, device=home,
+                                      seed=self._seed(), rank=rank, world_size=world, device=device,
                                       drop_last=self.drop_last)
-        if self.resident:
-            key = (name, str(device))
-            if key not in self._on_device:  # one copy per split and device, made once
-                self._on_device[key] = (split.images.to(device), split.labels.to(device))
-            return TensorBatchLoader(*self._on_device[key], sampler, with_index=name == "predict")
-        return DataLoader(HostBatches(split.images, split.labels, with_index=name == "predict"),
-                          batch_sampler=sampler, collate_fn=identity,
-                          num_workers=self.num_workers, pin_memory=device.type == "cuda",
-                          persistent_workers=self.num_workers > 0)
+        key = (name, str(device))
+        if key not in self._on_device:  # one copy per split and device, made once
+            self._on_device[key] = (split.images.to(device), split.labels.to(device))
+        return TensorBatchLoader(*self._on_device[key], sampler, with_index=name == "predict")
 
     def train_dataloader(self) -> Any:
         loader = self._loader("train", self.batch_size, shuffle=True)

@@ -9,12 +9,11 @@ iterable with a ``batch_sampler`` and calls ``set_epoch`` through it as it would
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["HostBatches", "ShardedBatchSampler", "TensorBatchLoader", "check_batch", "check_shards", "mix_seed"]
+__all__ = ["ShardedBatchSampler", "TensorBatchLoader", "check_batch", "check_shards", "mix_seed"]
 
 
 def mix_seed(*parts: int) -> int:
@@ -124,29 +123,6 @@ class TensorBatchLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         for idx in self.batch_sampler:
             yield (self.images[idx], self.labels[idx], idx) if self.with_index else (self.images[idx], self.labels[idx])
-
-
-class HostBatches(torch.utils.data.Dataset):
-    """Map-style view for the host DataLoader path: ``__getitems__`` gathers a whole batch in one indexing op."""
-
-    def __init__(self, images: Tensor, labels: Tensor, with_index: bool = False) -> None:
-        self.images, self.labels, self.with_index = images, labels, with_index
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
-        item = (self.images[i], self.labels[i])
-        return (*item, torch.tensor(i)) if self.with_index else item
-
-    def __getitems__(self, idx: list[int] | Tensor) -> tuple[Tensor, ...]:
-        idx = torch.as_tensor(idx)
-        return (self.images[idx], self.labels[idx], idx) if self.with_index else (self.images[idx], self.labels[idx])
-
-
-def identity(batch: Any) -> Any:
-    """The DataLoader ``collate_fn`` for :class:`HostBatches`, whose batches come out already stacked."""
-    return batch
 
 
 def check_batch(name: str, global_batch: int, world: int) -> None:

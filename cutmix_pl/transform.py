@@ -35,7 +35,6 @@ class TrainBatch(NamedTuple):
     labels: Tensor  # each sample's own label
     partner: Tensor  # the label of the image pasted or blended in (== labels where unmixed)
     lam: Tensor  # weight of the own label, float32 [B] (1 where unmixed)
-    is_cutmix: Tensor  # bool [B]: mixed by CutMix rather than MixUp
 
 
 class TrainTransform:
@@ -163,7 +162,6 @@ class TrainTransform:
         """The drawn batch: crop/flip -> normalise -> mix, with no randomness and no host reads."""
         images = normalize(self._apply_crop(images, crop), mean, std)
         if draws is None:
-            ones = torch.ones(len(labels), device=labels.device)
-            return TrainBatch(images, labels, labels, labels, ones, torch.zeros_like(ones, dtype=torch.bool))
+            return TrainBatch(images, labels, labels, labels, torch.ones(len(labels), device=labels.device))
         mixed = self.mixer.apply(images, labels, draws)  # type: ignore[union-attr]
-        return TrainBatch(mixed.images, mixed.targets, labels, labels[mixed.index], mixed.lam, mixed.is_cutmix)
+        return TrainBatch(mixed.images, mixed.targets, labels, labels[mixed.index], mixed.lam)

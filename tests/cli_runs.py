@@ -20,14 +20,25 @@ from cutmix_pl.cli import CONFIG_DIR, main
 STEPS_PER_EPOCH = 6
 
 
-def small(data_dir: Path | str) -> list[str]:
-    return ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir),
-            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "null",
-            "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--data.batch_size", "16", "--data.eval_batch_size", "50", "--data.val_size", "50",
-            "--data.train_size", "96", "--data.download", "false",
-            "--model.net.depth", "8", "--model.net.width", "4", "--model.log_images", "false"]
+def small(data_dir: Path | str, **settings: object) -> list[str]:
+    """The tiny recipe's flags: smoke.yaml on ``data_dir``, 2 epochs of 96 training images in batches of 16
+    (STEPS_PER_EPOCH steps), 50 validation images, a depth-8, width-4 ResNet.
+
+    ``settings`` replace a flag's value or add a flag, ``section__key=value`` for ``--section.key value``
+    (``data__batch_size=64``, ``model__net__depth=20``); None is YAML's null, booleans are true/false.
+    The first two items stay ``--config smoke.yaml``.
+    """
+    flags = {"trainer.accelerator": "cpu", "trainer.max_epochs": 2, "trainer.limit_train_batches": None,
+             "trainer.limit_val_batches": 2, "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": False,
+             "trainer.enable_model_summary": False, "data.batch_size": 16, "data.eval_batch_size": 50,
+             "data.val_size": 50, "data.train_size": 96, "data.download": False, "model.net.depth": 8,
+             "model.net.width": 4, "model.log_images": False}
+    flags.update({key.replace("__", "."): value for key, value in settings.items()})
+    args = ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir)]
+    for key, value in flags.items():
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        args += [f"--{key}", text]
+    return args
 
 
 # A checkpoint every 4 steps (steps 4 and 8 fall mid-epoch), on top of the default callbacks.

@@ -1,19 +1,35 @@
-"""Shared fixtures: tiny synthetic CIFAR-10 copies, the real copy from ../shared/data, CLI runs in a temp dir."""
+"""Shared fixtures and helpers: tiny synthetic CIFAR-10 copies, the real copy from ../shared/data, CLI runs in a temp
+dir, the scripts as modules, a detector of reads from the device."""
 
 from __future__ import annotations
 
 import os
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from cutmix_pl import cifar
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+SCRIPTS = REPO / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (the scripts are not a package), registered in sys.modules under NAME."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tiny_cifar(root: Path, n_train: int = 640, n_test: int = 200, seed: int = 0) -> Path:
@@ -104,3 +120,44 @@ def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest
     proc = spawn(cwd, ["fit", *small(tiny_cifar), "--config", str(steps_config)])
     assert finish(proc) == 0, (cwd / "run.err").read_text()[-3000:]
     return cwd
+
+
+# -- reads from the device (tests/test_host_sync.py) ----------------------------------------------------
+READS = {"_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select",
+         "bincount", "equal", "lift_fresh", "lift_fresh_copy"}
+# Tensor methods that read values back without an aten op on a CPU tensor: watched by patching them.
+METHODS = ("tolist", "cpu", "numpy", "__array__")
+
+
+class HostReads(TorchDispatchMode):
+    """Names of the ops run inside the ``with`` block that read from, or copy host data to, the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten(args[1:])[0])
+        if name in READS or bool_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> HostReads:
+        self._saved = {name: getattr(torch.Tensor, name) for name in METHODS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._watch(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        super().__exit__(*exc)
+
+    def _watch(self, name: str, method: Any) -> Any:
+        def watched(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.found.append(name)
+            return method(t, *args, **kwargs)
+
+        return watched

@@ -2,7 +2,7 @@
 
 Used by tests/test_ddp.py through the CLI (``--trainer.callbacks+=ddp_probe.DDPProbe`` with this folder on
 PYTHONPATH). Per rank it writes: the world size, each epoch's shard (the training split's indices), the labels,
-lam and is_cutmix of every training batch, a draw from the global torch stream, the global step and epoch at every training batch, and the
+lam of every training batch, a draw from the global torch stream, the global step and epoch at every training batch, and the
 callback metrics after each validation epoch (fit and validate) and at the end.
 """
 
@@ -40,7 +40,7 @@ class DDPProbe(L.Callback):
                              batch_idx: int) -> None:
         self.record["batches"].append({
             "epoch": trainer.current_epoch, "batch_idx": batch_idx, "global_step": trainer.global_step,
-            "labels": batch.labels.tolist(), "lam": batch.lam.tolist(), "is_cutmix": batch.is_cutmix.tolist(),
+            "labels": batch.labels.tolist(), "lam": batch.lam.tolist(),
             # a draw from the global torch stream, rank+1 numbers long, so that the ranks' streams part as a
             # rank's own dropout would part them: a resume must continue each rank's
             "global_draw": torch.rand(1 + trainer.global_rank)[-1].item()})

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cutmix_pl.augment import CutMix, CutMixUp, MixCollate, MixUp, normalize, random_crop_flip
+from conftest import load_script
+from cutmix_pl.augment import CutMix, CutMixUp, MixUp, normalize, random_crop_flip
 
 
 def _batch(n=16, k=10, seed=0, device="cpu"):
@@ -98,14 +99,6 @@ def test_generator_makes_it_reproducible():
     assert not torch.equal(a.images, c.images)
 
 
-def test_mix_collate_works_as_a_dataloader_collate_fn():
-    images, labels = _batch(10)
-    ds = torch.utils.data.TensorDataset((images * 255).to(torch.uint8), labels)
-    loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=MixCollate(CutMix()))
-    x, t = next(iter(loader))
-    assert x.shape == (5, 3, 32, 32) and x.is_floating_point() and t.shape == (5, 10)
-
-
 def test_cutmixup_mixes_each_sample_one_way_or_the_other():
     torch.manual_seed(2)
     images, labels = _batch(64)
@@ -183,28 +176,31 @@ def test_cutmix_keeps_low_precision_images_exact():
     _check_cutmix_contract(images, labels, out)
 
 
-def test_bench_script_runs(capsys):
-    """scripts/bench_augment.py at minimal sizes, so that it cannot rot (no timing is checked)."""
+def test_the_augment_benchmark_times_the_same_job_for_every_method(capsys):
+    """scripts/bench_augment.py compares like with like: on one batch, every method it times returns the batch's
+    images with pixels pasted from another image of the batch and soft targets weighted by the pasted area; and the
+    script runs end to end at minimal sizes, printing its table (no timing is checked)."""
     pytest.importorskip("timm")
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_augment.py"
-    spec = importlib.util.spec_from_file_location("bench_augment", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.main(["--batch-sizes", "4", "8", "--reps", "3", "--min-time", "0", "--devices", "cpu"])
-    assert [(r["batch"], r["method"]) for r in rows] == [
-        (b, m) for b in (4, 8) for m in ("ours CutMix elem", "ours CutMix batch", "timm Mixup elem", "timm Mixup batch",
-                                         "torchvision v2.CutMix")]
-    by = {(r["batch"], r["method"]): r for r in rows}
-    for r in rows:  # the ratios are of the medians measured in the same run, and the median lies in its quartiles
-        tv, timm_elem = by[(r["batch"], "torchvision v2.CutMix")], by[(r["batch"], "timm Mixup elem")]
-        assert r["vs_torchvision"] == pytest.approx(r["img_per_s"] / tv["img_per_s"])
-        assert r["vs_timm_elem"] == pytest.approx(r["img_per_s"] / timm_elem["img_per_s"])
-        assert r["q1"] <= r["img_per_s"] <= r["q3"]
-    out = capsys.readouterr().out
-    assert f"{by[(8, 'ours CutMix elem')]['img_per_s']:,.0f}" in out  # the printed table shows the measured rates
+    bench = load_script("bench_augment")
+    methods = bench.build_methods()
+    assert list(methods) == ["ours CutMix elem", "ours CutMix batch", "timm Mixup elem", "timm Mixup batch",
+                             "torchvision v2.CutMix"]
+    torch.manual_seed(0)
+    images, labels = _batch(8)
+    for name, method in methods.items():
+        mixed, targets = method(images.clone(), labels)  # timm mixes in place: a copy each
+        assert mixed.shape == images.shape and targets.shape == (8, 10), name
+        torch.testing.assert_close(targets.sum(1), torch.ones(8), msg=name)
+        onehot = F.one_hot(labels, 10).float()
+        for i in range(8):
+            own = (mixed[i] == images[i]).all(0)
+            partner = next((j for j in range(8) if j != i and torch.equal(mixed[i][:, ~own], images[j][:, ~own])), i)
+            assert own.any() and (own | (mixed[i] == images[partner]).all(0)).all(), f"{name}: sample {i}"
+            lam = own.float().mean()
+            torch.testing.assert_close(targets[i], lam * onehot[i] + (1 - lam) * onehot[partner], msg=name)
+    rows = bench.main(["--batch-sizes", "8", "--reps", "1", "--min-time", "0", "--devices", "cpu"])
+    assert [r["method"] for r in rows] == list(methods)
+    assert f"{rows[0]['img_per_s']:,.0f}" in capsys.readouterr().out  # the printed table shows the measured rates
 
 
 @pytest.mark.cuda

@@ -1,5 +1,7 @@
 """The Lightning CLI end to end on tiny synthetic data: fit, validate, test, predict, configs, TensorBoard."""
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -7,46 +9,64 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from cli_runs import small
 from cutmix_pl import runs
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.module import ImageClassifier
+from cutmix_pl.schedules import lr_factor
 
-TINY = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "2",
-        "--trainer.limit_train_batches", "null", "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--data.batch_size", "64", "--data.eval_batch_size", "100",
-        "--data.val_size", "100", "--data.download", "false"]
-
-
-def fit(data_dir, *extra):
-    return main(["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(data_dir), *TINY,
-                 *extra])
+# The shared fit: all 540 training images (640 - 100 held out) in batches of 32, i.e. 17 steps an epoch (the last
+# of 28 images), two epochs, a value logged every 3rd step, validation on 100 images in batches of 50.
+EPOCHS, STEPS, LOG_EVERY = 2, 17, 3
 
 
-def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
-    cli = fit(tiny_cifar)
+def scalars(log_dir, tag):
+    return EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload().Scalars(tag)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cifar, tmp_path_factory):
+    """One fit that several tests read: (its working folder, the CLI, what it wrote on stderr)."""
+    cwd, err = tmp_path_factory.mktemp("fit"), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stderr(err):
+        cli = main(["fit", *small(tiny_cifar, data__train_size=None, data__val_size=100, data__batch_size=32,
+                                  trainer__max_epochs=EPOCHS, trainer__log_every_n_steps=LOG_EVERY,
+                                  trainer__limit_val_batches=1, model__log_images=True)])
+    return cwd, cli, err.getvalue()
+
+
+def test_fit_writes_events_checkpoints_and_config(trained):
+    cwd, cli, _ = trained
     run = Path(cli.trainer.log_dir).resolve()
-    assert run.parent == in_tmp.resolve() / "runs" / "smoke"
-    assert (run / "config.yaml").is_file()
+    assert run == cwd.resolve() / "runs" / "smoke" / "version_0"
+    assert cli.trainer.global_step == EPOCHS * STEPS
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["batch_size"] == 32
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts and any(p.startswith("best-") for p in ckpts)
     acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
-    scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/loss_epoch", "train/lr", "train/acc_dominant", "val/loss", "val/acc",
-            "val/acc_top5", "val/ece", "hp_metric", "val_class/cat"} <= scalars
+            "val/acc_top5", "val/ece", "hp_metric", "val_class/cat"} <= set(acc.Tags()["scalars"])
     assert {"train/mixed_images", "val/confusion_matrix"} <= set(acc.Tags()["images"])
-    assert len(acc.Images("train/mixed_images")) == 2  # once per epoch
-    assert len(acc.Scalars("train/loss")) == cli.trainer.global_step  # per step (log_every_n_steps 1)
+    assert len(acc.Images("train/mixed_images")) == EPOCHS  # once per epoch
+    # train/loss and train/lr only on the steps Lightning writes (every log_every_n_steps-th), none of them missed;
+    # the epoch means still cover every step
+    logged = [s for s in range(EPOCHS * STEPS) if (s + 1) % LOG_EVERY == 0]
+    for tag in ("train/loss", "train/lr"):
+        assert [e.step for e in acc.Scalars(tag)] == logged, tag
+    assert len(acc.Scalars("train/loss_epoch")) == len(acc.Scalars("train/acc_dominant")) == EPOCHS
+    # warm-up for one epoch, then the cosine decay, per step (the recipe's lr 0.1)
     lrs = [e.value for e in acc.Scalars("train/lr")]
-    assert max(lrs) == pytest.approx(0.1) and lrs[-1] < lrs[len(lrs) // 2]  # warm-up then cosine decay, per step
+    assert lrs == pytest.approx([0.1 * lr_factor(s, EPOCHS * STEPS, STEPS, "cosine") for s in logged])
     hparams = acc.PluginTagToContent("hparams")  # raises KeyError when no hparams were written
     start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
     shown = {k: v.string_value or v.number_value or v.bool_value for k, v in start.items()}
     # the HPARAMS tab: model (the network and the optimiser as configured), data, the mixer (smoke.yaml over cutmix.yaml)
-    assert shown["net/class_path"] == "cutmix_pl.resnet.ResNet" and shown["net/init_args/depth"] == 20
-    assert shown["net/init_args/num_classes"] == 10 and shown["batch_size"] == cli.datamodule.batch_size
+    assert shown["net/class_path"] == "cutmix_pl.resnet.ResNet" and shown["net/init_args/depth"] == 8
+    assert shown["net/init_args/num_classes"] == 10 and shown["batch_size"] == 32
     assert shown["mixer"].startswith("CutMix(alpha=1.0, prob=0.5")
     assert shown["optimizer/class_path"] == "torch.optim.SGD" and shown["optimizer/init_args/lr"] == pytest.approx(0.1)
     assert shown["optimizer/init_args/weight_decay"] == pytest.approx(5e-4, rel=1e-6)
@@ -54,84 +74,100 @@ def test_fit_writes_events_checkpoints_and_config(tiny_cifar, in_tmp):
     # The logged hparams.yaml loads back with a checkpoint (its data keys name no __init__ argument), into the same
     # network and optimiser.
     model = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", hparams_file=run / "hparams.yaml")
-    assert model.hparams.net["init_args"]["depth"] == 20 and len(model.net.stages[0]) == 3
+    assert model.hparams.net["init_args"]["depth"] == 8 and len(model.net.stages[0]) == 1
     assert model.optimizer_factory(model.parameters()).defaults["weight_decay"] == pytest.approx(5e-4)
     for key, value in cli.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value)
 
 
-def test_validate_and_test_a_checkpoint(tiny_cifar, in_tmp, capsys):
-    cli = fit(tiny_cifar, "--trainer.max_epochs", "4")
-    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
-    common = ["--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar), *TINY,
-              "--ckpt_path", str(ckpt)]
+def test_num_classes_is_linked_from_data(trained):
+    _, cli, _ = trained
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10 == cli.model.net.fc.out_features
+
+
+def test_a_limit_of_one_is_named_as_all_batches(trained):
+    # a float is a fraction to Lightning, and the CLI reads Trainer's int-or-float limits as floats
+    _, cli, err = trained
+    assert "trainer.limit_val_batches=1 reads as 1.0, all batches" in err
+    assert cli.trainer.num_val_batches == [2]  # 100 validation images in batches of 50
+
+
+def test_validate_test_and_predict_a_checkpoint(trained, tiny_cifar, in_tmp, capsys):
+    _, fitted, _ = trained
+    common = [*small(tiny_cifar, data__val_size=100, trainer__limit_test_batches=None,
+                     trainer__limit_predict_batches=None),
+              "--ckpt_path", str(Path(fitted.trainer.log_dir) / "checkpoints" / "last.ckpt")]
     val = main(["validate", *common])
-    assert 0.0 <= float(val.trainer.callback_metrics["val/acc"]) <= 1.0
-    test = main(["test", *common, "--trainer.limit_test_batches", "null"])
+    # last.ckpt holds the weights of the fit's last validation, on the same 100 images
+    for key in ("val/acc", "val/loss"):
+        assert float(val.trainer.callback_metrics[key]) == pytest.approx(float(fitted.trainer.callback_metrics[key]),
+                                                                         abs=1e-6), key
+    test = main(["test", *common])
     acc = float(test.trainer.callback_metrics["test/acc"])
-    assert acc > 0.3, f"four epochs on separable colours should beat chance (0.1); got {acc}"
+    assert acc > 0.3, f"two epochs on separable colours should beat chance (0.1); got {acc}"
     out = capsys.readouterr().out
-    assert "test/acc" in out and "val/acc" in out
-    events = EventAccumulator(test.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
-    assert events.Scalars("test/acc")[-1].value == pytest.approx(acc)
+    assert "test/acc" in out and "val/acc" in out  # each command prints its results
+    assert scalars(test.trainer.log_dir, "test/acc")[-1].value == pytest.approx(acc)
     assert test.model.hparams.tta_flip is False
-    tta = main(["test", *common, "--trainer.limit_test_batches", "null", "--model.tta_flip", "true"])
+    tta = main(["test", *common, "--model.tta_flip", "true"])
     assert tta.model.hparams.tta_flip is True, "the command's --model.tta_flip must win over the checkpoint's"
     assert float(tta.trainer.callback_metrics["test/acc"]) > 0.3
     # predict runs on the test set: its predictions recount the test accuracy through another code path
-    pred = main(["predict", *common, "--trainer.limit_predict_batches", "null"])
+    pred = main(["predict", *common])
     batches = pred.trainer.predict_loop.predictions
     probs = torch.cat([b["prob"] for b in batches])
     labels = torch.cat([b["label"] for b in batches])
-    assert probs.shape == (len(pred.datamodule.split("test").labels), 10)
+    assert probs.shape == (len(pred.datamodule.split("test").labels), 10) == (200, 10)
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)))
     assert (probs.argmax(-1) == labels).float().mean().item() == pytest.approx(acc, abs=1e-6)
 
 
 def test_no_mixing_mixup_and_randaugment_configs_train(tiny_cifar, in_tmp):
     for cfg, mixer in (("baseline.yaml", "none"), ("mixup.yaml", "MixUp(alpha=1.0"), ("randaugment.yaml", "CutMix(")):
-        cli = main(["fit", "--config", str(CONFIG_DIR / cfg), "--config", str(CONFIG_DIR / "smoke.yaml"),
-                    "--data.data_dir", str(tiny_cifar), *TINY, "--trainer.max_epochs", "1"])
-        assert cli.trainer.state.finished and cli.trainer.global_step == cli.trainer.num_training_batches
+        args = small(tiny_cifar, trainer__max_epochs=1, trainer__limit_train_batches=2)
+        cli = main(["fit", "--config", str(CONFIG_DIR / cfg), *args])
+        assert cli.trainer.global_step == 2
         saved = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
         chosen = saved["datamodule_hyper_parameters"]
         assert chosen["mixer"].startswith(mixer)  # the config chose the mixing
         assert chosen["randaugment"].startswith("RandAugment(num_ops=2, magnitude=9" if "rand" in cfg else "none")
-        events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
-        assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
-
-
-def test_a_limit_of_one_is_named_as_all_batches(tiny_cifar, in_tmp, capsys):
-    # a float is a fraction to Lightning, and the CLI reads Trainer's int-or-float limits as floats
-    cli = fit(tiny_cifar, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
-              "--data.eval_batch_size", "50", "--model.log_images", "false")
-    assert "trainer.limit_val_batches=1 reads as 1.0, all batches" in capsys.readouterr().err
-    assert cli.trainer.num_val_batches == [2]  # 100 validation images in batches of 50
+        assert all(torch.isfinite(torch.tensor(e.value)) for e in scalars(cli.trainer.log_dir, "train/loss"))
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
 def test_true_precisions_train_and_evaluate(precision, dtype, tiny_cifar, in_tmp):
     """Lightning converts a batch to a true precision before the DataModule's hook, when it is still uint8: the
     images the hook makes must reach the network in its dtype, in training and in evaluation."""
-    flags = ["--trainer.precision", precision, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-             "--model.net.depth", "8", "--model.net.width", "4", "--model.log_images", "false"]
-    cli = fit(tiny_cifar, *flags)
-    assert cli.trainer.state.finished and next(cli.model.parameters()).dtype == dtype
-    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
-    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
-    ckpt = str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")
-    test = main(["test", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar), *TINY,
-                 *flags, "--ckpt_path", ckpt])
-    assert 0.0 <= float(test.trainer.callback_metrics["test/acc"]) <= 1.0
+    flags = small(tiny_cifar, trainer__precision=precision, trainer__max_epochs=1, trainer__limit_train_batches=3,
+                  trainer__limit_test_batches=None)
+    cli = main(["fit", *flags])
+    assert cli.trainer.global_step == 3 and next(cli.model.parameters()).dtype == dtype
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in scalars(cli.trainer.log_dir, "train/loss"))
+    test = main(["test", *flags, "--ckpt_path", str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")])
+    # the same weights applied by hand, in the precision's dtype, to the 200 normalised test images
+    split, model = test.datamodule.split("test"), test.model.eval()
+    with torch.no_grad():
+        logits = model(test.datamodule.transform.normalize(split.images).to(dtype))
+    assert logits.dtype == dtype
+    expected = (logits.argmax(-1) == split.labels).float().mean().item()
+    assert float(test.trainer.callback_metrics["test/acc"]) == pytest.approx(expected, abs=0.011)  # 2 images
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """The resolved default recipe, flattened (what `fit --print_config` prints with no --config)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    return runs.flatten(yaml.safe_load(out.getvalue()))
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
-def test_print_config_for_every_config(config, capsys):
+def test_print_config_for_every_config(config, recipe, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(CONFIG_DIR / config), "--print_config"])
     assert exit_.value.code in (0, None)
-    out = capsys.readouterr().out
-    resolved = runs.flatten(yaml.safe_load(out))
+    resolved = runs.flatten(yaml.safe_load(capsys.readouterr().out))
     stated = runs.flatten(yaml.safe_load((CONFIG_DIR / config).read_text()))
     # every value the file states is in the resolved config (other keys of a swapped class aside)
     assert {k: v for k, v in stated.items() if k in resolved} == {k: resolved[k] for k in stated if k in resolved}
@@ -140,17 +176,9 @@ def test_print_config_for_every_config(config, capsys):
     if config == "cutmix.yaml":
         return
     # an overlay states only what differs from the recipe: each value it sets changes the resolved config
-    with pytest.raises(SystemExit):
-        main(["fit", "--print_config"])
-    recipe = runs.flatten(yaml.safe_load(capsys.readouterr().out))
     swapped = [k[: -len("class_path")] for k in stated if k.endswith("class_path") and recipe.get(k) != stated[k]]
     same = [k for k in stated if k in recipe and recipe[k] == resolved[k] and not k.startswith(tuple(swapped))]
     assert not same, f"{config} repeats the recipe's values: {same}"
-
-
-def test_num_classes_is_linked_from_data(tiny_cifar, in_tmp):
-    cli = fit(tiny_cifar, "--trainer.max_epochs", "1")
-    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
 
 
 def test_bad_value_gives_one_line_error(capsys):
@@ -161,28 +189,40 @@ def test_bad_value_gives_one_line_error(capsys):
     assert err[-1].startswith("cutmix-pl: error:") and "6n+2" in err[-1]
 
 
-def test_console_script_exits_zero_after_a_run(tiny_cifar, in_tmp):
-    """`cutmix-pl` (pyproject's console script) is `python -m cutmix_pl`: a finished run exits with status 0."""
+def test_console_script_trains_quietly_and_exits_zero(tiny_cifar, in_tmp):
+    """`cutmix-pl` (pyproject's console script) is `python -m cutmix_pl`: a finished run exits with status 0, and
+    third-party noise stays off the terminal (a subprocess: Lightning's log handler holds the stderr of the process
+    that imported it first)."""
     script = Path(sys.executable).parent / "cutmix-pl"
     assert script.is_file(), "install the package (pip install -e .) to get the cutmix-pl command"
-    done = subprocess.run([str(script), "fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir",
-                           str(tiny_cifar), *TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert list((in_tmp / "runs" / "smoke").glob("version_0/checkpoints/last.ckpt"))
-
-
-def test_output_is_quiet_and_the_summary_counts_flops(tiny_cifar, in_tmp):
-    # a subprocess: Lightning's log handler holds the stderr of the process that imported it first
-    args = ["fit", "--config", str(CONFIG_DIR / "smoke.yaml"), "--data.data_dir", str(tiny_cifar), *TINY,
-            "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "true"]
-    done = subprocess.run([sys.executable, "-m", "cutmix_pl", *args], cwd=in_tmp, capture_output=True, text=True,
-                          timeout=600)
+    args = small(tiny_cifar, trainer__max_epochs=1, trainer__limit_train_batches=2, trainer__enable_model_summary=True)
+    done = subprocess.run([str(script), "fit", *args], capture_output=True, text=True, timeout=300)
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-3000:]
+    assert list((in_tmp / "runs" / "smoke").glob("version_0/checkpoints/last.ckpt"))
     assert "litlogger" not in text and "LeafSpec" not in text and "weights_only" not in text
-    total = next(line for line in text.splitlines() if line.rstrip().endswith("Total Flops"))
-    assert total.split()[:2] == ["81.1", "M"], total  # ResNet-20, one 32x32 image: about 41 M multiply-adds
+
+
+def test_the_summary_counts_the_flops_of_one_image(trained):
+    """The model's example input is one uint8 32x32 image, which the DataModule normalises as it does a batch, so
+    the model summary counts its FLOPs: two per multiply-add of every convolution and of the classifier, counted
+    here from the layers' shapes."""
+    model = trained[1].model
+    macs = []
+
+    def count(layer, inputs, output):
+        per_output = layer.in_features if isinstance(layer, torch.nn.Linear) else (
+            layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1])
+        macs.append(output.numel() * per_output)
+
+    hooks = [layer.register_forward_hook(count) for layer in model.modules()
+             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model.net(torch.zeros(1, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert len(macs) == 8  # depth 8: the stem, three blocks of two convolutions, the classifier
+    assert ModelSummary(model).total_flops == 2 * sum(macs)
 
 
 def test_code_defaults_are_the_recipe():
@@ -208,38 +248,27 @@ def test_code_defaults_are_the_recipe():
     assert all(getattr(mixer, k) == v for k, v in data["mixer"]["init_args"].items())
 
 
-@pytest.mark.slow
-def test_fit_with_a_compiled_transform(tiny_cifar, in_tmp):
+def test_compile_transform_reaches_the_transform_and_its_hparam_sits_beside_model_compile(tiny_cifar, in_tmp):
     """data.compile_transform through the CLI: its hparam sits beside model.compile (Lightning merges the two sets of
-    hparams and refuses a shared key with different values), and training runs through the compiled transform."""
-    cli = fit(tiny_cifar, "--data.compile_transform", "true", "--trainer.max_epochs", "1", "--model.log_images", "false")
-    assert cli.datamodule.transform._compiled is not None  # the compiled function made the batches
+    hparams when a fit starts and refuses a shared key with different values), and the DataModule's transform
+    compiles (test_transform.py checks what a compiled transform computes; no step here, so nothing compiles)."""
+    cli = main(["fit", *small(tiny_cifar, data__compile_transform=True, trainer__limit_train_batches=0,
+                              trainer__limit_val_batches=0)])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 0
+    assert cli.datamodule.transform.compile is True
     assert cli.datamodule.hparams.compile_transform is True and cli.model.hparams.compile is False
-    assert cli.trainer.global_step > 0 and torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
-
-
-def test_step_values_are_logged_on_the_steps_lightning_writes(tiny_cifar, in_tmp):
-    """train/loss and train/lr are logged only on the steps Lightning writes (every log_every_n_steps-th): none of
-    those is missed, and the epoch means still cover every step."""
-    cli = fit(tiny_cifar, "--trainer.log_every_n_steps", "3", "--model.log_images", "false")
-    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
-    steps = cli.trainer.global_step
-    assert steps >= 6
-    for tag in ("train/loss", "train/lr"):
-        assert [e.step for e in acc.Scalars(tag)] == [s for s in range(steps) if (s + 1) % 3 == 0], tag
-    assert len(acc.Scalars("train/loss_epoch")) == len(acc.Scalars("train/acc_dominant")) == cli.trainer.max_epochs
+    assert cli.trainer.logger.log_dir == cli.trainer.log_dir and Path(cli.trainer.log_dir, "hparams.yaml").is_file()
 
 
 def test_drop_last_trains_the_same_steps_minus_the_ragged_batch(tiny_cifar, in_tmp):
     """The static-shape setting (data.drop_last) changes nothing but the dropped batch: with a constant learning rate
     the loss of every step it keeps equals today's, bit for bit."""
-    flags = ["--trainer.max_epochs", "1", "--model.lr_schedule", "constant", "--model.warmup_epochs", "0",
-             "--model.log_images", "false", "--trainer.precision", "32-true"]
     losses = []
-    for drop in ("false", "true"):
-        cli = fit(tiny_cifar, *flags, "--data.drop_last", drop)
-        acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0}).Reload()
-        losses.append([e.value for e in acc.Scalars("train/loss")])
+    for drop in (False, True):
+        cli = main(["fit", *small(tiny_cifar, trainer__max_epochs=1, model__lr_schedule="constant",
+                                  model__warmup_epochs=0, trainer__precision="32-true", data__train_size=100,
+                                  data__drop_last=drop)])
+        losses.append([e.value for e in scalars(cli.trainer.log_dir, "train/loss")])
     today, static = losses
-    assert len(today) == 9 and len(static) == 8  # 540 training images in batches of 64: the 28-image batch dropped
-    assert static == today[:8]
+    assert len(today) == 7 and len(static) == 6  # 100 training images in batches of 16: the 4-image batch dropped
+    assert static == today[:6]

@@ -2,8 +2,8 @@
 
 On a GPU, reading a value (``item``, ``bool(t)``, ``tolist``, ``unique``, a boolean mask) or building a tensor
 from host data makes the host wait until the device has finished all queued work, so Python can no longer run
-ahead of the GPU. Those operations are visible on a CPU too, as aten ops: ``HostReads`` records them while a real
-Lightning fit runs its training steps, so this runs without a GPU (tests/test_module.py has the CUDA check).
+ahead of the GPU. Those operations are visible on a CPU too, as aten ops: ``HostReads`` (conftest.py) records them
+while a real Lightning fit runs its training steps, so this runs without a GPU (tests/test_module.py has the CUDA check).
 """
 
 from __future__ import annotations
@@ -15,54 +15,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from conftest import HostReads
 from cutmix_pl.augment import CutMix
 from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.metrics import WeightedMean
 from cutmix_pl.model_callbacks import MixedImageGrid
 from cutmix_pl.module import ImageClassifier
 from cutmix_pl.resnet import ResNet
-
-READS = {"_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select",
-         "bincount", "equal", "lift_fresh", "lift_fresh_copy"}
-# Tensor methods that read values back without an aten op on a CPU tensor: watched by patching them.
-METHODS = ("tolist", "cpu", "numpy", "__array__")
-
-
-class HostReads(TorchDispatchMode):
-    """Names of the ops run inside the ``with`` block that read from, or copy host data to, the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten(args[1:])[0])
-        if name in READS or bool_index:
-            self.found.append(name)
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self) -> HostReads:
-        self._saved = {name: getattr(torch.Tensor, name) for name in METHODS}
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, self._watch(name, method))
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, method)
-        super().__exit__(*exc)
-
-    def _watch(self, name: str, method: Any) -> Any:
-        def watched(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.found.append(name)
-            return method(t, *args, **kwargs)
-
-        return watched
 
 
 def test_the_detector_sees_each_kind_of_read():
@@ -134,9 +94,9 @@ class _Watched(ImageClassifier):
 
 @pytest.mark.parametrize("mixer", [CutMix(prob=0.5), None], ids=["cutmix", "no-mixing"])
 def test_training_steps_read_from_the_device_only_at_logging_steps(tiny_cifar, tmp_path, mixer):
-    every = 4
+    every = 2
     model = _Watched(net=ResNet(8, width=4), log_images=True, grid_size=4)
-    data = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, mixer=mixer)
+    data = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, train_size=320, batch_size=64, mixer=mixer)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, log_every_n_steps=every,
                         logger=TensorBoardLogger(str(tmp_path)), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

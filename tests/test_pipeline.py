@@ -1,4 +1,4 @@
-"""The device-resident input pipeline: sampler coverage, shards, equality with the DataLoader path."""
+"""The device-resident input pipeline: sampler coverage, shards, the batches gathered from the split."""
 
 import pytest
 import torch
@@ -73,11 +73,10 @@ def test_drop_last_gives_training_batches_of_one_shape(world):
     assert [len(b) for b in small] == [40]
 
 
-@pytest.mark.parametrize("resident", [True, False])
-def test_lightning_set_epoch_reaches_our_sampler(tiny_cifar, resident):
+def test_lightning_set_epoch_reaches_our_sampler(tiny_cifar):
     """Lightning calls set_epoch on loader.sampler / loader.batch_sampler.sampler only; it must reach us, or every
     epoch replays epoch 0's permutation (and mix_off_epoch never takes effect)."""
-    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, resident=resident)
+    dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64)
     loader = dm.train_dataloader()
     first = torch.cat(list(loader.batch_sampler))
     _set_sampler_epoch(loader, 3)
@@ -96,30 +95,6 @@ def test_resume_skips_exactly_the_batches_already_done():
     assert len(rest) == len(batches) - 3
     assert all(torch.equal(a, b) for a, b in zip(rest, batches[3:]))
     assert len(list(resumed)) == len(batches), "the skip applies once"
-
-
-def test_resident_loader_matches_the_dataloader_path(tiny_cifar):
-    """Same seed: the resident loader and the DataLoader path deliver identical batches and augmentations."""
-    dms = [CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, resident=r, seed=7,
-                             mixer=CutMix()) for r in (True, False)]
-    loaders = [dm.train_dataloader() for dm in dms]
-    assert isinstance(loaders[0], TensorBatchLoader)
-    assert isinstance(loaders[1], torch.utils.data.DataLoader)
-    assert len(loaders[0]) == len(loaders[1]) == 540 // 64 + 1
-    for (xa, ya), (xb, yb) in zip(*loaders):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-        # each DataModule's own augmentation stream, seeded from data.seed by train_dataloader()
-        a = dms[0].transform(xa, ya, 0)
-        b = dms[1].transform(xb, yb, 0)
-        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
-
-
-def test_dataloader_path_with_workers_matches_too(tiny_cifar):
-    a = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, seed=7)
-    b = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=64, seed=7, resident=False,
-                          num_workers=2)
-    for (xa, ya), (xb, yb) in zip(a.train_dataloader(), b.train_dataloader()):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_batches_are_gathered_from_the_resident_tensors(tiny_cifar):
@@ -164,6 +139,7 @@ def test_every_process_needs_images_else_one_line_naming_the_setting(tiny_cifar)
     dm.batch_size = 4
     with pytest.raises(ValueError, match=r"^data.batch_size=4 gives each of the 4 processes fewer than 2 images a step"):
         dm.train_dataloader()
+
 
 @pytest.mark.cuda
 def test_resident_pipeline_on_cuda_keeps_everything_on_the_device(tiny_cifar):

@@ -156,8 +156,7 @@ def test_the_whole_batch_path_of_a_gpu_equals_the_per_branch_path_of_a_cpu():
 def test_drawing_and_the_geometric_branch_copy_nothing_from_the_host():
     """On a GPU the batch path must not make the host wait: no tensor built from host data, no value read back,
     after the first call (which caches the magnitude table on the device)."""
-    from test_host_sync import HostReads
-
+    from conftest import HostReads
     from cutmix_pl.randaugment import _BLEND, _LOOKUP, _is, geometric
 
     x = images(16)

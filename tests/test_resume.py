@@ -175,7 +175,7 @@ def test_a_second_concurrent_resume_is_refused(tiny_cifar, in_tmp, capsys):
         line = fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))
     finally:
         holder.release()
-    assert f"{run.absolute()} is in use by another running fit (pid {os.getpid()})" in line
+    assert f"{run.absolute()} is in use by another running command (pid {os.getpid()})" in line
 
 
 def test_fit_prints_where_the_run_is(tiny_cifar, in_tmp, capsys):

@@ -185,7 +185,7 @@ def test_a_damaged_sibling_is_a_named_candidate_not_a_traceback(tmp_path):
     base = tmp_path / "runs" / "cutmix"
     broken = make_run(base / "version_0", CONFIG)
     (broken / "config.resume1.yaml").write_text("trainer: [1,\n")
-    unreadable = make_run(base / "version_1", CONFIG)
+    unreadable = make_run(base / "version_1", changed(data__batch_size=32))
     (unreadable / "checkpoints" / "last.ckpt").write_bytes(b"x")
     mine = make_run(base / "version_2", changed(data__batch_size=64))
     assert runs.find_resumable(base, changed(data__batch_size=64)) == mine

@@ -117,8 +117,9 @@ class RunPlan:
         if sub != "fit":
             if self.checkpoint is not None and logger is not None:  # into <run>/<command>/, beside the run's logs
                 folder = run_of_checkpoint(cfg.ckpt_path) / sub
-                self._take(folder, "the evaluation folder", "copy the checkpoint into a writable folder and pass "
-                           "that path to --ckpt_path")
+                if rank_zero_only.rank == 0:  # DDP-launched ranks parse the command again: rank 0 holds the folder
+                    self._take(folder, "the evaluation folder", "copy the checkpoint into a writable folder and pass "
+                               "that path to --ckpt_path")
                 point_logger(logger, folder)
                 if tensorboard:  # not a run of its own: no placeholder hp_metric; this evaluation hides earlier ones
                     logger.default_hp_metric, logger.purge_step = False, 0
@@ -182,9 +183,10 @@ class RunPlan:
             return
         if resumed is None or run_of_checkpoint(cfg.ckpt_path) != folder:
             _refuse_earlier_run(folder, "run it from another folder or pass --trainer.default_root_dir DIR")
-        self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder")
+        # locked, not tracked: a failed command there must not remove what else it added (downloaded data, ...)
+        self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder", track=False)
 
-    def _take(self, folder: Path, what: str, fix: str, created: bool | None = None) -> None:
+    def _take(self, folder: Path, what: str, fix: str, created: bool | None = None, track: bool = True) -> None:
         """Make ``folder`` this command's: refused when it cannot be written or holds a symbolic link (a write through
         it would land outside the run), locked, cleared of the temporary files of killed writes."""
         folder = folder.absolute()
@@ -196,11 +198,12 @@ class RunPlan:
             raise ValueError(f"cannot write {what} {folder}: {why}; fix: {fix}")
         created = not folder.exists() if created is None else created
         folder.mkdir(parents=True, exist_ok=True)
-        self.run, self.lock = folder, RunLock(folder)
+        self.lock = RunLock(folder)
         self.lock.acquire()
         for sub in (folder, folder / "checkpoints"):
             clear_temporary(sub)
-        self.before = None if created else snapshot(folder)
+        if track:
+            self.run, self.before = folder, None if created else snapshot(folder)
 
 
 def _refuse_earlier_run(folder: Path, fix: str) -> None:

@@ -34,8 +34,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint_io import atomic_write
 
-__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "SaveConfigNoOverwrite", "StopOnSignal", "StoppedEarly",
-           "last_checkpoint_path", "stop_early_on_signals"]
+__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "ResumedEpochBar", "SaveConfigNoOverwrite", "StopOnSignal",
+           "StoppedEarly", "last_checkpoint_path", "stop_early_on_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
@@ -81,6 +81,23 @@ class SaveConfigNoOverwrite(SaveConfigCallback):
                 name = f"{stem}.resume{k}{ext}"
             self.config_filename = trainer.strategy.broadcast(name)
         super().setup(trainer, pl_module, stage)
+
+
+class ResumedEpochBar(Callback):
+    """A fit resumed mid-epoch skips Lightning's epoch-start hooks, so the progress bar would show ``Training: N/?``:
+    at the first batch, give it what an epoch start gives it (``Epoch E`` and the epoch's length)."""
+
+    def __init__(self) -> None:
+        self._mid_epoch = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mid_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        bar, self._mid_epoch = trainer.progress_bar_callback if self._mid_epoch else None, False
+        if bar is not None:
+            bar.on_train_epoch_start(trainer, pl_module)
 
 
 class StoppedEarly(Exception):

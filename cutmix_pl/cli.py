@@ -24,8 +24,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import (Interrupted, LastCheckpoint, PredictionWriter, SaveConfigNoOverwrite, StopOnSignal,
-                        StoppedEarly, stop_early_on_signals)
+from .callbacks import (Interrupted, LastCheckpoint, PredictionWriter, ResumedEpochBar, SaveConfigNoOverwrite,
+                        StopOnSignal, StoppedEarly, stop_early_on_signals)
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier
@@ -207,7 +207,7 @@ def _cli(args: list[str] | None, parser_kwargs: dict[str, Any]) -> CutMixCLI:
         # Added to every run, whatever trainer.callbacks a config sets (after the config's ModelCheckpoint, so
         # that last.ckpt records its best model, and StopOnSignal after both).
         trainer_defaults={"use_distributed_sampler": False,
-                          "callbacks": [LastCheckpoint(), StopOnSignal(), PredictionWriter()]},
+                          "callbacks": [LastCheckpoint(), StopOnSignal(), PredictionWriter(), ResumedEpochBar()]},
         parser_kwargs=parser_kwargs,
         save_config_callback=SaveConfigNoOverwrite,
         auto_configure_optimizers=False,

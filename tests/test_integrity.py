@@ -319,3 +319,20 @@ def test_config_by_name_is_the_packaged_recipe(in_tmp, capsys):
     line = fails(capsys, "fit", "--config", "smoek")
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     assert f"--config smoek: no such file, and no packaged recipe of that name ({names}); fix:" in line
+
+
+def test_a_run_resumed_mid_epoch_shows_the_epoch_and_its_length(tiny_cifar, steps_config, in_tmp, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    run = Path(main(["fit", *small(tiny_cifar), "--config", str(steps_config)]).trainer.log_dir).absolute()
+    seen: list[tuple[str, object, int]] = []
+    real = TQDMProgressBar.on_train_batch_end
+
+    def spy(self, trainer, *args):
+        real(self, trainer, *args)
+        seen.append((self.train_progress_bar.desc, self.train_progress_bar.total, self.train_progress_bar.n))
+
+    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end", spy)
+    main(["fit", *small(tiny_cifar), "--config", str(steps_config), "--trainer.enable_progress_bar", "true",
+          "--ckpt_path", str(run / "checkpoints" / "step004.ckpt")])  # epoch 0, 4 of its 6 batches done
+    assert seen[0] == ("Epoch 0: ", 6, 5), seen[:3]  # not "Training: 5/?"

@@ -9,7 +9,7 @@ augmentation stream, the global RNGs) is written to ``last.ckpt`` (:class:`LastC
 and :class:`Interrupted` ends the fit; ``cutmix_pl.cli.main`` turns it into one line and exit status 128 + the
 signal number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). ``fit --ckpt_path last`` continues from that
 checkpoint. A signal during a validation lets it finish (its epoch-end checkpoint included), then stops the same way,
-also after the last epoch's. A second Ctrl-C stops at once, without saving.
+also after the last epoch's. A second Ctrl-C stops at once, without saving, in the same one line.
 
 :class:`PredictionWriter` writes what ``predict`` computes to ``predictions.csv`` in the run's log folder.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import signal
 import sys
@@ -28,10 +29,13 @@ from typing import Any, Iterator
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "StopOnSignal", "StoppedEarly", "last_checkpoint_path",
-           "stop_early_on_signals"]
+from .checkpoint_io import atomic_write
+
+__all__ = ["Interrupted", "LastCheckpoint", "PredictionWriter", "ResumedEpochBar", "SaveConfigNoOverwrite", "StopOnSignal",
+           "StoppedEarly", "last_checkpoint_path", "stop_early_on_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
@@ -42,7 +46,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, checkpoint: str | None, step: int, epoch: int, batch: int) -> None:
         self.signum, self.checkpoint, self.step, self.epoch, self.batch = signum, checkpoint, step, epoch, batch
         name = signal.Signals(signum).name
-        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        saved = f"saved {checkpoint}" if checkpoint else "nothing saved (stopped at once by a second signal)"
         super().__init__(f"stopped by {name} after global step {step} (epoch {epoch}, batch {batch}); {saved}; "
                          "resume: run the same command with --ckpt_path last")
 
@@ -62,6 +66,38 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self) -> None:
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
                          enable_version_counter=False)
+
+
+class SaveConfigNoOverwrite(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run folder; a resumed run adds ``config.resume1.yaml``, ... next to it."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite and trainer.log_dir:
+            stem, ext = os.path.splitext(self.config_filename)
+            name, k = self.config_filename, 0
+            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must make it, so not in rank 0's loop
+            while trainer.is_global_zero and os.path.lexists(os.path.join(log_dir, name)):
+                k += 1
+                name = f"{stem}.resume{k}{ext}"
+            self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
+
+
+class ResumedEpochBar(Callback):
+    """A fit resumed mid-epoch skips Lightning's epoch-start hooks, so the progress bar would show ``Training: N/?``:
+    at the first batch, give it what an epoch start gives it (``Epoch E`` and the epoch's length)."""
+
+    def __init__(self) -> None:
+        self._mid_epoch = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mid_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        bar, self._mid_epoch = trainer.progress_bar_callback if self._mid_epoch else None, False
+        if bar is not None:
+            bar.on_train_epoch_start(trainer, pl_module)
 
 
 class StoppedEarly(Exception):
@@ -120,11 +156,15 @@ class StopOnSignal(Checkpoint):
         self.signum: int | None = None
         self._pending: Interrupted | None = None
         self._previous: dict[int, Any] = {}
+        self._trainer: L.Trainer | None = None
 
     # -- handlers --------------------------------------------------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        if self.signum is not None and signum == signal.SIGINT and self._trainer is not None:
+            # a second Ctrl-C: stop now, without a checkpoint (not a KeyboardInterrupt, which Lightning turns into
+            # its own line and exit status 1)
+            t = self._trainer
+            raise Interrupted(signum, None, t.global_step, t.current_epoch, t.fit_loop.epoch_loop.batch_idx)
         self.signum = signum
 
     def _install(self) -> None:
@@ -141,7 +181,7 @@ class StopOnSignal(Checkpoint):
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum, self._pending = None, None
+        self.signum, self._pending, self._trainer = None, None, trainer
         self._install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -182,6 +222,8 @@ class StopOnSignal(Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._uninstall()
+        if trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled:
+            print(flush=True)  # end the progress bar's line (stdout), so that the stop line starts a line of its own
         # Lightning's own SIGTERM handler (active before training starts) ends the loop at a batch boundary too.
         if isinstance(exception, SIGTERMException) and trainer.training and not trainer.sanity_checking:
             trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
@@ -242,20 +284,18 @@ class PredictionWriter(Callback):
 
     @staticmethod
     def _write(path: Path, rows: list[dict[str, torch.Tensor]], classes: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         k = rows[0]["prob"].shape[1] if rows else 0
         names = list(classes) if classes is not None and len(classes) == k else [str(i) for i in range(k)]
-        with open(tmp, "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["index", "label", "pred", *(f"prob_{n}" for n in names)])
-            for part in rows:
-                n = len(part["prob"])
-                index = part.get("index", torch.full((n,), -1)).tolist()
-                label = part["label"].tolist() if "label" in part else [""] * n
-                for i, y, p, probs in zip(index, label, part["pred"].tolist(), part["prob"].tolist()):
-                    out.writerow([i, y, p, *(f"{q:.6g}" for q in probs)])
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        out = csv.writer(text)
+        out.writerow(["index", "label", "pred", *(f"prob_{n}" for n in names)])
+        for part in rows:
+            n = len(part["prob"])
+            index = part.get("index", torch.full((n,), -1)).tolist()
+            label = part["label"].tolist() if "label" in part else [""] * n
+            for i, y, p, probs in zip(index, label, part["pred"].tolist(), part["prob"].tolist()):
+                out.writerow([i, y, p, *(f"{q:.6g}" for q in probs)])
+        atomic_write(path, text.getvalue().encode(), "the predictions")
 
     @staticmethod
     def _join(parts: list[Path], target: Path) -> None:
@@ -267,9 +307,8 @@ class PredictionWriter(Callback):
                 rows.extend(reader)
             part.unlink()
         rows.sort(key=lambda r: int(r[0]))
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(header or [])
-            out.writerows(rows)
-        os.replace(tmp, target)
+        text = io.StringIO(newline="")
+        out = csv.writer(text)
+        out.writerow(header or [])
+        out.writerows(rows)
+        atomic_write(target, text.getvalue().encode(), "the predictions")

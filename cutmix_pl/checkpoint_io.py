@@ -3,57 +3,67 @@
 Lightning's own writer stages the bytes in a temporary file in ``$TMPDIR`` and then moves it onto the target; when
 the run folder is on another filesystem (node-local ``/tmp``, shared output disk: the usual cluster layout) that move
 is a copy into the target, and a kill or a full disk during it leaves a truncated ``last.ckpt`` that cannot resume.
-Here the target is replaced only by a complete file: the temporary file lies beside it, so the rename stays within one
-folder and is atomic on any filesystem. A failed write removes its temporary file and ends in one line.
+Here the target is replaced only by a complete file: the temporary file (a unique name) lies beside it, so the rename
+stays within one folder and is atomic on any filesystem. A failed write removes its temporary file and ends in one line.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "atomic_save"]
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "atomic_save", "atomic_write"]
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names the file, the cause and the fix."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is either its old self or the complete new file, never a part."""
+def atomic_write(path: str | Path, data: bytes | memoryview, what: str = "the checkpoint") -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either its old self or the complete new file, never a part.
+
+    The temporary file is created beside the target with a unique name (``mkstemp``: O_EXCL, so a planted file or
+    link of that name is never opened), and a target that is a symbolic link is replaced, not written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = io.BytesIO()
-    torch.save(obj, data)  # serialised in memory first: a full disk then fails a plain write, with its errno
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.getbuffer())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         why = err.strerror or type(err).__name__
-        raise CheckpointWriteError(f"could not write the checkpoint {path} ({why}); nothing was left half-written; "
-                                   "fix: free space or choose another trainer.logger.init_args.save_dir, then resume "
-                                   "with --ckpt_path last") from None
+        raise CheckpointWriteError(f"could not write {what} {path} ({why}); nothing was left half-written; fix: free space "
+                                   "or choose another trainer.logger.init_args.save_dir, then resume with "
+                                   "--ckpt_path last") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable (a crash right after it must not bring the old file back)
-        fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.fsync(dir_fd)
         finally:
-            os.close(fd)
+            os.close(dir_fd)
     except OSError:
         pass  # some filesystems cannot fsync a folder; the file itself is complete
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through :func:`atomic_write`."""
+    data = io.BytesIO()
+    torch.save(obj, data)  # serialised in memory first: a full disk then fails a plain write, with its errno
+    atomic_write(path, data.getbuffer())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -89,8 +89,12 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
-        if not warmup_epochs >= 0:
-            raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be >= 0")
+        if not 0 <= warmup_epochs < math.inf:
+            raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be a finite number >= 0; "
+                             "fix: e.g. 1 (the recipe's), or 0 for no warm-up")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing={label_smoothing!r} is out of range: it must lie in [0, 1); "
+                             "fix: e.g. 0.1, or 0 for none")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"model.compile={compile!r} is not allowed: choose true, false or a torch.compile mode, "
                              f"one of {', '.join(COMPILE_MODES)}; fix: e.g. --model.compile reduce-overhead")
@@ -149,6 +153,10 @@ class ImageClassifier(L.LightningModule):
         if isinstance(lr, (int, float)) and not lr > 0:
             raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0; fix: e.g. "
                              "--model.optimizer.init_args.lr 0.1 (the recipe's)")
+        for key, value in probe.defaults.items():  # torch takes lr=inf or momentum=nan, and the loss turns nan
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"model.optimizer {key}={value!r} is not a finite number; fix: set "
+                                 f"model.optimizer.init_args.{key} to a finite value (the recipe's: configs/cutmix.yaml)")
         return probe
 
     def configure_callbacks(self) -> list[Callback]:

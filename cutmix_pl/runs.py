@@ -3,17 +3,17 @@
 A *run* is one folder, ``<save_dir>/<name>/version_N``, holding ``config.yaml``, the TensorBoard events and
 ``checkpoints/`` (one ``last.ckpt``, always the newest state). The rules, all enforced here:
 
-- A new ``fit`` claims the next ``version_N`` with an atomic ``mkdir``, so fits started at the same moment never
-  share a folder, and holds a lock on it while it runs, so a second process cannot resume into it at the same time.
+- A new ``fit`` claims the next ``version_N`` with an atomic ``mkdir``; every command holds a lock on the folder it
+  writes into while it runs, so a second process cannot write into it at the same time.
+- What a run is comes from its own files: its settings from its newest config file, its progress from ``last.ckpt``
+  (finished when that holds the run's ``max_epochs`` or ``max_steps``). No marker file that a failed command could
+  leave behind or take away.
 - ``fit --ckpt_path last`` resumes the unfinished run of that ``save_dir/name`` whose saved config matches this
-  command's (keys in :data:`MAY_CHANGE` aside). None, or several: a one-line error that lists the candidates.
-  ``--ckpt_path RUN_FOLDER`` or ``--ckpt_path .../checkpoints/X.ckpt`` names a run outright.
-- A resume continues in the run's own folder and may change only the keys of :data:`MAY_CHANGE`; any other changed
-  setting is refused in one line that names the keys (never accepted and silently ignored).
-- ``validate``/``test``/``predict`` of a checkpoint write into ``<run>/<command>/`` of the checkpoint's run, never
-  a new ``version_N``.
+  command's (keys of :data:`MAY_CHANGE` aside). None, or several: a one-line error that lists the candidates, a run
+  with a damaged file among them (never a traceback).
+- A resume may change only the keys of :data:`MAY_CHANGE`; any other changed setting is refused by name.
 
-Plain functions over paths and dicts; the CLI (``cli.py``) applies them to its parsed config.
+Plain functions over paths and dicts; ``run_plan.py`` applies them to a parsed config.
 """
 
 from __future__ import annotations
@@ -23,36 +23,50 @@ import math
 import os
 import re
 import shutil
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-__all__ = ["CHOSEN_WHEN_NULL", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "find_resumable", "flatten",
-           "is_finished", "mark_finished", "newest_last", "outermost_missing", "remove_failed", "run_of_checkpoint",
-           "same_value", "saved_config"]
+__all__ = ["CHOSEN_WHEN_NULL", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "clear_temporary",
+           "find_resumable", "flatten", "is_finished", "newest_last", "outermost_missing", "remove_failed",
+           "run_of_checkpoint", "run_options", "same_value", "saved_config", "snapshot", "symlinks_in"]
 
-# Settings a resume may change: they say how to run or report, not what is trained (or, for max_epochs, how long;
-# the learning-rate schedule follows the new end). Everything else must equal the run's saved config.
+# THE list of settings a resume may change (patterns over the flattened config): how to run or report, not what is
+# trained (or, for max_epochs/max_steps, how long: the learning-rate schedule follows the new end). Everything else
+# must equal the run's saved config. Its model.* entries are also the model's *run options*: an evaluation or a
+# resume takes them from the command, not from the checkpoint. A new model option that says how to run is named here
+# and nowhere else; one that changes what is trained is named nowhere.
 MAY_CHANGE = (
-    "ckpt_path", "config", "__default_config__", "weights_only", "trainer.logger",
-    "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-    "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.limit_predict_batches",
-    "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
+    "ckpt_path", "config", "__default_config__", "weights_only", "trainer.logger", "trainer.logger.*",
+    "trainer.max_epochs", "trainer.max_steps", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.strategy.*", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
+    "trainer.limit_predict_batches", "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
+    # which files a ModelCheckpoint keeps (runs started while the recipe had save_last: true resume under today's)
+    "trainer.callbacks.*.init_args.save_last",
     "data.data_dir", "data.download", "data.eval_batch_size", "data.num_workers", "data.compile_transform",
     "model.compile", "model.channels_last", "model.tta_flip", "model.log_images", "model.grid_size",
-    # filled in from data.num_classes by the CLI's links, so not a setting of its own (and unset before instantiation)
+    # filled in from data.num_classes by the CLI's links, so not a setting of its own
     "model.num_classes", "model.net.init_args.num_classes",
 )
-# ... and, under trainer.callbacks, a ModelCheckpoint's save_last: which files are kept, not what is trained (the
-# recipe dropped it once LastCheckpoint kept last.ckpt; runs started before that resume with the new recipe).
-MAY_CHANGE_CALLBACK_ARGS = ("save_last",)
-# Settings that null leaves to the machine (cli.py, hardware.py): a run found for a resume matches whatever it chose,
-# and the resume keeps that choice.
+# Settings that null leaves to the machine (run_plan.choose_for_machine): a run found for a resume matches whatever it
+# chose, and the resume keeps that choice.
 CHOSEN_WHEN_NULL = ("trainer.precision",)
-FINISHED = "FINISHED"  # written into a run folder when its fit ends normally
 LOCK = ".lock"
+
+
+def may_change(key: str) -> bool:
+    return any(fnmatchcase(key, p) for p in MAY_CHANGE)
+
+
+def run_options() -> tuple[str, ...]:
+    """The model arguments that say how to run the network (from :data:`MAY_CHANGE`): a command's own, whatever the
+    checkpoint recorded."""
+    return tuple(k[len("model."):] for k in MAY_CHANGE if k.startswith("model.") and "." not in k[len("model."):]
+                 and k != "model.num_classes")
 
 
 # -- where a run lives -------------------------------------------------------------------------------------
@@ -82,22 +96,23 @@ def claim_version(base: Path) -> Path:
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``<run>/.lock``, held while a fit writes into the run (released at exit, also
-    when the process is killed: the kernel drops the lock with the file descriptor)."""
+    """An exclusive ``flock`` on ``<folder>/.lock``, held while a command writes into the folder (released at exit,
+    also when the process is killed: the kernel drops the lock with the file descriptor)."""
 
-    def __init__(self, run: Path) -> None:
-        self.path = run / LOCK
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a planted link named .lock must not make this open (and truncate) a file elsewhere
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ValueError(f"{self.path.parent} is in use by another running fit (pid {holder}); fix: wait for it "
-                             "to end or stop it, or leave out --ckpt_path to start a new run") from None
+            raise ValueError(f"{self.path.parent} is in use by another running command (pid {holder}); fix: wait "
+                             "for it to end or stop it, or leave out --ckpt_path to start a new run") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -108,12 +123,65 @@ class RunLock:
             self._fd = None
 
 
-def mark_finished(run: Path) -> None:
-    (run / FINISHED).write_text("fit ended normally\n")
+def clear_temporary(folder: Path) -> None:
+    """Remove the temporary files of writes killed half-way (``.NAME.*.tmp``; the targets are intact). Only under
+    the folder's lock: no other command is writing there."""
+    for stale in folder.glob(".*.tmp"):
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink(missing_ok=True)
 
 
-def is_finished(run: Path) -> bool:
-    return (run / FINISHED).is_file()
+def symlinks_in(folder: Path) -> list[Path]:
+    """The folder itself, its entries and those of its ``checkpoints/`` that are symbolic links: a write through one
+    would land outside the run."""
+    found = [folder] if folder.is_symlink() else []
+    for sub in (folder, folder / "checkpoints"):
+        if sub.is_dir() and not sub.is_symlink():
+            found += [p for p in sub.iterdir() if p.is_symlink()]
+    return found
+
+
+# -- a run's own files ---------------------------------------------------------------------------------------
+def saved_config(run: Path) -> dict[str, Any] | None:
+    """The newest config the run was (re)started with: ``config.yaml`` or the highest ``config.resumeK.yaml``.
+    Raises ValueError, naming the file, when it cannot be read."""
+    files = [(0, run / "config.yaml")] if (run / "config.yaml").is_file() else []
+    files += [(int(m.group(1)), p) for p in run.glob("config.resume*.yaml")
+              if (m := re.fullmatch(r"config\.resume(\d+)\.yaml", p.name))]
+    if not files:
+        return None
+    path = max(files)[1]
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, UnicodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no config")
+    return config
+
+
+def read_progress(ckpt: Path) -> tuple[int, int]:
+    """(epochs done, global step) that a checkpoint holds, read without its tensors' data (memory-mapped).
+    Raises ValueError when it cannot be read."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        return int(epochs), int(state["global_step"])
+    except Exception as err:  # truncated zip, not a Lightning checkpoint, a global a weights-only load refuses, ...
+        raise ValueError(f"{ckpt} cannot be read ({type(err).__name__})") from None
+
+
+def is_finished(run: Path, config: dict[str, Any] | None = None) -> bool:
+    """Whether the run's ``last.ckpt`` holds the end its config asks for (``max_steps`` when > 0, else
+    ``max_epochs``). Raises ValueError when a file it needs cannot be read."""
+    config = config if config is not None else saved_config(run) or {}
+    trainer = config.get("trainer") or {}
+    epochs, step = read_progress(run / "checkpoints" / "last.ckpt")
+    max_steps, max_epochs = trainer.get("max_steps") or -1, trainer.get("max_epochs")
+    if max_steps > 0 and step >= max_steps:
+        return True
+    return max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs
 
 
 # -- what a resume may change --------------------------------------------------------------------------------
@@ -131,17 +199,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def saved_config(run: Path) -> dict[str, Any] | None:
-    """The newest config the run was (re)started with: ``config.yaml`` or the highest ``config.resumeK.yaml``."""
-    files = [(0, run / "config.yaml")] if (run / "config.yaml").is_file() else []
-    files += [(int(m.group(1)), p) for p in run.glob("config.resume*.yaml")
-              if (m := re.fullmatch(r"config\.resume(\d+)\.yaml", p.name))]
-    if not files:
-        return None
-    with open(max(files)[1]) as f:
-        return yaml.safe_load(f) or {}
-
-
 def same_value(a: Any, b: Any) -> bool:
     """Equal, with numbers compared to a relative 1e-9 (a float read back from YAML)."""
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
@@ -153,12 +210,9 @@ def same_value(a: Any, b: Any) -> bool:
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, this command's value)`` for every setting outside :data:`MAY_CHANGE` that differs."""
     old, new = flatten(saved), flatten(current)
-    keys = sorted(set(old) | set(new))
-    may = lambda k: (any(k == p or k.startswith(p + ".") for p in MAY_CHANGE)  # noqa: E731
-                     or re.fullmatch(rf"trainer\.callbacks\.\d+\.init_args\.({'|'.join(MAY_CHANGE_CALLBACK_ARGS)})", k))
     chosen = lambda k: k in CHOSEN_WHEN_NULL and new.get(k) is None  # noqa: E731
-    return [(k, old.get(k), new.get(k)) for k in keys
-            if not may(k) and not chosen(k) and not same_value(old.get(k), new.get(k))]
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if not may_change(k) and not chosen(k) and not same_value(old.get(k), new.get(k))]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:
@@ -182,42 +236,47 @@ def _where(base: Path) -> str:
 
 def find_resumable(base: Path, current: dict[str, Any]) -> Path:
     """The run under ``base`` that ``fit --ckpt_path last`` continues: the one unfinished run whose saved config
-    matches ``current``. Raises ValueError (one line, with the candidates) when there is not exactly one."""
-    runs = _runs_with_last(base)
-    if not runs:
+    matches ``current``. Raises ValueError (one line, with the candidates) when there is not exactly one; a run whose
+    files cannot be read is one of the candidates, named with its damaged file."""
+    found = _runs_with_last(base)
+    if not found:
         raise ValueError(f"--ckpt_path last found no run with a last.ckpt in {_where(base)}; fix: run from "
                          "the folder that holds the runs (or give an absolute trainer.logger.init_args.save_dir), "
                          "pass --ckpt_path RUN_FOLDER, or leave out --ckpt_path to start a new run")
-    matching, other = [], []
-    for run in runs:
-        saved = saved_config(run)
-        changes = changed_settings(saved, current) if saved is not None else [("config.yaml", "missing", None)]
-        (matching if not changes else other).append((run, changes))
-    open_runs = [r for r, _ in matching if not is_finished(r)]
+    open_runs, done, other = [], [], []
+    for run in found:
+        try:
+            saved = saved_config(run)
+            changes = changed_settings(saved, current) if saved is not None else []
+            why = describe_changes(changes, 2) if changes else None if saved is not None else "no config.yaml"
+            if why is None:
+                (done if is_finished(run, saved) else open_runs).append(run)
+                continue
+        except ValueError as err:
+            why = str(err)
+        other.append(f"{run.name}: {why}")
     if len(open_runs) == 1:
         return open_runs[0]
     if len(open_runs) > 1:
         names = ", ".join(str(r) for r in open_runs)
         raise ValueError(f"--ckpt_path last is ambiguous: {len(open_runs)} unfinished runs with this config ({names}); "
                          "fix: pass --ckpt_path with the run folder to resume")
-    if matching:
-        done = matching[-1][0]
-        raise ValueError(f"--ckpt_path last continues unfinished runs only, and the run with this config, {done}, "
-                         f"has finished; fix: to train it longer, pass --ckpt_path {done} (with the larger "
+    if done:
+        raise ValueError(f"--ckpt_path last continues unfinished runs only, and the run with this config, {done[-1]}, "
+                         f"has finished; fix: to train it longer, pass --ckpt_path {done[-1]} (with a larger "
                          "--trainer.max_epochs), or leave out --ckpt_path to start a new run")
-    listed = "; ".join(f"{r.name}: {describe_changes(c, 2)}" for r, c in other[-4:])
-    raise ValueError(f"--ckpt_path last found no run in {base} with this command's settings ({listed}); fix: "
-                     "repeat the run's settings, pass --ckpt_path RUN_FOLDER (a resume then refuses changed "
+    raise ValueError(f"--ckpt_path last found no run in {base} with this command's settings ({'; '.join(other[-4:])}); "
+                     "fix: repeat the run's settings, pass --ckpt_path RUN_FOLDER (a resume then refuses changed "
                      "settings by name), or leave out --ckpt_path to start a new run")
 
 
 def newest_last(base: Path) -> Path:
     """For evaluation, ``--ckpt_path last`` is the newest ``last.ckpt`` of any run under ``base``."""
-    runs = _runs_with_last(base)
-    if not runs:
+    found = _runs_with_last(base)
+    if not found:
         raise ValueError(f"--ckpt_path last found no last.ckpt in {_where(base)}/*/checkpoints; fix: pass "
                          "--ckpt_path PATH to a .ckpt file or run folder, or the logger name/save_dir of the run")
-    return max(runs, key=lambda d: (d / "checkpoints" / "last.ckpt").stat().st_mtime) / "checkpoints" / "last.ckpt"
+    return max(found, key=lambda d: (d / "checkpoints" / "last.ckpt").stat().st_mtime) / "checkpoints" / "last.ckpt"
 
 
 def outermost_missing(folder: Path) -> Path | None:
@@ -230,23 +289,31 @@ def outermost_missing(folder: Path) -> Path | None:
     return folder
 
 
-def remove_failed(run: Path, before: set[Path] | None, top: Path | None = None) -> None:
-    """After a command failed before it saved a checkpoint, delete what it wrote: the run folder when this command
-    created it (``before`` is None), with the empty parents up to ``top``; else the files it added there."""
-    if not run.exists():
-        return
-    new = [p for p in run.rglob("*") if (before is None or p not in before) and p.name != LOCK]
-    if any(p.suffix == ".ckpt" for p in new):
-        return  # it trained and saved: keep everything
+def snapshot(folder: Path) -> dict[Path, int]:
+    """What a folder holds, with each entry's modification time: what a command found there before it wrote."""
+    return {p: p.lstat().st_mtime_ns for p in folder.rglob("*")} if folder.is_dir() else {}
+
+
+def remove_failed(run: Path, before: dict[Path, int] | None, top: Path | None = None) -> bool:
+    """After a command failed, delete what it wrote, unless it saved a ``last.ckpt`` to resume from: the folder when
+    this command created it (``before`` is None), with the empty parents up to ``top``; else the entries it added
+    (``before``: :func:`snapshot` at its start). Returns whether the folder holds a ``last.ckpt`` to resume from."""
+    if not run.is_dir() or run.is_symlink():
+        return False
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_file() and (before is None or before.get(last) != last.lstat().st_mtime_ns):
+        return True  # it trained and saved its state: keep everything, its config file included
     if before is None:
         shutil.rmtree(run, ignore_errors=True)
         parent = run.absolute().parent
         while top is not None and top in (parent, *parent.parents) and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
-        return
+        return False
+    new = [p for p in run.rglob("*") if p not in before and p.name != LOCK]
     for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+    return last.is_file()

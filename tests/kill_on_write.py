@@ -1,7 +1,7 @@
 """Kill the process (SIGKILL) while it writes a checkpoint file: for tests of what a kill mid-save leaves behind.
 
-``install(n)`` patches ``open`` so that the n-th file opened for writing with "ckpt" in its name takes half of what is
-written to it, then the process dies; a file filled by sendfile (shutil's copy across filesystems, as Lightning's
+``install(n)`` patches ``open`` and ``os.fdopen`` (the atomic writer's temporary file) so that the n-th file opened for
+writing with "ckpt" in its name takes half of what is written to it, then the process dies; a file filled by sendfile (shutil's copy across filesystems, as Lightning's
 writer moves its staged file) dies before any byte. Subprocess scripts import it from the tests folder.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 _real_open = builtins.open
+_real_fdopen = os.fdopen
 
 
 class HalfThenKill:
@@ -46,12 +47,21 @@ def install(nth: int = 1, note: Path | None = None) -> None:
 
     def killing_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = _real_open(file, mode, *args, **kwargs)
-        if "w" in mode and "ckpt" in str(file):
+        return watch(f, str(file)) if "w" in mode else f
+
+    def killing_fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
+        f = _real_fdopen(fd, mode, *args, **kwargs)
+        return watch(f, name) if "w" in mode else f
+
+    def watch(f: Any, name: str) -> Any:
+        if "ckpt" in name:
             count[0] += 1
             if count[0] == nth:
                 if note is not None:
-                    note.write_text(str(file))
+                    note.write_text(name)
                 return HalfThenKill(f)
         return f
 
     builtins.open = killing_open
+    os.fdopen = killing_fdopen

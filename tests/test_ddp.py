@@ -170,7 +170,7 @@ def test_rank_zero_alone_writes_one_set_of_files(ref):
     assert len(events) == 1, files
     ckpts = sorted(f for f in files if f.endswith(".ckpt"))
     assert "checkpoints/last.ckpt" in ckpts and len(ckpts) == 2, ckpts  # last + the single best
-    assert sorted(set(files) - set(events) - set(ckpts)) == [".lock", "FINISHED", "config.yaml", "hparams.yaml"]
+    assert sorted(set(files) - set(events) - set(ckpts)) == [".lock", "config.yaml", "hparams.yaml"]
     # Each global step is logged once (by rank 0), over both epochs.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -263,25 +263,3 @@ def test_non_finite_loss_names_step_and_batch(tiny_cifar, in_tmp, capsys, monkey
     assert "non-finite at global step 8 (epoch 1, batch 2)" in line and "fix: lower model.optimizer's lr" in line
     run = in_tmp / "runs" / "smoke" / "version_0"
     assert (run / "config.yaml").is_file(), "the logs of a run that trained are kept"
-
-
-def test_a_checkpoint_from_before_model_net_is_named_then_upgraded(small_ckpt, tiny_cifar, in_tmp, capsys):
-    from cutmix_pl.upgrade import main as upgrade
-
-    old = torch.load(small_ckpt, map_location="cpu", weights_only=True)
-    net = old["hyper_parameters"].pop("net")  # as written when the ResNet settings were model arguments
-    old["hyper_parameters"].update({k: net["init_args"][k] for k in ("depth", "width", "shortcut")})
-    torch.save(old, in_tmp / "old.ckpt")
-    line = fails(capsys, "test", *small(tiny_cifar), "--ckpt_path", "old.ckpt")
-    assert "before the network became model.net" in line and "python -m cutmix_pl.upgrade old.ckpt NEW.ckpt" in line
-    upgrade(["old.ckpt", "new.ckpt"])
-    assert (in_tmp / "old.ckpt").read_bytes() != (in_tmp / "new.ckpt").read_bytes()
-    model = ImageClassifier.load_from_checkpoint(in_tmp / "new.ckpt", map_location="cpu")
-    assert model.hparams.net["class_path"] == "cutmix_pl.resnet.ResNet"
-    assert {"depth": 8, "width": 4, "shortcut": "A", "num_classes": 10}.items() <= model.hparams.net["init_args"].items()
-    for key, value in old["state_dict"].items():
-        assert torch.equal(model.state_dict()[key], value), key
-    cli = main(["test", *small(tiny_cifar), "--ckpt_path", "new.ckpt"])
-    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
-    with pytest.raises(SystemExit):  # nothing to upgrade in a current checkpoint
-        upgrade(["new.ckpt", "again.ckpt"])

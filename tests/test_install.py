@@ -1,5 +1,6 @@
 """A plain (wheel) install carries the recipes: run from an unrelated folder, it resolves the same config as the
-editable install (before the recipes moved into the package, it trained with no CutMix for 1000 epochs)."""
+editable install (before the recipes moved into the package, it trained with no CutMix for 1000 epochs), the default
+recipe and a named one (``--config smoke``: no such file there, so the packaged recipe)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def print_config(cwd: Path, pythonpath: Path | None) -> tuple[Path, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    done = subprocess.run([sys.executable, "-c", PRINT_CONFIG, "fit", "--print_config"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", PRINT_CONFIG, "fit", "--config", "smoke", "--print_config"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     where, config = done.stdout.split("\n", 1)
     return Path(where), config
@@ -67,5 +68,6 @@ def test_a_wheel_install_prints_the_same_config_as_the_editable_one(tmp_path):
     # Compared as printed: no line of --print_config names a path of the install (the default config file it loaded
     # is not echoed), so nothing needs normalising. Should such a line appear, normalise that line only.
     assert installed == editable
-    for value in ("max_epochs: 200", "class_path: cutmix_pl.augment.CutMix", "warmup_epochs: 1.0"):
+    # the default recipe's values under smoke.yaml's
+    for value in ("max_epochs: 1", "name: smoke", "class_path: cutmix_pl.augment.CutMix", "warmup_epochs: 1.0"):
         assert value in installed, value

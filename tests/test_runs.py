@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cutmix_pl import runs
 
 
+def write_progress(ckpt: Path, epochs: int, step: int) -> None:
+    """A checkpoint holding only what a run's progress is read from (Lightning's epoch loop and global step)."""
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": epochs}}}}},
+               ckpt)
+
+
 def make_run(folder: Path, config: dict, finished: bool = False) -> Path:
-    (folder / "checkpoints").mkdir(parents=True)
-    (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    """A run of ``config``: its last.ckpt at the end of its max_epochs when finished, else after one epoch."""
+    epochs = config["trainer"]["max_epochs"] if finished else 1
+    write_progress(folder / "checkpoints" / "last.ckpt", epochs, 6 * epochs)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    if finished:
-        runs.mark_finished(folder)
     return folder
 
 
@@ -58,7 +66,7 @@ def test_claims_are_distinct_under_a_race(tmp_path):
 def test_lock_refuses_a_second_holder_until_released(tmp_path):
     first, second = runs.RunLock(tmp_path), runs.RunLock(tmp_path)
     first.acquire()
-    with pytest.raises(ValueError, match=r"is in use by another running fit \(pid \d+\)"):
+    with pytest.raises(ValueError, match=r"is in use by another running command \(pid \d+\)"):
         second.acquire()
     first.release()
     second.acquire()  # free again
@@ -127,7 +135,6 @@ def test_newest_last_for_evaluation(tmp_path):
     base = tmp_path / "runs"
     a = make_run(base / "version_0", CONFIG)
     b = make_run(base / "version_1", CONFIG)
-    import os
     os.utime(a / "checkpoints" / "last.ckpt", (2e9, 2e9))  # newer, though the lower version
     assert runs.newest_last(base) == a / "checkpoints" / "last.ckpt"
     assert b.is_dir()
@@ -138,23 +145,61 @@ def test_run_of_checkpoint(tmp_path):
     assert runs.run_of_checkpoint(tmp_path / "downloads" / "model.ckpt") == tmp_path / "downloads"
 
 
-def test_remove_failed_keeps_runs_that_saved(tmp_path):
+def test_remove_failed_keeps_runs_that_saved_a_last_ckpt(tmp_path):
     top = tmp_path / "runs"
     run = top / "x" / "version_0"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("a: 1")
-    runs.remove_failed(run, None, top)
+    assert runs.remove_failed(run, None, top) is False
     assert not top.exists(), "a folder this command created goes, with the empty parents it created"
     run.mkdir(parents=True)
-    before = set(run.rglob("*"))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best-epoch000.ckpt").write_bytes(b"x")  # a full disk before last.ckpt: nothing to resume
+    assert runs.remove_failed(run, None, top) is False and not top.exists()
+    write_progress(run / "checkpoints" / "last.ckpt", 1, 6)
+    before = runs.snapshot(run)
     (run / "config.resume1.yaml").write_text("a: 2")
-    (run / "checkpoints").mkdir()
-    runs.remove_failed(run, before, top)
-    assert run.is_dir() and not any(run.iterdir()), "only what this command added goes"
-    (run / "checkpoints").mkdir()
+    (run / "test").mkdir()
+    assert runs.remove_failed(run, before, top) is True
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.ckpt"], "only what this command added goes"
+    (run / "config.resume1.yaml").write_text("a: 2")
+    os.utime(run / "checkpoints" / "last.ckpt", ns=(1, 1))  # it trained on and saved: everything stays
+    assert runs.remove_failed(run, before, top) is True and (run / "config.resume1.yaml").is_file()
+
+
+def test_finished_is_read_from_last_ckpt_and_the_newest_config(tmp_path):
+    run = make_run(tmp_path / "v", CONFIG, finished=True)
+    assert runs.is_finished(run)
+    (run / "config.resume1.yaml").write_text(yaml.safe_dump(changed(trainer__max_epochs=30)))  # an extension...
+    assert not runs.is_finished(run)  # ...that saved no checkpoint yet
+    (run / "config.resume1.yaml").unlink()
+    max_steps = changed(trainer__max_steps=60, trainer__max_epochs=-1)
+    (run / "config.resume1.yaml").write_text(yaml.safe_dump(max_steps))
+    assert runs.is_finished(run)  # 10 epochs of 6 steps: step 60
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    runs.remove_failed(run, set(), top)
-    assert (run / "checkpoints" / "last.ckpt").is_file(), "a run that saved a checkpoint is kept"
+    with pytest.raises(ValueError, match="last.ckpt cannot be read"):
+        runs.is_finished(run)
+
+
+def test_a_damaged_sibling_is_a_named_candidate_not_a_traceback(tmp_path):
+    base = tmp_path / "runs" / "cutmix"
+    broken = make_run(base / "version_0", CONFIG)
+    (broken / "config.resume1.yaml").write_text("trainer: [1,\n")
+    unreadable = make_run(base / "version_1", changed(data__batch_size=32))
+    (unreadable / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    mine = make_run(base / "version_2", changed(data__batch_size=64))
+    assert runs.find_resumable(base, changed(data__batch_size=64)) == mine
+    with pytest.raises(ValueError) as err:
+        runs.find_resumable(base, changed(data__batch_size=32))
+    msg = str(err.value)
+    assert "version_0: " in msg and "config.resume1.yaml cannot be read (ParserError)" in msg
+    assert "version_1: " in msg and "last.ckpt cannot be read" in msg and "\n" not in msg
+
+
+def test_run_options_are_the_model_keys_a_resume_may_change():
+    assert runs.run_options() == ("compile", "channels_last", "tta_flip", "log_images", "grid_size")
+    assert all(runs.may_change(f"model.{k}") for k in runs.run_options())
+    assert not runs.may_change("model.label_smoothing") and runs.may_change("trainer.callbacks.3.init_args.save_last")
 
 
 def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():

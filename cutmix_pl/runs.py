@@ -47,7 +47,7 @@ MAY_CHANGE = (
     "trainer.limit_predict_batches", "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
     # which files a ModelCheckpoint keeps (runs started while the recipe had save_last: true resume under today's)
     "trainer.callbacks.*.init_args.save_last",
-    "data.data_dir", "data.download", "data.eval_batch_size", "data.num_workers", "data.compile_transform",
+    "data.data_dir", "data.download", "data.eval_batch_size", "data.compile_transform",
     "model.compile", "model.channels_last", "model.tta_flip", "model.log_images", "model.grid_size",
     # filled in from data.num_classes by the CLI's links, so not a setting of its own
     "model.num_classes", "model.net.init_args.num_classes",

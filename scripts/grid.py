@@ -48,6 +48,7 @@ from typing import Any
 import yaml
 
 import events
+from cutmix_pl import runs
 
 COLUMNS = ("arm", "seed", "status", "epochs", "precision", "device", "test_acc", "test_acc_tta", "ece",
            "train_wall_s", "run")
@@ -152,7 +153,11 @@ def record(base: Path) -> dict[str, Any]:
 
 
 def finished(run: Path | None) -> bool:
-    return run is not None and (run / "FINISHED").is_file()
+    """Whether the cell's fit reached its end: the project's own rule (its last.ckpt against its config)."""
+    try:
+        return run is not None and runs.is_finished(run)
+    except ValueError:  # an unreadable last.ckpt or config: not finished; the resume then says what is wrong
+        return False
 
 
 def config(run: Path) -> dict[str, Any]:

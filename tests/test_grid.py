@@ -16,6 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli_runs import ckpt, files_under, small
+from cutmix_pl import runs
 from cutmix_pl.cli import CONFIG_DIR
 from cutmix_pl.cli import main as cli_main
 from cutmix_pl.module import ImageClassifier
@@ -152,7 +153,7 @@ def test_a_grid_resumes_an_interrupted_cell_skips_finished_ones_and_tables_the_t
     # processes is not training time
     run = base / "version_0"
     assert sorted(p.name for p in base.iterdir() if p.is_dir()) == ["version_0"]
-    assert (run / "config.resume1.yaml").is_file() and (run / "FINISHED").is_file()
+    assert (run / "config.resume1.yaml").is_file() and runs.is_finished(run)
     assert "cutmix-pl: resuming" in (base / "fit.log").read_text()
     first, second = walls(run)
     assert max(second) - min(second) <= float(rows[0]["train_wall_s"]) < max(second) - min(first)

@@ -1,11 +1,27 @@
 """ResNet on CIFAR-10 with per-sample, GPU-batched CutMix (Yun et al. 2019), driven by the Lightning CLI."""
 
-from .augment import CutMix, CutMixUp, Mixer, MixUp
-from .data import CIFAR10DataModule
-from .module import ImageClassifier, SoftTargetCrossEntropy
-from .resnet import ResNet
-from .transform import TrainTransform
+from __future__ import annotations
 
-__all__ = ["CutMix", "CutMixUp", "Mixer", "MixUp", "CIFAR10DataModule", "ImageClassifier",
-           "SoftTargetCrossEntropy", "ResNet", "TrainTransform"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .augment import CutMix, CutMixUp, Mixer, MixUp
+    from .data import CIFAR10DataModule
+    from .module import ImageClassifier, SoftTargetCrossEntropy
+    from .resnet import ResNet
+    from .transform import TrainTransform
+
+# Imported on first use (PEP 562): `python -m cutmix_pl` imports this package before its __main__ can take a signal,
+# and torch and Lightning take seconds to import.
+_EXPORTS = {"CutMix": "augment", "CutMixUp": "augment", "Mixer": "augment", "MixUp": "augment",
+            "CIFAR10DataModule": "data", "ImageClassifier": "module", "SoftTargetCrossEntropy": "module",
+            "ResNet": "resnet", "TrainTransform": "transform"}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -238,8 +238,8 @@ class _NoAdvert(logging.Filter):
 
 
 def run() -> None:
-    """Entry point of the ``cutmix-pl`` command: ``main()`` without its return value, which a console script
-    would hand to ``sys.exit`` (a non-None object there means exit status 1)."""
+    """What ``python -m cutmix_pl`` and ``cutmix-pl`` run once imported (``__main__.py``): ``main()`` without its
+    return value, which a console script would hand to ``sys.exit`` (a non-None object there means exit status 1)."""
     main()
 
 

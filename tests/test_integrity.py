@@ -336,3 +336,19 @@ def test_a_run_resumed_mid_epoch_shows_the_epoch_and_its_length(tiny_cifar, step
     main(["fit", *small(tiny_cifar), "--config", str(steps_config), "--trainer.enable_progress_bar", "true",
           "--ckpt_path", str(run / "checkpoints" / "step004.ckpt")])  # epoch 0, 4 of its 6 batches done
     assert seen[0] == ("Epoch 0: ", 6, 5), seen[:3]  # not "Training: 5/?"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to see the import under way")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_imports_torch_is_one_line(sig, in_tmp):
+    """Low: Ctrl-C during the imports printed a KeyboardInterrupt traceback (SIGTERM: a silent kill)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cutmix_pl", "fit", "--help"], cwd=in_tmp, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:  # torch is being imported now
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert err.strip().splitlines() == [f"cutmix-pl: stopped by {sig.name} while starting; nothing was written"]
+    assert out == "" and list(in_tmp.iterdir()) == []

@@ -79,7 +79,9 @@ def test_a_killed_predicts_temporary_file_is_cleared_by_the_next(run, tiny_cifar
     (folder / ".predictions.csv.k1ll3d.tmp").write_bytes(b"")  # what a kill -9 between open and write leaves
     main(["predict", *evals(tiny_cifar, run)])
     assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []
-    assert (folder / "predictions.csv").stat().st_size > 0
+    rows = (folder / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("index,label,pred,") and [r.split(",")[0] for r in rows[1:]] == [
+        str(i) for i in range(len(rows) - 1)] and len(rows) > 1
 
 
 # -- F3: without a logger, one run per folder ---------------------------------------------------------------------

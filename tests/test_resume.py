@@ -320,7 +320,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny
     resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
     assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
     err = (tmp_path / "resume.err").read_text()
-    assert "cutmix-pl: resuming" in err and "Restored all states" in (tmp_path / "resume.out").read_text() + err
+    assert "cutmix-pl: resuming" in err  # the states restored are compared below, not Lightning's log line
 
     ref = reference_run / "runs" / "smoke" / "version_0"
     assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")

@@ -16,8 +16,8 @@ EPYC = frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"})
 @pytest.mark.parametrize(("accelerator", "cuda", "flags", "precision", "channels_last"), [
     ("auto", True, frozenset(), "bf16-mixed", True),        # a GPU, whatever the CPU
     ("gpu", True, EPYC, "bf16-mixed", True),
-    ("cpu", True, frozenset({"avx2"}), "32-true", False),  # asked for the CPU on a GPU machine
-    ("auto", False, EPYC, "32-true", True),                # the machine docs/speed.md measured: bf16 lost accuracy
+    ("cpu", True, frozenset({"avx2"}), "32-true", False),  # asked for the CPU where a GPU is present
+    ("auto", False, EPYC, "32-true", True),                # the AVX-512 EPYC CPU of docs/speed.md: bf16 lost accuracy there
     ("cpu", False, frozenset({"amx_bf16", "avx512f"}), "32-true", True),
     ("cpu", False, frozenset({"avx512f"}), "32-true", True),
     ("cpu", False, frozenset({"avx2", "fma"}), "32-true", False),

@@ -52,7 +52,7 @@ MAY_CHANGE = (
     # filled in from data.num_classes by the CLI's links, so not a setting of its own
     "model.num_classes", "model.net.init_args.num_classes",
 )
-# Settings that null leaves to the machine (run_plan.choose_for_machine): a run found for a resume matches whatever it
+# Settings that null leaves to the machine (settings.choose_for_machine): a run found for a resume matches whatever it
 # chose, and the resume keeps that choice.
 CHOSEN_WHEN_NULL = ("trainer.precision",)
 LOCK = ".lock"

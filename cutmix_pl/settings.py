@@ -1,0 +1,168 @@
+"""The settings of one command: the choices made for the user, and what it takes from the checkpoint it names.
+
+``run_plan.py`` calls these on the parsed config before anything is built: a setting left to the machine is chosen
+and recorded, the ``--ckpt_path`` checkpoint is read once, and its model settings are checked against what the
+command asks (a network class from a file is never taken unasked; ``validate`` keeps the run's held-out split).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.utilities import rank_zero_only
+
+from . import hardware
+from .nets import net_differences
+from .runs import flatten, run_options, same_value
+
+__all__ = ["check_loose_checkpoint", "checked_hparams", "choose_for_machine", "note", "plain", "read_checkpoint",
+           "settle_defaults", "split_from_checkpoint"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cutmix.yaml"
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+# DataModule arguments that say which training images were held out for validation: ``validate`` takes the run's.
+SPLIT_KEYS = ("val_size", "split_seed")
+
+
+# -- choices made for the user ---------------------------------------------------------------------------
+def settle_defaults(cfg: Namespace) -> None:
+    """Choices made for the user, made here so that config.yaml records them (and a resume compares them)."""
+    trainer = cfg.trainer
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if max_epochs is not None and max_epochs < 1 and (max_steps is None or max_steps < 1):
+        raise ValueError(f"trainer.max_epochs={max_epochs} is out of range: the learning-rate schedules need an "
+                         "end; fix: a value >= 1 (or a trainer.max_steps >= 1)")
+    for name in LIMITS:
+        if trainer.get(name) == 1:
+            # Lightning reads a float as a fraction, and the CLI parses Trainer's int-or-float limits as floats
+            note(f"trainer.{name}=1 reads as 1.0, all batches (a float is a fraction of them); for a few batches "
+                 "pass 2 or more")
+    for cb in trainer.get("callbacks") or []:
+        if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            # one last.ckpt per run, overwritten (atomically) by every save, never last-v1.ckpt beside a stale one
+            cb.init_args.enable_version_counter = False
+
+
+def choose_for_machine(cfg: Namespace, resumed: dict[str, Any]) -> None:
+    """Precision and memory format left null: the fastest measured safe here (``hardware.py``), printed and recorded
+    in config.yaml. A resumed run keeps what it ran with, so that it continues as it would have."""
+    trainer, model = cfg.trainer, cfg.model
+    if trainer.precision is None:
+        trainer.precision = (resumed.get("trainer") or {}).get("precision")
+    if model.get("channels_last") is None:
+        model.channels_last = (resumed.get("model") or {}).get("channels_last")
+    if trainer.precision is None or model.channels_last is None:
+        choice, chosen = hardware.choose(trainer.accelerator), []
+        hint = choice.hint if trainer.precision is None else ""  # the hint is about precision
+        if trainer.precision is None:
+            trainer.precision = choice.precision
+            chosen.append(f"trainer.precision={choice.precision}")
+        if model.channels_last is None:
+            model.channels_last = choice.channels_last
+            chosen.append(f"model.channels_last={str(choice.channels_last).lower()}")
+        note(f"{', '.join(chosen)} (the fastest measured safe on {choice.why}; set them to override)"
+             + (f"; {hint}" if hint else ""))
+
+
+# -- what comes from the checkpoint ---------------------------------------------------------------------
+def checked_hparams(cfg: Namespace, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model settings this command takes: all but the run options (the command's own). Its network
+    class must be the command's: a class named by a file is code that loading it would import and run."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("net", {}), dict):
+        raise ValueError(f"--ckpt_path {cfg.ckpt_path} records its model settings in an unknown form "
+                         f"({type(hparams).__name__}); fix: pass a .ckpt file written by this project")
+    saved, asked = hparams.get("net"), plain(cfg.model.get("net"))
+    if isinstance(saved, dict) and isinstance(asked, dict):
+        diffs = net_differences(saved, asked)
+        if diffs and (diffs[0][0] == "class_path" or net_differences(_recipe_net(), asked)):
+            key, old, new = diffs[0]
+            flag = f"--model.net {old}" if key == "class_path" else f"--model.net.{key} {old}"
+            why = " (a network class is code: it is taken from a checkpoint only when the command names it)" if (
+                key == "class_path") else " (or leave it out: the checkpoint's is used)"
+            raise ValueError(f"--ckpt_path {cfg.ckpt_path} holds a model with {key}={old!r} but the config asks for "
+                             f"{key}={new!r}; fix: pass {flag}{why}, or leave out --ckpt_path to train from scratch")
+        for key, old, _ in diffs:
+            note(f"model.net {key}={old!r} from the checkpoint")
+    return {k: v for k, v in hparams.items() if k not in run_options() and not k.startswith("_")}
+
+
+def check_loose_checkpoint(cfg: Namespace, taken: dict[str, Any]) -> None:
+    """``fit --ckpt_path`` of a checkpoint outside a run folder (no config.yaml to compare the command with): it
+    trains on with the model settings it records, so one that this command sets otherwise (by a --config or flag:
+    it differs from the recipe) is refused in one line rather than ignored; the others are named."""
+    saved, asked = flatten(taken), flatten(plain(cfg.model))
+    recipe = flatten(_recipe().get("model") or {})
+    differ = [k for k in sorted(set(saved) & set(asked)) if not same_value(saved[k], asked[k])
+              and not k.startswith(("net.", "num_classes"))]
+    refused = [k for k in differ if k in recipe and not same_value(recipe[k], asked[k])]
+    if refused:
+        text = ", ".join(f"model.{k} ({saved[k]!r} there, {asked[k]!r} asked)" for k in refused)
+        raise ValueError(f"--ckpt_path {cfg.ckpt_path} continues with the model settings it was trained with, "
+                         f"but this command asks for others: {text}; fix: leave them out, or leave out "
+                         "--ckpt_path to start a new run with them")
+    for key in differ:
+        note(f"model.{key}={saved[key]!r} from the checkpoint")
+
+
+def split_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any]) -> None:
+    """``validate`` of a checkpoint validates on its run's held-out images: another split would hold images the run
+    trained on (a short.yaml run, val_size 0, trained on all 50,000). test and predict use the test set."""
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    for key in SPLIT_KEYS:
+        if isinstance(saved, dict) and key in saved and key in cfg.data and saved[key] != cfg.data[key]:
+            note(f"data.{key}={saved[key]!r} from the checkpoint, not {cfg.data[key]!r}: the run's validation split "
+                 "(another would hold images it trained on)")
+            cfg.data[key] = saved[key]
+
+
+def _recipe() -> dict[str, Any]:
+    """The default recipe, configs/cutmix.yaml, as a dict."""
+    return (yaml.safe_load(DEFAULT_CONFIG.read_text()) if DEFAULT_CONFIG.is_file() else None) or {}
+
+
+def _recipe_net() -> dict[str, Any]:
+    return (_recipe().get("model") or {}).get("net") or {"class_path": "cutmix_pl.resnet.ResNet"}
+
+
+
+def read_checkpoint(cfg: Namespace) -> dict[str, Any]:
+    """Read the checkpoint once, so a bad one ends here, in one line, before anything is written."""
+    ckpt = cfg.ckpt_path
+    try:  # as Lightning will load it (torch's weights_only default unless --weights_only says otherwise)
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=cfg.get("weights_only"))
+    except Exception as err:  # truncated zip, not a torch file, a global weights_only refuses, ...
+        detail = " ".join(str(err).split())
+        if "Weights only load failed" in detail:
+            raise ValueError(f"--ckpt_path {ckpt} holds objects that a weights-only load refuses; fix: pass "
+                             "--weights_only false if you trust the file (loading it runs code it names)") from None
+        raise ValueError(f"--ckpt_path {ckpt} is not a readable checkpoint ({type(err).__name__}: "
+                         f"{detail[:200]}); fix: pass an intact .ckpt file (e.g. an earlier one of the run, "
+                         "step*.ckpt or best-*.ckpt) or leave out --ckpt_path to train from scratch") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"--ckpt_path {ckpt} is not a Lightning checkpoint (no state_dict); fix: pass a .ckpt "
+                         "file written by this project")
+    return checkpoint
+
+
+# -- small helpers -----------------------------------------------------------------------------------------
+def note(text: str) -> None:
+    """A line about this command's settings, once: DDP-launched ranks parse the same command again."""
+    if rank_zero_only.rank == 0:
+        print(f"cutmix-pl: {text}", file=sys.stderr)
+
+
+def plain(value: Any) -> Any:
+    """A parsed config as YAML would hold it (paths and other objects as strings), for comparing with a saved one."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)

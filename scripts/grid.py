@@ -19,7 +19,8 @@ Ctrl-C or SIGTERM lets the running fits save last.ckpt and stop; the tables are 
 
 DIR/results.csv: a row per cell; test_acc, test_acc_tta and ece are the tests' ``test/acc`` and ``test/ece`` (the
 last checkpoint), train_wall_s the span of the fit's event files summed over its process starts (no start-up, no
-pause between an interruption and its resume), epochs the last logged epoch + 1. DIR/results.md: per arm, the mean
+pause between an interruption and its resume), interruptions the fit's process starts less one (each resume
+writes an event file of its own), epochs the last logged epoch + 1. DIR/results.md: per arm, the mean
 and half range over seeds and the difference from the first arm, paired by seed. DIR/val_acc.png: the validation
 curves (needs matplotlib).
 """
@@ -51,7 +52,7 @@ import events
 from cutmix_pl import runs
 
 COLUMNS = ("arm", "seed", "status", "epochs", "precision", "device", "test_acc", "test_acc_tta", "ece",
-           "train_wall_s", "run")
+           "train_wall_s", "interruptions", "run")
 RECORD = "cell.json"  # a cell's test metrics, written once its tests are done
 # Set per cell by the grid: a flag after -- that changed them would break the layout that resuming relies on.
 OWN_FLAGS = ("--ckpt_path", "--seed_everything", "--trainer.logger.init_args.save_dir",
@@ -294,7 +295,8 @@ def row(cell: Cell, status: str, out: Path) -> dict[str, Any]:
         epochs = [v for _, v, _ in series.get("epoch", [])]
         r.update(epochs=int(max(epochs)) + 1 if epochs else None, curve=events.curve(series),
                  precision=config(run).get("trainer", {}).get("precision"),
-                 train_wall_s=round(seconds, 1) if seconds is not None else None)
+                 train_wall_s=round(seconds, 1) if seconds is not None else None,
+                 interruptions=max(len(events.files(run)) - 1, 0))
     if status == "done":
         r.update(record(cell.base(out)))
     return r

@@ -145,6 +145,7 @@ def test_a_grid_resumes_an_interrupted_cell_skips_finished_ones_and_tables_the_t
         assert r["run"] == str(run)
         assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 12  # 2 epochs of 6 steps
         assert (r["epochs"], r["precision"], r["device"]) == ("2", "32-true", f"CPU ({os.cpu_count()} cores)")
+        assert r["interruptions"] == {"cutmix": "1", "baseline": "0"}[r["arm"]]
         plain, tta = map(last_values, sorted((run / "test").glob("events.out.tfevents.*")))
         assert float(r["test_acc"]) == plain["test/acc"] and float(r["ece"]) == plain["test/ece"]
         assert float(r["test_acc_tta"]) == tta["test/acc"]

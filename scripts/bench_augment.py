@@ -147,7 +147,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds per timed block (0: one call)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--compile", action="store_true", help="add ours elem with its arithmetic compiled "
-                        "(compiles once per batch size and device: seconds on a GPU, a minute on a small CPU)")
+                        "(compiles once per batch size and device: seconds on a GPU, about 13 s on a 2-core CPU)")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")

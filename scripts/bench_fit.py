@@ -19,7 +19,7 @@ matters where the per-step difference is small next to the start-up's noise (a t
 The fits start from configs/smoke.yaml, which trains on the CPU; on a GPU, give the accelerator as a flag for all
 (flags after the variants go to every fit)::
 
-    python scripts/bench_fit.py --events --data-dir data --batch-size 512 --short 20 --long 80 --reps 1 \
+    python scripts/bench_fit.py --events --data-dir data --batch-size 512 --short 20 --long 80 --reps 1 \\
         . ".::--data.compile_transform true" --trainer.accelerator gpu
 """
 

@@ -3,7 +3,7 @@
 (a) this project's pipeline: the training set resident on the device, an on-device permutation, batched
     crop/flip/normalise and per-sample CutMix on the device (the DataModule's own code path);
 (b) the conventional pipeline: a torchvision-style Dataset with per-image v2 RandomCrop, RandomHorizontalFlip,
-    ToDtype and Normalize, ``v2.CutMix`` in ``collate_fn``, a DataLoader with pinned memory and one worker per
+    ToDtype and Normalize, ``v2.CutMix`` in ``collate_fn``, a DataLoader with pinned memory (on CUDA) and one worker per
     core, batches copied to the device;
 (c) the ceiling: the same training step on one fixed, pre-made batch already on the device.
 

@@ -236,8 +236,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         if "aug_rng" in state and self.transform.generator is not None:
             _, rank, world = self._topology()
             streams = state.get("aug_rng_per_rank", [state["aug_rng"]])
-            if len(streams) == world:
+            # A stream continues only in a generator of its kind: a CPU generator's state (5056 bytes) does not
+            # fit a CUDA one (16: seed and offset), and a resume may move a run between CPU and GPU.
+            fits = streams[0].numel() == self.transform.generator.get_state().numel()
+            if len(streams) == world and fits:
                 self.transform.load_state_dict({"rng": streams[rank]})
-            else:  # saved with another number of processes: a new stream per rank, distinct and reproducible
+            else:  # saved with another number of processes or on another kind of device: a new stream per rank,
+                # distinct and reproducible
                 self.transform.seed(mix_seed(self._seed(), 1 + rank, world, *self._position),
                                     self.transform.generator.device)

@@ -119,3 +119,27 @@ def test_a_single_image_instead_of_a_batch_fails_in_one_line():
     transform = TrainTransform(CutMix(prob=0.5))
     with pytest.raises(ValueError, match=r"images must be \[B, C, H, W\]; got shape \[3, 32, 32\]"):
         transform(torch.zeros(3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+
+
+def test_a_stream_saved_on_another_kind_of_device_is_replaced_by_a_reproducible_one(tiny_cifar):
+    """A resume may move a run between CPU and GPU: a CUDA generator's state (16 bytes: seed and offset) cannot
+    continue in the CPU generator, so the rank starts a new stream, seeded from the position, as after a change in
+    the number of processes; a state of the CPU's kind is continued as it is."""
+    import lightning as L
+
+    from cutmix_pl.loaders import mix_seed
+
+    def restored(state):
+        dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, batch_size=64, seed=1)
+        dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_epochs=3)
+        dm.setup("fit")
+        dm.train_dataloader()
+        dm.load_state_dict(state)
+        return dm.transform.generator.get_state()
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    got = restored({"epoch": 1, "batches_done": 2, "aug_rng": cuda_state})
+    want = torch.Generator().manual_seed(mix_seed(1, 1, 1, 1, 2)).get_state()
+    assert torch.equal(got, want)
+    cpu_state = torch.Generator().manual_seed(123).get_state()
+    assert torch.equal(restored({"epoch": 1, "batches_done": 2, "aug_rng": cpu_state}), cpu_state)

@@ -204,9 +204,15 @@ class StopOnSignal(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the epoch's validation, where ModelCheckpoint(save_on_train_epoch_end=True) saves: a checkpoint taken
-        # at the last batch, before that validation, resumes without it (Lightning counts the epoch as done).
+        # at the last batch, before that validation, resumes without it (Lightning counts the epoch as done). The
+        # stop waits for the next epoch's start: Lightning writes the epoch's logged means after this hook.
         if self._agreed(trainer):
-            raise self._save(trainer, max(0, trainer.num_training_batches - 1), trainer.current_epoch)
+            self._pending = self._save(trainer, max(0, trainer.num_training_batches - 1), trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            raise pending
 
     def _agreed(self, trainer: L.Trainer) -> bool:
         """Whether to stop now: this process's flag, or under DDP any rank's (a collective: all ranks call it)."""
@@ -230,6 +236,7 @@ class StopOnSignal(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._uninstall()
+        self._pending = None  # a stop asked at the last epoch's end: the finished fit is saved below
         # agreed over ranks: saving is collective (the DataModule gathers every rank's stream), so a signal that
         # reached some ranks only must not send those alone into it
         if self._agreed(trainer):

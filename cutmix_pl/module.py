@@ -24,6 +24,8 @@ from .schedules import SCHEDULES, Schedule, lr_factor
 __all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
+# Checkpoint key of the training means' sums in the epoch under way (see on_save_checkpoint).
+EPOCH_SUMS = "train_epoch_sums"
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -129,6 +131,8 @@ class ImageClassifier(L.LightningModule):
         self.eval_metrics = nn.ModuleDict({stage: self._metrics(stage, num_classes) for stage in ("val", "test")})
         self.best_val_acc = 0.0
         self._nonfinite: Tensor | None = None
+        self._resumed_sums: dict[str, Any] | None = None
+        self._logged_epoch = -1  # the last epoch whose training means were logged
 
     @staticmethod
     def _metrics(stage: str, num_classes: int) -> MetricCollection:
@@ -210,6 +214,7 @@ class ImageClassifier(L.LightningModule):
         # two are read only at the epoch's end.
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True)
+        self._logged_epoch = self.current_epoch
 
     def _watch_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop on a non-finite loss, naming where. On a GPU the flag is read only every logging interval,
@@ -289,6 +294,13 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["best_val_acc"] = self.best_val_acc
+        # The training means' sums so far in this epoch, over all ranks (all ranks save together), and whether the
+        # epoch's means were logged already: a resume completes them (on_train_start).
+        sums = torch.stack([self.train_loss.total, self.train_loss.weight, self.train_acc.total,
+                            self.train_acc.weight]).float()
+        gathered = self.all_gather(sums)
+        checkpoint[EPOCH_SUMS] = {"epoch": self.current_epoch, "logged": self._logged_epoch == self.current_epoch,
+                                  "sums": (gathered.sum(0) if gathered.dim() > 1 else gathered).cpu()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written while the network was wrapped by torch.compile(module) carry "_orig_mod." keys.
@@ -297,6 +309,21 @@ class ImageClassifier(L.LightningModule):
             checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
         self.check_compatible(checkpoint)
         self.best_val_acc = checkpoint.get("best_val_acc", 0.0)
+        self._resumed_sums = checkpoint.get(EPOCH_SUMS)
+
+    def on_train_start(self) -> None:
+        saved, self._resumed_sums = self._resumed_sums, None
+        if saved is None or self.global_rank != 0:
+            return
+        sums = saved["sums"].to(self.train_loss.total.device)
+        if saved["epoch"] == self.current_epoch:  # resumed inside the epoch, or at its end before its means
+            self.train_loss.total, self.train_loss.weight, self.train_acc.total, self.train_acc.weight = sums.unbind()
+        elif not saved["logged"] and self.logger is not None and sums[1] > 0:
+            # stopped after the epoch's last batch, before its end: Lightning goes on with the next epoch and never
+            # ends this one, so its means are written here, at the step where it would have written them
+            loss, acc = (sums[0] / sums[1]).item(), (sums[2] / sums[3]).item()
+            self.logger.log_metrics({"train/loss_epoch": loss, "train/acc_dominant": acc, "epoch": saved["epoch"]},
+                                    step=max(self.global_step - 1, 0))
 
     def check_compatible(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
         """A checkpoint of another network fails here in one line, not in load_state_dict's size dump."""

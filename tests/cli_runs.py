@@ -85,6 +85,13 @@ WRAPPER = textwrap.dedent("""
         if os.environ.get("PAUSE_IN_LAST_VAL") and last and not self.trainer.sanity_checking and batch_idx == 0:
             hold(self.trainer, "validation")
 
+    train_epoch_end = ImageClassifier.on_train_epoch_end
+
+    def on_train_epoch_end(self):  # the means are logged, not yet written (Lightning writes them after this hook)
+        train_epoch_end(self)
+        if self.current_epoch == int(os.environ.get("PAUSE_AT_EPOCH_END", "-1")):
+            hold(self.trainer, "epoch end")
+
     if os.environ.get("PAUSE_IN_SETUP"):
         from cutmix_pl.data import CIFAR10DataModule
 
@@ -98,6 +105,7 @@ WRAPPER = textwrap.dedent("""
         import kill_on_write
         kill_on_write.install(int(os.environ["KILL_IN_SAVE"]), Path("killed_in_save"))
     ImageClassifier.on_train_batch_end = on_train_batch_end
+    ImageClassifier.on_train_epoch_end = on_train_epoch_end
     ImageClassifier.on_validation_batch_end = on_validation_batch_end
     cli = main(sys.argv[1:])
     if cli is not None and cli.trainer.state.finished:
@@ -131,7 +139,7 @@ def spawn(cwd: Path, args: list[str], pause_at: int | None = None, tag: str = "r
     """``python -m cutmix_pl ARGS`` in ``cwd`` (output in TAG.out/TAG.err), with the WRAPPER's hooks set."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key in ("CUTMIX_PL_TRACEBACK", "CUTMIX_PL_RUN", "PAUSE_AT_STEP", "PAUSE_IN_LAST_VAL", "PAUSE_IN_SETUP",
-                "KILL_IN_SAVE"):
+                "PAUSE_AT_EPOCH_END", "KILL_IN_SAVE"):
         env.pop(key, None)
     if pause_at is not None:
         env["PAUSE_AT_STEP"] = str(pause_at)
@@ -177,7 +185,8 @@ def assert_same_training_state(a: Path, b: Path, tol: float = 1e-6) -> None:
 
 def assert_same_metrics(a: Path, b: Path, tol: float = 1e-5) -> None:
     ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
-    for key in ("val/acc", "val/loss", "val/acc_top5", "hp_metric"):
+    # the training means too: an epoch resumed part-way must still average all of its batches
+    for key in ("val/acc", "val/loss", "val/acc_top5", "hp_metric", "train/loss_epoch", "train/acc_dominant"):
         assert mb[key] == pytest.approx(ma[key], abs=tol), key
 
 

@@ -26,6 +26,10 @@ from cli_runs import (assert_same_metrics, assert_same_training_state, ckpt, fai
                       finish, small, spawn, wait_paused)
 
 
+def event_values(run: Path, tag: str) -> list[float]:
+    return [e.value for e in EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars(tag)]
+
+
 def event_steps(run: Path) -> dict[str, list[int]]:
     """Each scalar tag's steps as TensorBoard shows them (all event files of the run folder, purges applied)."""
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
@@ -56,6 +60,8 @@ def test_three_interrupts_end_where_an_uninterrupted_run_ends(reference_run, tin
     got, want = event_steps(run), event_steps(ref)
     for tag in ("train/loss", "train/lr", "val/acc", "val/loss"):
         assert got[tag] == want[tag], f"{tag}: steps {got[tag]} vs uninterrupted {want[tag]}"
+    for tag in ("train/loss_epoch", "train/acc_dominant"):  # each epoch's mean over all its batches
+        assert event_values(run, tag) == pytest.approx(event_values(ref, tag), abs=1e-6), tag
     assert len(list(run.glob("events.out.tfevents.*"))) == 4 and (run / "config.resume3.yaml").is_file()
 
 
@@ -326,9 +332,31 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny
     assert_same_training_state(ref / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
     assert_same_training_state(ref / "checkpoints" / "step008.ckpt", run / "checkpoints" / "step008.ckpt")
     assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
+    for tag in ("train/loss_epoch", "train/acc_dominant"):  # epoch 0's means cover the batches before the kill too
+        assert event_values(run, tag) == pytest.approx(event_values(ref, tag), abs=1e-6), tag
     # The run went on in its own folder: no version_1, the first config kept, the resumed one beside it.
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
     assert (run / "config.yaml").read_bytes() == config_before and (run / "config.resume1.yaml").is_file()
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_kill_between_an_epochs_checkpoint_and_its_logged_means_loses_none(reference_run, tiny_cifar,
+                                                                            steps_config, tmp_path):
+    # epoch 0's last.ckpt is saved after its validation; Lightning writes the epoch's training means after the
+    # module's on_train_epoch_end, where this run is killed: the resume starts epoch 1 and must still write them
+    args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    proc = spawn(tmp_path, args, PAUSE_AT_EPOCH_END="0")
+    wait_paused(proc, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    assert finish(proc) == -signal.SIGKILL
+    assert ckpt(run / "checkpoints" / "last.ckpt")["epoch"] == 0
+    resumed = spawn(tmp_path, [*args, "--ckpt_path", "last"], tag="resume")
+    assert finish(resumed) == 0, (tmp_path / "resume.err").read_text()[-3000:]
+    ref = reference_run / "runs" / "smoke" / "version_0"
+    for tag in ("train/loss_epoch", "train/acc_dominant"):
+        assert event_values(run, tag) == pytest.approx(event_values(ref, tag), abs=1e-6), tag
+    assert event_steps(run)["train/loss_epoch"] == event_steps(ref)["train/loss_epoch"]
 
 
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifar, steps_config, tmp_path):

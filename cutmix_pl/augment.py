@@ -5,7 +5,7 @@ code serves a DataLoader ``collate_fn`` on the CPU and a GPU-resident batch in
 ``LightningDataModule.on_after_batch_transfer``. There is no Lightning import in this module.
 
 Randomness comes from torch on the batch's device: from the ``generator`` passed to a call when there is
-one (the DataModule passes a per-rank, checkpointed generator), else from torch's global RNG, which
+one (``TrainTransform`` passes its own, per rank and checkpointed), else from torch's global RNG, which
 ``lightning.seed_everything`` seeds.
 
 Label smoothing is deliberately absent: it belongs to the loss (``SoftTargetCrossEntropy``), so it is applied

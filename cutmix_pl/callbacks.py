@@ -11,7 +11,9 @@ signal number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). ``fit --ckpt_pa
 checkpoint. A signal during a validation lets it finish (its epoch-end checkpoint included), then stops the same way,
 also after the last epoch's. A second Ctrl-C stops at once, without saving, in the same one line.
 
-:class:`PredictionWriter` writes what ``predict`` computes to ``predictions.csv`` in the run's log folder.
+:class:`PredictionWriter` writes what ``predict`` computes to ``predictions.csv`` in the run's log folder;
+:class:`SaveConfigNoOverwrite` keeps a run's first ``config.yaml`` and writes a resume's beside it
+(``config.resumeN.yaml``); :class:`ResumedEpochBar` starts a resumed epoch's progress bar where it stands.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,11 @@ class CheckpointWriteError(OSError):
 def atomic_write(path: str | Path, data: bytes | memoryview, what: str = "the checkpoint") -> None:
     """Write ``data`` to ``path`` so that ``path`` is either its old self or the complete new file, never a part.
 
-    The temporary file is created beside the target with a unique name (``mkstemp``: O_EXCL, so a planted file or
-    link of that name is never opened), and a target that is a symbolic link is replaced, not written through."""
+    The temporary file is created beside the target with a unique name, and a target that is a symbolic link is
+    replaced, not written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,6 +56,20 @@ def atomic_write(path: str | Path, data: bytes | memoryview, what: str = "the ch
             os.close(dir_fd)
     except OSError:
         pass  # some filesystems cannot fsync a folder; the file itself is complete
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new file ``.NAME.<random>.tmp`` beside ``path``, opened with O_EXCL (a planted file or link of that name is
+    never opened) and the permissions a new file gets here (0666 less the umask): not mkstemp's 0600, so that those
+    who may read the run's other files may read its checkpoints too (a shared cluster disk)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -68,7 +68,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}; fix: "
-                                 f"pass --data.{name} with such a value (the recipe's is in configs/cutmix.yaml)")
+                                 f"pass --data.{name} with such a value (the recipe's is in cutmix_pl/configs/cutmix.yaml)")
         if not 0 <= val_size < 50_000:
             raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, 49999] "
                              "(CIFAR-10 has 50000 training images); fix: e.g. 5000, or 0 to validate on the test set")

@@ -67,8 +67,10 @@ def check_compatible(checkpoint: dict[str, Any], ours: Any, num_classes: int, ow
         if diffs:
             old = ", ".join(f"{k}={a!r}" for k, a, _ in diffs)
             new = ", ".join(f"{k}={b!r}" for k, _, b in diffs)
-            fix = ("use a checkpoint trained on this data set" if diffs[0][0] == "num_classes" else
-                   "pass " + " ".join(f"--model.net.{k} {a}" for k, a, _ in diffs))
+            # num_classes comes from the data, not a flag: another one needs another checkpoint
+            flags = " ".join(f"--model.net.{k} {a}" for k, a, _ in diffs if k != "num_classes")
+            fix = ("use a checkpoint trained on this data set" if any(k == "num_classes" for k, _, _ in diffs)
+                   else f"pass {flags}")
             raise ValueError(f"{what} holds a model with {old} but this run builds {new}; fix: {fix}, "
                              "or leave out --ckpt_path to train from scratch")
     for key, value in (checkpoint.get("state_dict") or {}).items():

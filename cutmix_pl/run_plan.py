@@ -54,7 +54,7 @@ class RunPlan:
 
     def prepare(self, sub: str, cfg: Namespace) -> dict[str, Any]:
         """Apply the run rules to ``cfg`` (in place); return the checkpoint's model settings that this command takes
-        (its run options and what it sets otherwise left out)."""
+        (all but its run options, which are the command's own)."""
         settle_defaults(cfg)
         if sub != "fit" and cfg.get("ckpt_path") is None:
             raise ValueError(f"{sub} needs --ckpt_path: without one it would evaluate an untrained network; fix: "

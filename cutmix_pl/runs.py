@@ -112,7 +112,7 @@ class RunLock:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise ValueError(f"{self.path.parent} is in use by another running command (pid {holder}); fix: wait "
-                             "for it to end or stop it, or leave out --ckpt_path to start a new run") from None
+                             "for it to end (or stop it), then run this command again") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -264,7 +264,7 @@ def find_resumable(base: Path, current: dict[str, Any]) -> Path:
     if done:
         raise ValueError(f"--ckpt_path last continues unfinished runs only, and the run with this config, {done[-1]}, "
                          f"has finished; fix: to train it longer, pass --ckpt_path {done[-1]} (with a larger "
-                         "--trainer.max_epochs), or leave out --ckpt_path to start a new run")
+                         "--trainer.max_epochs or --trainer.max_steps), or leave out --ckpt_path to start a new run")
     raise ValueError(f"--ckpt_path last found no run in {base} with this command's settings ({'; '.join(other[-4:])}); "
                      "fix: repeat the run's settings, pass --ckpt_path RUN_FOLDER (a resume then refuses changed "
                      "settings by name), or leave out --ckpt_path to start a new run")

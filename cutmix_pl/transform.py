@@ -164,4 +164,5 @@ class TrainTransform:
         if draws is None:
             return TrainBatch(images, labels, labels, labels, torch.ones(len(labels), device=labels.device))
         mixed = self.mixer.apply(images, labels, draws)  # type: ignore[union-attr]
-        return TrainBatch(mixed.images, mixed.targets, labels, labels[mixed.index], mixed.lam)
+        partner = torch.where(mixed.lam < 1, labels[mixed.index], labels)  # nothing of another image: its own
+        return TrainBatch(mixed.images, mixed.targets, labels, partner, mixed.lam)

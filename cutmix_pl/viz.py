@@ -1,4 +1,5 @@
-"""Pictures for people: a captioned grid of mixed training images (TensorBoard and scripts share it)."""
+"""Pictures for people: a captioned grid of mixed training images and the confusion-matrix image (TensorBoard and
+scripts share them)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +88,8 @@ class Cell:
 
 
 def packaged_recipes() -> Path:
-    """cutmix_pl/configs of the installed package, found without importing it (that would import torch)."""
-    spec = find_spec("cutmix_pl")
-    if spec is None or spec.origin is None:
-        fail("cutmix_pl is not installed; fix: pip install -e . in the checkout")
-    return Path(spec.origin).parent / "configs"
+    """cutmix_pl/configs of the installed package (the named recipes)."""
+    return Path(runs.__file__).parent / "configs"
 
 
 def recipe(text: str, arm: str) -> Path:
@@ -211,6 +207,8 @@ class Grid:
                 proc = subprocess.Popen(cmd, cwd=cell.base(self.args.out), env=self.env, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
                 self.procs.add(proc)
+                if self.stop.is_set():  # a signal between the check above and add(): on_signal did not see it
+                    proc.send_signal(signal.SIGTERM)
             rc = proc.wait()
             with self.lock:
                 self.procs.discard(proc)

@@ -7,6 +7,7 @@ temporary folder, as a shared output disk is on a cluster); elsewhere it is an o
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -95,20 +96,36 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(other_fs, monkeypatch):
             except OSError:
                 pass
         os.truncate(folder / "filler", os.path.getsize(folder / "filler") - 100_000)
-    else:  # simulated: the write fails half-way with ENOSPC
-        real = torch.save
+    else:  # simulated: the temporary file takes 1000 bytes, then the disk is full
+        real_fdopen = os.fdopen
 
-        def no_space(obj, f, *a, **k):
-            f.write(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        class Full(io.RawIOBase):
+            def __init__(self, f):
+                self.f = f
 
-        monkeypatch.setattr(torch, "save", no_space)
-        assert real is not no_space
+            def write(self, data):
+                self.f.write(bytes(data[:1000]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def close(self):
+                self.f.close()
+
+        monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
     with pytest.raises(CheckpointWriteError) as err:
         atomic_save({"w": torch.zeros(1_000_000)}, path)
     msg = str(err.value)
     assert str(path) in msg and "No space left on device" in msg and "fix:" in msg and "\n" not in msg
     assert not path.exists() and not list(folder.glob(".*.tmp")), "no unloadable file is left behind"
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        atomic_save({"w": torch.zeros(3)}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode
 
 
 def test_atomic_writer_round_trips_like_lightnings(tmp_path):

@@ -23,7 +23,8 @@ def test_one_call_is_crop_flip_then_normalise_then_mix():
     x = normalize(random_crop_flip(images, 4, True, gen), cifar.MEAN, cifar.STD)
     mixed = CutMix(prob=1.0).mix(x, labels, gen)
     assert torch.equal(got.images, mixed.images) and torch.equal(got.targets, mixed.targets)
-    assert torch.equal(got.partner, labels[mixed.index]) and torch.equal(got.lam, mixed.lam)
+    assert torch.equal(got.partner, torch.where(mixed.lam < 1, labels[mixed.index], labels))
+    assert torch.equal(got.lam, mixed.lam)
 
 
 def test_its_stream_resumes_from_its_state():
@@ -143,3 +144,14 @@ def test_a_stream_saved_on_another_kind_of_device_is_replaced_by_a_reproducible_
     assert torch.equal(got, want)
     cpu_state = torch.Generator().manual_seed(123).get_state()
     assert torch.equal(restored({"epoch": 1, "batches_done": 2, "aug_rng": cpu_state}), cpu_state)
+
+
+def test_an_unmixed_sample_names_its_own_label_as_partner():
+    images, labels = _batch(n=256)
+    transform = TrainTransform(CutMix(prob=0.5))
+    transform.seed(5)
+    got = transform(images, labels)
+    unmixed = got.lam == 1
+    assert 0 < int(unmixed.sum()) < len(labels)  # prob 0.5: both kinds in the batch
+    assert torch.equal(got.partner[unmixed], labels[unmixed])
+    assert (got.partner[~unmixed] != labels[~unmixed]).any()  # mixed ones name another image's label

@@ -24,12 +24,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import (Interrupted, LastCheckpoint, PredictionWriter, ResumedEpochBar, SaveConfigNoOverwrite,
-                        StopOnSignal, StoppedEarly, stop_early_on_signals)
+from .callbacks import LastCheckpoint, PredictionWriter, ResumedEpochBar, SaveConfigNoOverwrite
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier
 from .run_plan import RunPlan, blocked, shown
+from .signals import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_signals
 
 # The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

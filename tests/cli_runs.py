@@ -63,7 +63,7 @@ trainer:
 WRAPPER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from cutmix_pl.callbacks import StopOnSignal
+    from cutmix_pl.signals import StopOnSignal
     from cutmix_pl.cli import main
     from cutmix_pl.module import ImageClassifier
 

@@ -110,7 +110,15 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 
 
 class Mixer:
-    """Shared machinery: argument checks, pairing, target mixing. Subclasses supply the pixel weights."""
+    """Shared machinery: argument checks, pairing, target mixing. Subclasses supply the pixel weights.
+
+    Args:
+        alpha: lambda ~ Beta(alpha, alpha).
+        prob: the chance that a sample (``elem``) or the batch (``batch``) is mixed.
+        num_classes: the width of the soft targets.
+        mode: ``elem``, a lambda (and box) per sample, or ``batch``, one for the whole batch.
+        pairing: ``perm``, a random partner per sample, or ``roll``, its neighbour (the batch rolled by one).
+    """
 
     def __init__(self, alpha: float, prob: float, num_classes: int, mode: Mode, pairing: Pairing) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:

@@ -90,6 +90,9 @@ class PredictionWriter(Callback):
     One row per image: ``index`` (its position in the predicted split), ``label`` (the true class, empty when
     unknown), ``pred`` (the predicted class) and one probability column per class. Under DDP every rank writes its
     shard to a part file; rank 0 joins them in index order.
+
+    Args:
+        filename: the file's name inside the log folder.
     """
 
     def __init__(self, filename: str = "predictions.csv") -> None:

@@ -29,11 +29,9 @@ from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier
 from .run_plan import RunPlan, blocked, shown
+from .settings import CONFIG_DIR, DEFAULT_CONFIG
 from .signals import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_signals
 
-# The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "cutmix.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 

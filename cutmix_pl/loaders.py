@@ -33,6 +33,15 @@ class ShardedBatchSampler:
     indices, so all ranks run the same number of steps (DDP needs that); the few left over change every
     epoch. In eval mode the shards are contiguous and together cover every index exactly once. ``drop_last`` (training
     only) leaves out the ragged last batch, so that every step has the same shape.
+
+    Args:
+        size: the number of images in the split.
+        batch_size: images per batch on this rank (the global batch divided by ``world_size``).
+        shuffle: training (a new permutation each epoch, equal shards) or evaluation (every index once, in order).
+        seed: the permutations' seed, the same on every rank.
+        rank, world_size: this process and the number of processes.
+        device: where the index tensors are made (the device of the data they index).
+        drop_last: training only: leave out the ragged last batch.
     """
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
@@ -110,6 +119,11 @@ class TensorBatchLoader:
 
     An ordinary sized iterable as far as Lightning is concerned: progress bars, ``limit_*_batches``,
     ``val_check_interval`` and ``set_epoch`` (through ``batch_sampler``) work as with a DataLoader.
+
+    Args:
+        images, labels: the whole split, on the device the batches are used on.
+        batch_sampler: the index batches of this rank.
+        with_index: also yield each image's position in the split (``predict``: for the predictions file).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_sampler: ShardedBatchSampler,

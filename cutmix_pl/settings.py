@@ -23,7 +23,9 @@ from .runs import flatten, run_options, same_value
 __all__ = ["check_loose_checkpoint", "checked_hparams", "choose_for_machine", "note", "plain", "read_checkpoint",
            "settle_defaults", "split_from_checkpoint"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cutmix.yaml"
+# The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "cutmix.yaml"
 LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 # DataModule arguments that say which training images were held out for validation: ``validate`` takes the run's.
 SPLIT_KEYS = ("val_size", "split_seed")

@@ -80,9 +80,15 @@ def test_fit_writes_events_checkpoints_and_config(trained):
         torch.testing.assert_close(model.state_dict()[key], value)
 
 
-def test_num_classes_is_linked_from_data(trained):
+def test_num_classes_is_linked_from_data(trained, capsys):
     _, cli, _ = trained
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10 == cli.model.net.fc.out_features
+    # the link, not the defaults' agreement: the model's own flag is gone, its value comes from the data
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as failed:
+        main(["fit", "--model.num_classes", "7", "--print_config"])
+    assert failed.value.code != 0 and 'Linked "model.num_classes" must be given via "data.num_classes"' in (
+        capsys.readouterr().err)
 
 
 def test_a_limit_of_one_is_named_as_all_batches(trained):

@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from .runs import (RunLock, changed_settings, claim_version, clear_temporary, describe_changes, find_resumable,
                    newest_last, outermost_missing, remove_failed, run_of_checkpoint, saved_config, snapshot,
                    symlinks_in)
-from .settings import (check_loose_checkpoint, checked_hparams, choose_for_machine, note, plain, read_checkpoint,
-                       settle_defaults, split_from_checkpoint)
+from .settings import (check_loose_checkpoint, checked_hparams, choose_for_machine, keep_run_seed, note, plain,
+                       read_checkpoint, settle_defaults, split_from_checkpoint)
 
 __all__ = ["RUN_ENV", "RunPlan", "blocked", "logger_args", "point_logger", "runs_base", "shown"]
 
@@ -70,6 +70,7 @@ class RunPlan:
             raise ValueError(f"{err}; fix: repair that file, or move it away (the run's previous config file then "
                              "counts)") from None
         choose_for_machine(cfg, resumed or {})
+        keep_run_seed(cfg, resumed or {})
         taken: dict[str, Any] = {}
         if self.checkpoint is not None:
             taken = checked_hparams(cfg, self.checkpoint)

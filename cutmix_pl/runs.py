@@ -199,6 +199,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def is_seed(value: Any) -> bool:
+    """A seed a run recorded: ``seed_everything: true`` is written down as the integer it chose."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equal, with numbers compared to a relative 1e-9 (a float read back from YAML)."""
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
@@ -210,7 +215,11 @@ def same_value(a: Any, b: Any) -> bool:
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, this command's value)`` for every setting outside :data:`MAY_CHANGE` that differs."""
     old, new = flatten(saved), flatten(current)
-    chosen = lambda k: k in CHOSEN_WHEN_NULL and new.get(k) is None  # noqa: E731
+
+    def chosen(k: str) -> bool:  # left to the start (null, or a seed of true): matches what the run recorded
+        return (k in CHOSEN_WHEN_NULL and new.get(k) is None) or (k == "seed_everything" and new.get(k) is True
+                                                                   and is_seed(old.get(k)))
+
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if not may_change(k) and not chosen(k) and not same_value(old.get(k), new.get(k))]
 

@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from . import hardware
 from .nets import net_differences
-from .runs import flatten, run_options, same_value
+from .runs import flatten, is_seed, run_options, same_value
 
-__all__ = ["check_loose_checkpoint", "checked_hparams", "choose_for_machine", "note", "plain", "read_checkpoint",
-           "settle_defaults", "split_from_checkpoint"]
+__all__ = ["check_loose_checkpoint", "checked_hparams", "choose_for_machine", "keep_run_seed", "note", "plain",
+           "read_checkpoint", "settle_defaults", "split_from_checkpoint"]
 
 # The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -72,6 +72,13 @@ def choose_for_machine(cfg: Namespace, resumed: dict[str, Any]) -> None:
 
 
 # -- what comes from the checkpoint ---------------------------------------------------------------------
+def keep_run_seed(cfg: Namespace, resumed: dict[str, Any]) -> None:
+    """``seed_everything: true`` in a resume: the seed the run chose at its start (its config.yaml records the
+    integer), so that the resumed run draws its data order as the run did."""
+    if cfg.get("seed_everything") is True and is_seed(resumed.get("seed_everything")):
+        cfg.seed_everything = resumed["seed_everything"]
+
+
 def checked_hparams(cfg: Namespace, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's model settings this command takes: all but the run options (the command's own). Its network
     class must be the command's: a class named by a file is code that loading it would import and run."""

@@ -147,6 +147,17 @@ def test_resume_applies_max_epochs_and_records_it(tiny_cifar, in_tmp):
     assert runs.is_finished(run)
 
 
+def test_a_run_seeded_with_true_resumes_with_the_seed_it_chose(tiny_cifar, in_tmp, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(True) then chooses
+    run = unfinish(Path(main(quick(tiny_cifar, "--seed_everything", "true")).trainer.log_dir))
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == 7
+    monkeypatch.delenv("PL_GLOBAL_SEED")  # a later shell: true would now choose another seed
+    cli = main(quick(tiny_cifar, "--seed_everything", "true", "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert Path(cli.trainer.log_dir) == run and cli.trainer.global_step == 4
+    assert yaml.safe_load((run / "config.resume1.yaml").read_text())["seed_everything"] == 7
+    assert cli.datamodule._seed() == 7  # the data order the run started with
+
+
 @pytest.mark.parametrize("change,key", [
     (["--model.optimizer.init_args.lr", "0.01"], "model.optimizer.init_args.lr (0.1 -> 0.01)"),
     (["--model.warmup_epochs", "0"], "model.warmup_epochs (1.0 -> 0.0)"),

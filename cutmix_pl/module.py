@@ -315,12 +315,12 @@ class ImageClassifier(L.LightningModule):
         saved, self._resumed_sums = self._resumed_sums, None
         if saved is None or self.global_rank != 0:
             return
-        sums = saved["sums"].to(self.train_loss.total.device)
+        sums = [s.clone() for s in saved["sums"].to(self.train_loss.total.device).unbind()]
         if saved["epoch"] == self.current_epoch:  # resumed inside the epoch, or at its end before its means
-            self.train_loss.total, self.train_loss.weight, self.train_acc.total, self.train_acc.weight = sums.unbind()
+            self.train_loss.total, self.train_loss.weight, self.train_acc.total, self.train_acc.weight = sums
         elif not saved["logged"] and self.logger is not None and sums[1] > 0:
-            # stopped after the epoch's last batch, before its end: Lightning goes on with the next epoch and never
-            # ends this one, so its means are written here, at the step where it would have written them
+            # saved after the epoch's validation, stopped before its means were written (a kill): Lightning goes on
+            # with the next epoch, so they are written here, at the step where Lightning would have written them
             loss, acc = (sums[0] / sums[1]).item(), (sums[2] / sums[3]).item()
             self.logger.log_metrics({"train/loss_epoch": loss, "train/acc_dominant": acc, "epoch": saved["epoch"]},
                                     step=max(self.global_step - 1, 0))

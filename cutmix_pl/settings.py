@@ -90,12 +90,15 @@ def checked_hparams(cfg: Namespace, checkpoint: dict[str, Any]) -> dict[str, Any
     if isinstance(saved, dict) and isinstance(asked, dict):
         diffs = net_differences(saved, asked)
         if diffs and (diffs[0][0] == "class_path" or net_differences(_recipe_net(), asked)):
-            key, old, new = diffs[0]
-            flag = f"--model.net {old}" if key == "class_path" else f"--model.net.{key} {old}"
-            why = " (a network class is code: it is taken from a checkpoint only when the command names it)" if (
-                key == "class_path") else " (or leave it out: the checkpoint's is used)"
-            raise ValueError(f"--ckpt_path {cfg.ckpt_path} holds a model with {key}={old!r} but the config asks for "
-                             f"{key}={new!r}; fix: pass {flag}{why}, or leave out --ckpt_path to train from scratch")
+            old = ", ".join(f"{k}={a!r}" for k, a, _ in diffs)
+            new = ", ".join(f"{k}={b!r}" for k, _, b in diffs)
+            if diffs[0][0] == "class_path":
+                flags = f"--model.net {diffs[0][1]}"
+                why = " (a network class is code: it is taken from a checkpoint only when the command names it)"
+            else:
+                flags, why = " ".join(f"--model.net.{k} {a}" for k, a, _ in diffs), " (or leave them out)"
+            raise ValueError(f"--ckpt_path {cfg.ckpt_path} holds a model with {old} but the config asks for {new}; "
+                             f"fix: pass {flags}{why}, or leave out --ckpt_path to train from scratch")
         for key, old, _ in diffs:
             note(f"model.net {key}={old!r} from the checkpoint")
     return {k: v for k, v in hparams.items() if k not in run_options() and not k.startswith("_")}

@@ -175,8 +175,10 @@ def test_checkpoint_of_another_depth(small_ckpt, tiny_cifar, in_tmp, capsys):
     line = fails(capsys, "fit", *small(tiny_cifar), "--model.net.depth", "14", "--ckpt_path", str(small_ckpt))
     assert "depth=8" in line and "depth=14" in line and "--model.net.depth 8" in line
     assert not (in_tmp / "runs").exists(), "a checkpoint mismatch must leave no run folder"
-    line = fails(capsys, "validate", *small(tiny_cifar), "--model.net.depth", "14", "--ckpt_path", str(small_ckpt))
-    assert "--model.net.depth 8" in line
+    line = fails(capsys, "validate", *small(tiny_cifar), "--model.net.depth", "14", "--model.net.width", "8",
+                 "--ckpt_path", str(small_ckpt))
+    assert "depth=8, width=4 but the config asks for depth=14, width=8" in line  # every difference, at once
+    assert "--model.net.depth 8 --model.net.width 4" in line
 
 
 def test_checkpoint_of_another_class_count(small_ckpt, tiny_cifar, in_tmp, capsys):

@@ -134,7 +134,7 @@ def _read_batch(path: Path) -> Split:
     if not isinstance(entry, dict) or "data" not in entry:
         raise DataError(f"{path} holds a {type(entry).__name__} without 'data'; CIFAR-10 batches are dicts with "
                         f"'data' and 'labels'; fix: delete {path.parent} and fetch or rebuild it")
-    data, labels = np.asarray(entry["data"]), entry.get("labels", entry.get("fine_labels"))
+    data, labels = np.asarray(entry["data"]), entry.get("labels")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; CIFAR-10 batches "
                         f"hold uint8 [N, 3072]; fix: delete {path.parent} and fetch or rebuild it")

@@ -61,7 +61,11 @@ class RunPlan:
                              "pass a run folder (runs/<name>/version_N), a .ckpt file, or last (the newest "
                              "run's last.ckpt)")
         ckpt = cfg.get("ckpt_path")
-        if ckpt is not None and ckpt not in ("best", "hpc") and "://" not in str(ckpt):
+        if ckpt == "best":  # Lightning's name for the best model of a fit in the same Python process
+            raise ValueError("--ckpt_path best names the best checkpoint of a fit run in the same Python process, "
+                             "which a command of its own does not have; fix: pass the run's "
+                             "checkpoints/best-epochNNN.ckpt, a run folder (runs/<name>/version_N), or last")
+        if ckpt is not None and ckpt != "hpc" and "://" not in str(ckpt):
             cfg.ckpt_path = str(self._resolve_checkpoint(sub, cfg, str(ckpt), logger_args(cfg.trainer)))
             self.checkpoint = read_checkpoint(cfg)
         try:

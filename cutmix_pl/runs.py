@@ -283,8 +283,9 @@ def newest_last(base: Path) -> Path:
     """For evaluation, ``--ckpt_path last`` is the newest ``last.ckpt`` of any run under ``base``."""
     found = _runs_with_last(base)
     if not found:
-        raise ValueError(f"--ckpt_path last found no last.ckpt in {_where(base)}/*/checkpoints; fix: pass "
-                         "--ckpt_path PATH to a .ckpt file or run folder, or the logger name/save_dir of the run")
+        raise ValueError(f"--ckpt_path last found no run with a last.ckpt in {_where(base)}; fix: pass the run's "
+                         "recipe or logger name as the fit had it (runs of --config smoke are in runs/smoke), or "
+                         "--ckpt_path with a run folder or .ckpt file")
     return max(found, key=lambda d: (d / "checkpoints" / "last.ckpt").stat().st_mtime) / "checkpoints" / "last.ckpt"
 
 

@@ -71,6 +71,7 @@ CONFIG_CASES = {
     "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
     "data missing offline": (["--data.data_dir", "nowhere"], ["nowhere/cifar-10-batches-py", "--data.download true"]),
     "checkpoint path missing": (["--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist", "--ckpt_path last"]),
+    "checkpoint best": (["--ckpt_path", "best"], ["--ckpt_path best", "same Python process", "best-epochNNN.ckpt"]),
     "grid_size 0": (["--model.grid_size", "0"], ["model.grid_size=0", "integer >= 1", "fix:"]),
     "grid_size negative": (["--model.grid_size", "-3"], ["model.grid_size=-3", "integer >= 1", "fix:"]),
     "max_epochs -1": (["--trainer.max_epochs", "-1"], ["trainer.max_epochs=-1", "a value >= 1", "fix:"]),
@@ -90,6 +91,14 @@ def fit_fails_cleanly(capsys, in_tmp, expected, *args):
 def test_bad_config_value(case, tiny_cifar, in_tmp, capsys):
     extra, expected = CONFIG_CASES[case]
     fit_fails_cleanly(capsys, in_tmp, expected, *small(tiny_cifar), *extra)
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_an_evaluation_of_last_without_runs_names_where_it_looked(command, tiny_cifar, in_tmp, capsys):
+    line = fails(capsys, command, *small(tiny_cifar), "--ckpt_path", "last")
+    assert f"found no run with a last.ckpt in {in_tmp / 'runs' / 'smoke'} (relative to the working directory" in line
+    assert "runs of --config smoke are in runs/smoke" in line
+    assert not (in_tmp / "runs").exists()
 
 
 def test_unknown_key_in_a_config_file(tiny_cifar, in_tmp, capsys):

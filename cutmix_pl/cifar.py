@@ -39,8 +39,9 @@ class Split(NamedTuple):
 def _fix_hint(folder: Path, downloading: bool = False) -> str:
     fetch = "run again where the internet is reachable" if downloading else \
         "pass --data.download true where the internet is reachable"
-    return (f"{fetch}, or put the python-version batches (data_batch_1..5, test_batch, batches.meta) in {folder} "
-            "(offline: copy them from a machine that has them)")
+    return (f"{fetch}, put the python-version batches (data_batch_1..5, test_batch, batches.meta) in {folder} "
+            "(offline: copy them from a machine that has them), or pass --data.data_dir with the folder that holds "
+            "a cifar-10-batches-py/")
 
 
 def check_root(root: str | Path) -> None:

@@ -73,7 +73,7 @@ class RunPlan:
         except ValueError as err:
             raise ValueError(f"{err}; fix: repair that file, or move it away (the run's previous config file then "
                              "counts)") from None
-        choose_for_machine(cfg, resumed or {})
+        choose_for_machine(cfg, resumed or {}, training=sub == "fit")
         keep_run_seed(cfg, resumed or {})
         taken: dict[str, Any] = {}
         if self.checkpoint is not None:

@@ -50,7 +50,7 @@ def settle_defaults(cfg: Namespace) -> None:
             cb.init_args.enable_version_counter = False
 
 
-def choose_for_machine(cfg: Namespace, resumed: dict[str, Any]) -> None:
+def choose_for_machine(cfg: Namespace, resumed: dict[str, Any], training: bool = True) -> None:
     """Precision and memory format left null: the fastest measured safe here (``hardware.py``), printed and recorded
     in config.yaml. A resumed run keeps what it ran with, so that it continues as it would have."""
     trainer, model = cfg.trainer, cfg.model
@@ -60,7 +60,7 @@ def choose_for_machine(cfg: Namespace, resumed: dict[str, Any]) -> None:
         model.channels_last = (resumed.get("model") or {}).get("channels_last")
     if trainer.precision is None or model.channels_last is None:
         choice, chosen = hardware.choose(trainer.accelerator), []
-        hint = choice.hint if trainer.precision is None else ""  # the hint is about precision
+        hint = choice.hint if trainer.precision is None and training else ""  # about training precision
         if trainer.precision is None:
             trainer.precision = choice.precision
             chosen.append(f"trainer.precision={choice.precision}")
@@ -140,7 +140,6 @@ def _recipe() -> dict[str, Any]:
 
 def _recipe_net() -> dict[str, Any]:
     return (_recipe().get("model") or {}).get("net") or {"class_path": "cutmix_pl.resnet.ResNet"}
-
 
 
 def read_checkpoint(cfg: Namespace) -> dict[str, Any]:

@@ -89,3 +89,13 @@ def test_null_precision_matches_the_precision_a_run_chose():
     assert changed_settings(saved, {"trainer": {"precision": None}, "data": {"batch_size": 128}}) == []
     assert changed_settings(saved, {"trainer": {"precision": "bf16-mixed"}, "data": {"batch_size": 128}}) == [
         ("trainer.precision", "32-true", "bf16-mixed")]
+
+
+def test_the_training_precision_hint_is_for_fit_only(tiny_cifar, in_tmp, capsys, monkeypatch):
+    # as on a CPU with bf16 instructions, whatever this one has
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: EPYC)
+    cli, _ = run_config(tiny_cifar)
+    assert "trains about 2x faster" in capsys.readouterr().err
+    main(["test", *small(tiny_cifar), "--ckpt_path", cli.trainer.log_dir])
+    err = capsys.readouterr().err
+    assert "trainer.precision=32-true" in err and "trains about 2x faster" not in err

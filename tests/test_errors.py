@@ -223,11 +223,6 @@ def test_corrupt_checkpoint(small_ckpt, tiny_cifar, in_tmp, capsys):
     assert not (in_tmp / "runs").exists()
 
 
-def test_validate_last_without_any_run(tiny_cifar, in_tmp, capsys):
-    line = fails(capsys, "validate", *small(tiny_cifar), "--ckpt_path", "last")
-    assert "found no last.ckpt" in line and "--ckpt_path PATH" in line
-
-
 @pytest.mark.parametrize("sub", ["validate", "test", "predict"])
 def test_evaluation_without_a_checkpoint(sub, tiny_cifar, in_tmp, capsys):
     line = fails(capsys, sub, *small(tiny_cifar))

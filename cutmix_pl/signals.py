@@ -33,13 +33,13 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal
 class Interrupted(BaseException):
     """A fit stopped by a signal after saving a checkpoint (a BaseException, like KeyboardInterrupt)."""
 
-    def __init__(self, signum: int, checkpoint: str | None, step: int, epoch: int, batch: int) -> None:
+    def __init__(self, signum: int, checkpoint: str | None, step: int, epoch: int, batch: int,
+                 resume: str = "last") -> None:
         self.signum, self.checkpoint, self.step, self.epoch, self.batch = signum, checkpoint, step, epoch, batch
         name = signal.Signals(signum).name
         saved = f"saved {checkpoint}" if checkpoint else "nothing saved (stopped at once by a second signal)"
         super().__init__(f"stopped by {name} after global step {step} (epoch {epoch}, batch {batch}); {saved}; "
-                         "resume: run the same command with --ckpt_path last")
-
+                         f"resume: run the same command with --ckpt_path {resume}")
 
 
 class StoppedEarly(Exception):
@@ -158,7 +158,9 @@ class StopOnSignal(Checkpoint):
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
         signum = self.signum if self.signum is not None else signal.SIGTERM
-        return Interrupted(signum, str(path), trainer.global_step, epoch, batch_idx)
+        # --ckpt_path last looks for the run under the logger's folder: without a logger, the file itself
+        return Interrupted(signum, str(path), trainer.global_step, epoch, batch_idx,
+                           "last" if trainer.loggers else str(path))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._uninstall()

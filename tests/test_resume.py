@@ -421,3 +421,20 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny_cifar, tmp_path):
     assert err.strip().splitlines()[-1].startswith("cutmix-pl: stopped by SIGINT after global step 4 (epoch 0, batch 3)")
     last = ckpt(tmp_path / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4 and last["CIFAR10DataModule"]["batches_done"] == 4
+
+
+def test_a_fit_without_a_logger_stopped_by_a_signal_names_the_checkpoint_to_resume(tiny_cifar, in_tmp, monkeypatch,
+                                                                                 capsys):
+    # --ckpt_path last looks for runs in the logger's folder, which a fit with logger false does not have
+    args = quick(tiny_cifar, "--trainer.logger", "false", "--trainer.limit_train_batches", "4")
+    with monkeypatch.context() as m:
+        m.setattr(ImageClassifier, "on_train_batch_end", lambda self, *_: self.global_step == 1 and os.kill(
+            os.getpid(), signal.SIGTERM), raising=False)
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    last = in_tmp / "checkpoints" / "last.ckpt"
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith(f"resume: run the same command with --ckpt_path {last}"), line
+    cli = main([*args, "--ckpt_path", str(last)])  # the line's advice works
+    assert cli.trainer.global_step == 4

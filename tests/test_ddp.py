@@ -201,6 +201,20 @@ def test_resume_under_ddp_continues_exactly(resumed, ref):
         assert got == batches(p_ref[r], 1), f"rank {r}'s epoch 1 after resume differs from the uninterrupted run"
 
 
+def test_resumed_training_means_under_ddp_are_the_uninterrupted_runs(resumed, tr, ref):
+    """The checkpoint carries the means' sums gathered over both ranks; one saved at an epoch's end must not leak
+    into the next epoch's means. (The resume went on in the torchrun run's folder.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def means(cwd: Path) -> list[float]:
+        acc = EventAccumulator(str(run_dir(cwd)), size_guidance={"scalars": 0}).Reload()
+        return [e.value for e in acc.Scalars("train/loss_epoch")]
+
+    ckpt = torch.load(run_dir(tr) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["train_epoch_sums"]["sums"][1] == TRAIN_SIZE // WORLD * WORLD  # both ranks
+    assert means(tr) == pytest.approx(means(ref), abs=1e-5)
+
+
 @pytest.mark.parametrize("setting,message", [
     (("--data.batch_size", "63"), "data.batch_size=63 is the global batch and must be divisible by the 2 processes"),
     # one validation image for two ranks: Lightning's own error would be a traceback on the empty rank

@@ -72,7 +72,6 @@ def stop_early_on_signals() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-
 class StopOnSignal(Checkpoint):
     """On SIGTERM, SIGHUP or SIGINT during fit: end the current batch, save ``last.ckpt``, raise :class:`Interrupted`.
 
@@ -132,9 +131,7 @@ class StopOnSignal(Checkpoint):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            raise pending
+        self._stop_if_saved()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the epoch's validation, where ModelCheckpoint(save_on_train_epoch_end=True) saves: a checkpoint taken
@@ -144,6 +141,10 @@ class StopOnSignal(Checkpoint):
             self._pending = self._save(trainer, max(0, trainer.num_training_batches - 1), trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()
+
+    def _stop_if_saved(self) -> None:
+        """End the fit whose stop was saved at the previous hook (once Lightning has logged what came before)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             raise pending

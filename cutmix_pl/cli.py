@@ -22,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import LastCheckpoint, PredictionWriter, ResumedEpochBar, SaveConfigNoOverwrite
@@ -91,21 +92,31 @@ class CutMixCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except RuntimeError as err:  # Lightning's checks of the settings (two ModelCheckpoints it cannot tell apart...)
+            raise ValueError(f"{' '.join(str(err).split())}; fix: check the trainer settings ({self.subcommand} "
+                             "--help lists them)") from None
 
     def after_instantiate_classes(self) -> None:
         if self.plan.checkpoint is not None:  # num_classes comes from the data, so only the built model can tell
             self.model.check_compatible(self.plan.checkpoint, where=self.plan.ckpt_path)
 
     def before_fit(self) -> None:
-        """Checkpoints of another run in an explicit ModelCheckpoint dirpath would be overwritten: refuse."""
+        """Checkpoints of another run in an explicit ModelCheckpoint dirpath would be overwritten: refuse. Rank 0
+        checks, before it launches the other DDP ranks (they have no run folder of their own to compare with)."""
+        if rank_zero_only.rank != 0:
+            return
         own = self.plan.run
         for cb in self.trainer.checkpoint_callbacks:
-            folder = Path(cb.dirpath).absolute() if isinstance(cb, ModelCheckpoint) and cb.dirpath else None
-            why = blocked(folder) if folder is not None else None
+            if not (isinstance(cb, ModelCheckpoint) and cb.dirpath):
+                continue
+            folder = Path(cb.dirpath).absolute()
+            why = blocked(folder)
             if why is not None:
                 raise ValueError(f"cannot write the checkpoint folder {folder}: {why}; fix: pass a writable dirpath")
-            if folder is not None and any(folder.glob("*.ckpt")) and (own is None or own not in folder.parents):
+            ours = folder in self.plan.resumed_dirs or (own is not None and own in folder.parents)
+            if any(folder.glob("*.ckpt")) and not ours:
                 raise ValueError(f"{folder} already holds the checkpoints of an earlier run, which this run would "
                                  "overwrite; fix: give this ModelCheckpoint another dirpath, or continue that run with "
                                  "--ckpt_path last")

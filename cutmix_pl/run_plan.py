@@ -40,6 +40,8 @@ class RunPlan:
         self.lock: RunLock | None = None
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, read once
         self.ckpt_path: str | None = None
+        # the ModelCheckpoint folders recorded by the run a fit resumes (an explicit dirpath may lie outside the run)
+        self.resumed_dirs: set[Path] = set()
 
     def failed(self) -> bool:
         """The command failed: remove what it wrote, unless it saved a last.ckpt (rank 0, which wrote it). Returns
@@ -73,6 +75,11 @@ class RunPlan:
         except ValueError as err:
             raise ValueError(f"{err}; fix: repair that file, or move it away (the run's previous config file then "
                              "counts)") from None
+        if resumed is not None:
+            states = (self.checkpoint or {}).get("callbacks")
+            states = states if isinstance(states, dict) else {}
+            dirs = [s.get("dirpath") for s in states.values() if isinstance(s, dict)]
+            self.resumed_dirs = {Path(d) for d in dirs if isinstance(d, str) and d}
         choose_for_machine(cfg, resumed or {}, training=sub == "fit")
         keep_run_seed(cfg, resumed or {})
         taken: dict[str, Any] = {}

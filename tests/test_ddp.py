@@ -9,6 +9,7 @@ Three 2-process runs, shared by the tests through module-scoped fixtures:
   * ``ref``: 2 epochs with Lightning's launcher (the reference run);
   * ``tr``: 1 epoch launched by ``torchrun --standalone --nproc_per_node 2`` (Lightning must not re-launch);
   * ``resumed``: ``tr``'s last.ckpt continued to 2 epochs with Lightning's launcher.
+``tr`` and ``resumed`` add a ModelCheckpoint with a dirpath outside the run folder (``kept`` beside ``tr``'s runs).
 Data: tiny synthetic CIFAR, 101 validation images (uneven shards: 50 and 51), 538 training images (269 per
 rank, 9 batches of a 64 global batch, i.e. 32 per rank).
 """
@@ -76,6 +77,12 @@ def batches(probe: dict, epoch: int) -> list[dict]:
     return [b for b in probe["batches"] if b["epoch"] == epoch]
 
 
+def kept(cwd: Path) -> list[str]:
+    """A second ModelCheckpoint keeping every epoch in ``cwd/kept``, outside the run folder."""
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath",
+            str(cwd / "kept"), "--trainer.callbacks.monitor", "val/loss", "--trainer.callbacks.save_top_k", "-1"]
+
+
 def run_dir(cwd: Path) -> Path:
     versions = sorted((cwd / "runs" / "smoke").iterdir())
     assert [v.name for v in versions] == ["version_0"], versions  # one logger folder, not one per rank
@@ -96,7 +103,7 @@ def tr(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("torchrun is not installed next to this Python")
     cwd = tmp_path_factory.mktemp("ddp_torchrun")
     run([torchrun, "--standalone", "--nproc_per_node", str(WORLD), "-m", "cutmix_pl", "fit",
-         *ddp_args(tiny_cifar, "--trainer.max_epochs", "1")], cwd)
+         *ddp_args(tiny_cifar, "--trainer.max_epochs", "1", *kept(cwd))], cwd)
     return cwd
 
 
@@ -104,7 +111,7 @@ def tr(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def resumed(tr: Path, tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("ddp_resumed")
     ckpt = run_dir(tr) / "checkpoints" / "last.ckpt"
-    fit(cwd, tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt))
+    fit(cwd, tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt), *kept(tr))
     return cwd
 
 
@@ -199,6 +206,14 @@ def test_resume_under_ddp_continues_exactly(resumed, ref):
         # rank (each rank's global stream is its own: GlobalRNGState restores every rank's)
         assert p_res[r]["shards"]["1"] == p_ref[r]["shards"]["1"]
         assert got == batches(p_ref[r], 1), f"rank {r}'s epoch 1 after resume differs from the uninterrupted run"
+
+
+def test_a_resume_under_ddp_writes_on_into_its_own_checkpoint_folder_outside_the_run(resumed, tr):
+    """The run's explicit dirpath already holds its epoch-0 checkpoint: that is the resumed run's own folder, not an
+    earlier run's, for rank 0 (which checks) and the rank it launches."""
+    steps = STEPS_PER_EPOCH
+    assert sorted(p.name for p in (tr / "kept").glob("*.ckpt")) == [f"epoch=0-step={steps}.ckpt",
+                                                                    f"epoch=1-step={2 * steps}.ckpt"]
 
 
 def test_resumed_training_means_under_ddp_are_the_uninterrupted_runs(resumed, tr, ref):

@@ -77,6 +77,10 @@ CONFIG_CASES = {
     "grid_size negative": (["--model.grid_size", "-3"], ["model.grid_size=-3", "integer >= 1", "fix:"]),
     "max_epochs -1": (["--trainer.max_epochs", "-1"], ["trainer.max_epochs=-1", "a value >= 1", "fix:"]),
     "compile mode unknown": (["--model.compile", "fast"], ["model.compile='fast'", "reduce-overhead", "fix:"]),
+    "a second ModelCheckpoint like the recipe's": (
+        ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.monitor", "val/acc",
+         "--trainer.callbacks.mode", "max"], ["more than one stateful callback of type `ModelCheckpoint`",
+                                              "state_key", "fix: check the trainer settings (fit --help"]),
 }
 
 

@@ -147,6 +147,19 @@ def test_resume_applies_max_epochs_and_records_it(tiny_cifar, in_tmp):
     assert runs.is_finished(run)
 
 
+def test_a_checkpoint_folder_outside_the_run_is_the_resumed_runs_own_and_refused_to_a_new_run(tiny_cifar, in_tmp,
+                                                                                               capsys):
+    kept = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "kept",
+            "--trainer.callbacks.monitor", "val/loss", "--trainer.callbacks.save_top_k", "-1"]
+    run = Path(main(quick(tiny_cifar, *kept)).trainer.log_dir)
+    main(quick(tiny_cifar, *kept, "--trainer.max_epochs", "2", "--ckpt_path", str(run)))
+    assert sorted(p.name for p in Path("kept").glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
+    before = files_under(in_tmp)
+    line = fails(capsys, *quick(tiny_cifar, *kept))
+    assert f"{in_tmp / 'kept'} already holds the checkpoints of an earlier run" in line and "fix:" in line
+    assert files_under(in_tmp) == before, "the refused run wrote nothing"
+
+
 def test_a_run_seeded_with_true_resumes_with_the_seed_it_chose(tiny_cifar, in_tmp, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(True) then chooses
     run = unfinish(Path(main(quick(tiny_cifar, "--seed_everything", "true")).trainer.log_dir))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -135,6 +135,25 @@ class CutMixCLI(LightningCLI):
     after_test = after_predict = after_validate
 
 
+class HelpFormatter(DefaultHelpFormatter):
+    """``--help`` lists every imported subclass of a key's type; for model.net (any ``nn.Module``) that is some 750
+    torch classes, half the page (Lightning issue 20591). A long list shows this project's classes, a few others and
+    how many more there are."""
+
+    LONGEST = 40
+
+    def _get_help_string(self, action: Any) -> str:
+        text = super()._get_help_string(action)
+        head, sep, listed = text.partition(", known subclasses: ")
+        names = listed[:-1].split(", ") if sep and listed.endswith(")") else []
+        if len(names) <= self.LONGEST:
+            return text
+        ours = [n for n in names if n.startswith(f"{__package__}.")]
+        others = [n for n in names if n not in ours][:4]
+        more = len(names) - len(ours) - len(others)
+        return f"{head}{sep}{', '.join(ours + others)} and {more} more: any importable class of the type)"
+
+
 def _config_args(args: list[str]) -> list[str]:
     """``--config NAME`` of a packaged recipe (a bare name, no such file here) as its path; then each config file
     checked to be YAML: one line naming the file and the place (jsonargparse names neither)."""
@@ -171,6 +190,7 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     # exit_on_error off: parse errors come back as ArgumentError, one line below, no usage dump; allow_abbrev off: a
     # misspelt key that happens to be a prefix of one (--trainer.max_epoch) is an error, not a guess
     strict = {"exit_on_error": False, "allow_abbrev": False}
+    strict["formatter_class"] = HelpFormatter
     parser_kwargs: dict[str, Any] = {cmd: {"default_config_files": defaults, **strict} for cmd in SUBCOMMANDS}
     parser_kwargs.update(strict)
     # `python -m cutmix_pl --help` would say "usage: __main__.py"

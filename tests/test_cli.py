@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,20 @@ def test_bad_value_gives_one_line_error(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cutmix-pl: error:") and "6n+2" in err[-1]
+
+
+def test_help_cuts_the_list_of_every_nn_module_but_keeps_short_lists_whole(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    net = text.partition("--model.net NET the network")[2].partition("--model.optimizer")[0]
+    listed = net.partition("known subclasses: ")[2]
+    assert "cutmix_pl.ResNet" in listed and "torch.nn.Module" in listed
+    assert len(listed.split(", ")) < 15 and re.search(r" and \d{3,} more: any importable class", listed), listed
+    callbacks = text.partition("--trainer.callbacks CALLBACKS, --trainer.callbacks+ CALLBACKS")[2].partition(" --trainer.")[0]
+    assert "lightning.pytorch.callbacks.EarlyStopping" in callbacks and "cutmix_pl.signals.StopOnSignal" in callbacks
+    assert " more: " not in callbacks
 
 
 def test_console_script_trains_quietly_and_exits_zero(tiny_cifar, in_tmp):

@@ -32,7 +32,8 @@ def _named(text: str) -> tuple[str, Path]:
 
 def summarize(name: str, folder: Path, thresholds: list[float]) -> dict[str, object]:
     fit, seconds = events.read_run(folder)
-    val = fit.get("val/acc", [])
+    # one point per step, the later where a resumed fit validated a step again (as events.curve)
+    val = sorted({step: (step, v, w) for step, v, w in fit.get("val/acc", [])}.values())
     if not val:
         raise SystemExit(f"{folder}: no val/acc in its event files (was validation switched off?)")
     start = min(w for series in fit.values() for _, _, w in series)

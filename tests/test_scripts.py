@@ -94,6 +94,17 @@ def test_curves_reads_runs_made_elsewhere_and_reports_when_each_threshold_is_rea
     assert "| short | 4 | 88.00% | 90.00% | 40 s | epoch 2, 20 s | not reached |" in printed
 
 
+def test_curves_counts_an_epoch_a_resumed_fit_validated_again_once(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = _fake_fit_run(tmp_path / "r" / "version_0", [0.5, 0.6])  # killed after validating epoch 2, before saving
+    with SummaryWriter(str(run), filename_suffix=".resumed") as w:  # the resume repeats epoch 2, then epoch 3
+        w.add_scalar("val/acc", 0.62, 1, walltime=2000.0)
+        w.add_scalar("val/acc", 0.7, 2, walltime=2010.0)
+    (row,) = curves.main(["--out", str(tmp_path / "c.png"), str(run)])
+    assert row["val_acc_curve"] == pytest.approx([0.5, 0.62, 0.7])
+
+
 def test_curves_rejects_a_folder_without_events_and_a_threshold_out_of_range(tmp_path, capsys):
     with pytest.raises(SystemExit):
         curves.main(["--out", str(tmp_path / "x.png"), str(tmp_path)])

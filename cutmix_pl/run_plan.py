@@ -187,6 +187,8 @@ class RunPlan:
             return
         if resumed is None or run_of_checkpoint(cfg.ckpt_path) != folder:
             _refuse_earlier_run(folder, "run it from another folder or pass --trainer.default_root_dir DIR")
+        else:  # its checkpoints folder holds the checkpoints this fit continues
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         # locked, not tracked: a failed command there must not remove what else it added (downloaded data, ...)
         self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder", track=False)
 

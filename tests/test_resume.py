@@ -8,6 +8,7 @@ import csv
 import os
 import signal
 import subprocess
+import warnings
 from collections import Counter
 from unittest import mock
 from pathlib import Path
@@ -449,5 +450,8 @@ def test_a_fit_without_a_logger_stopped_by_a_signal_names_the_checkpoint_to_resu
     last = in_tmp / "checkpoints" / "last.ckpt"
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.endswith(f"resume: run the same command with --ckpt_path {last}"), line
-    cli = main([*args, "--ckpt_path", str(last)])  # the line's advice works
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main([*args, "--ckpt_path", str(last)])  # the line's advice works
     assert cli.trainer.global_step == 4
+    assert not [w for w in caught if "is not empty" in str(w.message)], "its own checkpoints are no surprise"

@@ -30,7 +30,7 @@ from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier
 from .run_plan import RunPlan, blocked, shown
-from .settings import CONFIG_DIR, DEFAULT_CONFIG
+from .settings import CONFIG_DIR, DEFAULT_CONFIG, NOTES
 from .signals import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_signals
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -103,10 +103,12 @@ class CutMixCLI(LightningCLI):
             self.model.check_compatible(self.plan.checkpoint, where=self.plan.ckpt_path)
 
     def before_fit(self) -> None:
-        """Checkpoints of another run in an explicit ModelCheckpoint dirpath would be overwritten: refuse. Rank 0
-        checks, before it launches the other DDP ranks (they have no run folder of their own to compare with)."""
-        if rank_zero_only.rank != 0:
-            return
+        if rank_zero_only.rank == 0:  # before it launches the other DDP ranks, which have no run folder to compare
+            self._refuse_overwrites()
+        self._start()
+
+    def _refuse_overwrites(self) -> None:
+        """Checkpoints of another run in an explicit ModelCheckpoint dirpath would be overwritten: refuse."""
         own = self.plan.run
         for cb in self.trainer.checkpoint_callbacks:
             if not (isinstance(cb, ModelCheckpoint) and cb.dirpath):
@@ -120,6 +122,13 @@ class CutMixCLI(LightningCLI):
                 raise ValueError(f"{folder} already holds the checkpoints of an earlier run, which this run would "
                                  "overwrite; fix: give this ModelCheckpoint another dirpath, or continue that run with "
                                  "--ckpt_path last")
+
+    def _start(self) -> None:
+        """The command starts: the lines about its settings and its seed, held until then, are printed."""
+        NOTES.release()
+        _SEED_LINE.release()
+
+    before_validate = before_test = before_predict = _start
 
     def after_fit(self) -> None:
         run = self.plan.run
@@ -198,6 +207,8 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     _quiet()
+    NOTES.hold()  # until the command starts (CutMixCLI._start)
+    _SEED_LINE.held = []
     try:
         if args is None:  # LightningCLI warns when given args while sys.argv holds some: rewrite sys.argv instead
             sys.argv[1:] = _config_args(sys.argv[1:])
@@ -226,6 +237,8 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
         print("cutmix-pl: stopped by SIGTERM; the last finished batch is in last.ckpt if training had started; "
               "resume: run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
+    finally:  # what a command refused at start held back is not printed after its error
+        NOTES.held = _SEED_LINE.held = None
 
 
 def _cli(args: list[str] | None, parser_kwargs: dict[str, Any]) -> CutMixCLI:
@@ -259,6 +272,30 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
     # per-class accuracy and hp_metric are computed from values already reduced over the ranks
     warnings.filterwarnings("ignore", message=r".*self\.log\('(val_class/|hp_metric)")
+
+
+class _HeldRecords(logging.Filter):
+    """Holds a logger's records while ``held`` is a list (Lightning's "Seed set to N", logged before the classes are
+    built and checked), then hands them on."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.logger, self.held = logging.getLogger(name), None
+        self.logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.held is None:
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for record in held:
+            self.logger.handle(record)
+
+
+_SEED_LINE = _HeldRecords("lightning.fabric.utilities.seed")
 
 
 class _NoAdvert(logging.Filter):

@@ -20,7 +20,7 @@ from . import hardware
 from .nets import net_differences
 from .runs import flatten, is_seed, run_options, same_value
 
-__all__ = ["check_loose_checkpoint", "checked_hparams", "choose_for_machine", "keep_run_seed", "note", "plain",
+__all__ = ["NOTES", "check_loose_checkpoint", "checked_hparams", "choose_for_machine", "keep_run_seed", "note", "plain",
            "read_checkpoint", "settle_defaults", "split_from_checkpoint"]
 
 # The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
@@ -162,10 +162,35 @@ def read_checkpoint(cfg: Namespace) -> dict[str, Any]:
 
 
 # -- small helpers -----------------------------------------------------------------------------------------
+class Notes:
+    """Lines about a command's settings, printed once (DDP-launched ranks parse the same command again). The CLI
+    holds them until the command starts, so that a command refused at start prints its one error line only."""
+
+    def __init__(self) -> None:
+        self.held: list[str] | None = None
+
+    def add(self, text: str) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        if self.held is None:
+            print(f"cutmix-pl: {text}", file=sys.stderr)
+        else:
+            self.held.append(text)
+
+    def hold(self) -> None:
+        self.held = []
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for text in held:
+            self.add(text)
+
+
+NOTES = Notes()
+
+
 def note(text: str) -> None:
-    """A line about this command's settings, once: DDP-launched ranks parse the same command again."""
-    if rank_zero_only.rank == 0:
-        print(f"cutmix-pl: {text}", file=sys.stderr)
+    NOTES.add(text)
 
 
 def plain(value: Any) -> Any:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import LastCheckpoint, PredictionWriter, ResumedEpochBar, SaveConfigNoOverwrite
@@ -94,17 +94,18 @@ class CutMixCLI(LightningCLI):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         try:
             return super().instantiate_trainer(**kwargs)
-        except RuntimeError as err:  # Lightning's checks of the settings (two ModelCheckpoints it cannot tell apart...)
+        except RuntimeError as err:  # Lightning's own checks of the settings (two ModelCheckpoints it cannot tell
+            if f"{os.sep}lightning{os.sep}" not in traceback.extract_tb(err.__traceback__)[-1].filename:  # apart...)
+                raise  # not a setting Lightning refused (a driver, the environment): the traceback helps
             raise ValueError(f"{' '.join(str(err).split())}; fix: check the trainer settings ({self.subcommand} "
-                             "--help lists them)") from None
+                             "--help lists them)") from err
 
     def after_instantiate_classes(self) -> None:
         if self.plan.checkpoint is not None:  # num_classes comes from the data, so only the built model can tell
             self.model.check_compatible(self.plan.checkpoint, where=self.plan.ckpt_path)
 
     def before_fit(self) -> None:
-        if rank_zero_only.rank == 0:  # before it launches the other DDP ranks, which have no run folder to compare
-            self._refuse_overwrites()
+        self._refuse_overwrites()  # on every rank: torchrun and SLURM start them together, and each must stop
         self._start()
 
     def _refuse_overwrites(self) -> None:
@@ -124,9 +125,11 @@ class CutMixCLI(LightningCLI):
                                  "--ckpt_path last")
 
     def _start(self) -> None:
-        """The command starts: the lines about its settings and its seed, held until then, are printed."""
+        """The command starts: the lines about its settings, its seed and its devices, held until then, are
+        printed."""
         NOTES.release()
-        _SEED_LINE.release()
+        for held in _HELD:
+            held.release()
 
     before_validate = before_test = before_predict = _start
 
@@ -208,7 +211,8 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     _quiet()
     NOTES.hold()  # until the command starts (CutMixCLI._start)
-    _SEED_LINE.held = []
+    for held in _HELD:
+        held.held = []
     try:
         if args is None:  # LightningCLI warns when given args while sys.argv holds some: rewrite sys.argv instead
             sys.argv[1:] = _config_args(sys.argv[1:])
@@ -238,7 +242,9 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
               "resume: run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
     finally:  # what a command refused at start held back is not printed after its error
-        NOTES.held = _SEED_LINE.held = None
+        NOTES.held = None
+        for held in _HELD:
+            held.held = None
 
 
 def _cli(args: list[str] | None, parser_kwargs: dict[str, Any]) -> CutMixCLI:
@@ -275,8 +281,8 @@ def _quiet() -> None:
 
 
 class _HeldRecords(logging.Filter):
-    """Holds a logger's records while ``held`` is a list (Lightning's "Seed set to N", logged before the classes are
-    built and checked), then hands them on."""
+    """Holds a logger's records while ``held`` is a list (Lightning's "Seed set to N" and device lines, logged while
+    the classes are built and checked), then hands them on."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -295,7 +301,8 @@ class _HeldRecords(logging.Filter):
             self.logger.handle(record)
 
 
-_SEED_LINE = _HeldRecords("lightning.fabric.utilities.seed")
+_HELD = [_HeldRecords(name) for name in ("lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero",
+                                         "lightning.pytorch.utilities.rank_zero")]
 
 
 class _NoAdvert(logging.Filter):

@@ -10,6 +10,7 @@ runs and, when the command fails, removes what it wrote there (unless it saved a
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,6 @@ class RunPlan:
         except ValueError as err:
             raise ValueError(f"{err}; fix: repair that file, or move it away (the run's previous config file then "
                              "counts)") from None
-        if resumed is not None:
-            states = (self.checkpoint or {}).get("callbacks")
-            states = states if isinstance(states, dict) else {}
-            dirs = [s.get("dirpath") for s in states.values() if isinstance(s, dict)]
-            self.resumed_dirs = {Path(d) for d in dirs if isinstance(d, str) and d}
         choose_for_machine(cfg, resumed or {}, training=sub == "fit")
         keep_run_seed(cfg, resumed or {})
         taken: dict[str, Any] = {}
@@ -149,8 +145,7 @@ class RunPlan:
                              f"leave them as the run has them ({run}/config.yaml), or leave out --ckpt_path to start "
                              "a new run with them")
         point_logger(logger, run)
-        # its checkpoints folder holds its own checkpoints, which this fit continues: no warning that it is not empty
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        self._continue_checkpoints(run)
         if rank_zero_only.rank == 0:
             note(f"resuming {shown(Path(cfg.ckpt_path))} (the run continues in {shown(run)})")
             self._take(run, "the run folder", "pass --trainer.logger.init_args.save_dir DIR with a writable folder")
@@ -183,14 +178,27 @@ class RunPlan:
     def _unlogged_fit(self, cfg: Namespace, resumed: dict[str, Any] | None) -> None:
         """Without a logger, a fit writes config.yaml and checkpoints/ into trainer.default_root_dir: one run there."""
         folder = Path(cfg.trainer.get("default_root_dir") or ".").absolute()
+        continues = resumed is not None and run_of_checkpoint(cfg.ckpt_path) == folder
+        if continues:
+            self._continue_checkpoints(folder)
         if rank_zero_only.rank != 0:
             return
-        if resumed is None or run_of_checkpoint(cfg.ckpt_path) != folder:
+        if not continues:
             _refuse_earlier_run(folder, "run it from another folder or pass --trainer.default_root_dir DIR")
-        else:  # its checkpoints folder holds the checkpoints this fit continues
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         # locked, not tracked: a failed command there must not remove what else it added (downloaded data, ...)
         self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder", track=False)
+
+    def _continue_checkpoints(self, run: Path) -> None:
+        """The fit continues ``run``: its checkpoint folders, as its checkpoint records them (an explicit dirpath may
+        lie outside the run), are this fit's own, and their checkpoints no surprise (no warning that they are not
+        empty)."""
+        states = (self.checkpoint or {}).get("callbacks")
+        states = states if isinstance(states, dict) else {}
+        dirs = [state.get("dirpath") for state in states.values() if isinstance(state, dict)]
+        self.resumed_dirs = {Path(d) for d in dirs if isinstance(d, str) and d}
+        for folder in {*self.resumed_dirs, run.resolve() / "checkpoints"}:
+            warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(folder))} exists and "
+                                    "is not empty")
 
     def _take(self, folder: Path, what: str, fix: str, created: bool | None = None, track: bool = True) -> None:
         """Make ``folder`` this command's: refused when it cannot be written or holds a symbolic link (a write through

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.trainer import trainer as trainer_module
 
 from cutmix_pl import cifar
 from cutmix_pl.cli import main
@@ -96,6 +97,16 @@ def fit_fails_cleanly(capsys, in_tmp, expected, *args):
 def test_bad_config_value(case, tiny_cifar, in_tmp, capsys):
     extra, expected = CONFIG_CASES[case]
     fit_fails_cleanly(capsys, in_tmp, expected, *small(tiny_cifar), *extra)
+
+
+def test_a_runtime_error_lightning_did_not_raise_keeps_its_traceback(tiny_cifar, in_tmp, monkeypatch):
+    """Only Lightning's own refusals of the trainer settings become one line; a driver's error is not a setting."""
+    def failing_devices(*args, **kwargs):  # what the Trainer calls first to find its devices
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(trainer_module, "_AcceleratorConnector", failing_devices)
+    with pytest.raises(RuntimeError, match="CUDA driver initialization failed"):
+        main(["fit", *small(tiny_cifar)])
 
 
 @pytest.mark.parametrize("command", ["test", "validate", "predict"])

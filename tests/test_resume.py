@@ -159,6 +159,11 @@ def test_a_checkpoint_folder_outside_the_run_is_the_resumed_runs_own_and_refused
     line = fails(capsys, *quick(tiny_cifar, *kept))
     assert f"{in_tmp / 'kept'} already holds the checkpoints of an earlier run" in line and "fix:" in line
     assert files_under(in_tmp) == before, "the refused run wrote nothing"
+    # a fit elsewhere from the run's checkpoint is a new run, not the run: the run's folders are not its own
+    line = fails(capsys, *quick(tiny_cifar, *kept, "--trainer.max_epochs", "3", "--trainer.logger", "false",
+                                "--trainer.default_root_dir", "fork", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")))
+    assert f"{in_tmp / 'kept'} already holds the checkpoints of an earlier run" in line
+    assert files_under(in_tmp / "kept") == {k[5:]: v for k, v in before.items() if k.startswith("kept/")}
 
 
 def test_a_run_seeded_with_true_resumes_with_the_seed_it_chose(tiny_cifar, in_tmp, monkeypatch):

@@ -127,7 +127,6 @@ class CutMixCLI(LightningCLI):
     def _start(self) -> None:
         """The command starts: the lines about its settings, its seed and its devices, held until then, are
         printed."""
-        NOTES.release()
         for held in _HELD:
             held.release()
 
@@ -210,8 +209,7 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     _quiet()
-    NOTES.hold()  # until the command starts (CutMixCLI._start)
-    for held in _HELD:
+    for held in _HELD:  # until the command starts (CutMixCLI._start)
         held.held = []
     try:
         if args is None:  # LightningCLI warns when given args while sys.argv holds some: rewrite sys.argv instead
@@ -242,7 +240,6 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
               "resume: run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(128 + 15) from None
     finally:  # what a command refused at start held back is not printed after its error
-        NOTES.held = None
         for held in _HELD:
             held.held = None
 
@@ -301,8 +298,10 @@ class _HeldRecords(logging.Filter):
             self.logger.handle(record)
 
 
-_HELD = [_HeldRecords(name) for name in ("lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero",
-                                         "lightning.pytorch.utilities.rank_zero")]
+# What a command prints before it starts: our notes about its settings, then Lightning's seed and device lines.
+_HELD = [NOTES, *(_HeldRecords(name) for name in ("lightning.fabric.utilities.seed",
+                                                  "lightning.fabric.utilities.rank_zero",
+                                                  "lightning.pytorch.utilities.rank_zero"))]
 
 
 class _NoAdvert(logging.Filter):

@@ -20,8 +20,8 @@ from . import hardware
 from .nets import net_differences
 from .runs import flatten, is_seed, run_options, same_value
 
-__all__ = ["NOTES", "check_loose_checkpoint", "checked_hparams", "choose_for_machine", "keep_run_seed", "note", "plain",
-           "read_checkpoint", "settle_defaults", "split_from_checkpoint"]
+__all__ = ["NOTES", "check_loose_checkpoint", "checked_hparams", "choose_for_machine", "keep_run_seed", "note",
+           "plain", "read_checkpoint", "settle_defaults", "split_from_checkpoint"]
 
 # The recipes ship inside the package (a plain or wheel install has them); the top-level configs/ links here.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -176,9 +176,6 @@ class Notes:
             print(f"cutmix-pl: {text}", file=sys.stderr)
         else:
             self.held.append(text)
-
-    def hold(self) -> None:
-        self.held = []
 
     def release(self) -> None:
         held, self.held = self.held or [], None

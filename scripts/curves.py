@@ -32,8 +32,7 @@ def _named(text: str) -> tuple[str, Path]:
 
 def summarize(name: str, folder: Path, thresholds: list[float]) -> dict[str, object]:
     fit, seconds = events.read_run(folder)
-    # one point per step, the later where a resumed fit validated a step again (as events.curve)
-    val = sorted({step: (step, v, w) for step, v, w in fit.get("val/acc", [])}.values())
+    val = events.points(fit, "val/acc")  # one per epoch, also where a resumed fit validated one again
     if not val:
         raise SystemExit(f"{folder}: no val/acc in its event files (was validation switched off?)")
     start = min(w for series in fit.values() for _, _, w in series)

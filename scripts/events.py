@@ -38,9 +38,15 @@ def read_run(folder: Path) -> tuple[Series, float | None]:
     return series, (sum(spans) if spans else None)
 
 
+def points(series: Series, tag: str = "val/acc") -> list[tuple[int, float, float]]:
+    """A tag's (step, value, wall time) in step order, one per step: where a resumed fit logged a step again, its
+    later point."""
+    return sorted({step: (step, value, wall) for step, value, wall in series.get(tag, [])}.values())
+
+
 def curve(series: Series, tag: str = "val/acc") -> list[float]:
-    """A tag's values in step order, one per step: where a resumed fit logged a step again, its later value."""
-    return [v for _, v in sorted({step: value for step, value, _ in series.get(tag, [])}.items())]
+    """A tag's values in step order, one per step (see :func:`points`)."""
+    return [value for _, value, _ in points(series, tag)]
 
 
 def plot(curves: dict[str, list[float]], path: Path, title: str, styles: dict[str, dict] | None = None) -> bool:

@@ -41,6 +41,13 @@ def small(data_dir: Path | str, **settings: object) -> list[str]:
     return args
 
 
+def kept_checkpoints(dirpath: Path | str) -> list[str]:
+    """Flags adding a second ModelCheckpoint that keeps every epoch's checkpoint in ``dirpath`` (told apart from the
+    recipe's by its monitor)."""
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath",
+            str(dirpath), "--trainer.callbacks.monitor", "val/loss", "--trainer.callbacks.save_top_k", "-1"]
+
+
 # A checkpoint every 4 steps (steps 4 and 8 fall mid-epoch), on top of the default callbacks.
 STEP_CHECKPOINTS = """\
 trainer:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_runs import small
+from cli_runs import kept_checkpoints, small
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.data import CIFAR10DataModule
 
@@ -77,12 +77,6 @@ def batches(probe: dict, epoch: int) -> list[dict]:
     return [b for b in probe["batches"] if b["epoch"] == epoch]
 
 
-def kept(cwd: Path) -> list[str]:
-    """A second ModelCheckpoint keeping every epoch in ``cwd/kept``, outside the run folder."""
-    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath",
-            str(cwd / "kept"), "--trainer.callbacks.monitor", "val/loss", "--trainer.callbacks.save_top_k", "-1"]
-
-
 def run_dir(cwd: Path) -> Path:
     versions = sorted((cwd / "runs" / "smoke").iterdir())
     assert [v.name for v in versions] == ["version_0"], versions  # one logger folder, not one per rank
@@ -103,7 +97,7 @@ def tr(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("torchrun is not installed next to this Python")
     cwd = tmp_path_factory.mktemp("ddp_torchrun")
     run([torchrun, "--standalone", "--nproc_per_node", str(WORLD), "-m", "cutmix_pl", "fit",
-         *ddp_args(tiny_cifar, "--trainer.max_epochs", "1", *kept(cwd))], cwd)
+         *ddp_args(tiny_cifar, "--trainer.max_epochs", "1", *kept_checkpoints(cwd / "kept"))], cwd)
     return cwd
 
 
@@ -111,7 +105,7 @@ def tr(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def resumed(tr: Path, tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("ddp_resumed")
     ckpt = run_dir(tr) / "checkpoints" / "last.ckpt"
-    fit(cwd, tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt), *kept(tr))
+    fit(cwd, tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt), *kept_checkpoints(tr / "kept"))
     return cwd
 
 
@@ -210,7 +204,7 @@ def test_resume_under_ddp_continues_exactly(resumed, ref):
 
 def test_a_resume_under_ddp_writes_on_into_its_own_checkpoint_folder_outside_the_run(resumed, tr):
     """The run's explicit dirpath already holds its epoch-0 checkpoint: that is the resumed run's own folder, not an
-    earlier run's, for rank 0 (which checks) and the rank it launches."""
+    earlier run's, for both ranks (each checks)."""
     steps = STEPS_PER_EPOCH
     assert sorted(p.name for p in (tr / "kept").glob("*.ckpt")) == [f"epoch=0-step={steps}.ckpt",
                                                                     f"epoch=1-step={2 * steps}.ckpt"]

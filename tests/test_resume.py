@@ -24,7 +24,7 @@ from cutmix_pl.cli import main
 from cutmix_pl.module import ImageClassifier
 
 from cli_runs import (assert_same_metrics, assert_same_training_state, ckpt, fails, files_under,
-                      finish, small, spawn, wait_paused)
+                      finish, kept_checkpoints, small, spawn, wait_paused)
 
 
 def event_values(run: Path, tag: str) -> list[float]:
@@ -150,8 +150,7 @@ def test_resume_applies_max_epochs_and_records_it(tiny_cifar, in_tmp):
 
 def test_a_checkpoint_folder_outside_the_run_is_the_resumed_runs_own_and_refused_to_a_new_run(tiny_cifar, in_tmp,
                                                                                                capsys):
-    kept = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "kept",
-            "--trainer.callbacks.monitor", "val/loss", "--trainer.callbacks.save_top_k", "-1"]
+    kept = kept_checkpoints("kept")
     run = Path(main(quick(tiny_cifar, *kept)).trainer.log_dir)
     main(quick(tiny_cifar, *kept, "--trainer.max_epochs", "2", "--ckpt_path", str(run)))
     assert sorted(p.name for p in Path("kept").glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]

@@ -35,7 +35,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             their number). Keep it and the learning rate together: see the scaling rule in docs/distributed.md.
         eval_batch_size: global batch for validation, test and predict.
         val_size: training images held out for validation (seeded by ``split_seed``), in [0, 49999].
-            0 validates on the test set.
+            0 validates on the test set. test and predict do not split the training set.
         split_seed: seed of the train/validation split; fixed so that runs with different seeds share it.
         train_size: train on only the first ``train_size`` images of the (seeded, shuffled) training split, for
             quick experiments; null: all of them.
@@ -90,6 +90,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.seed, self.drop_last = seed, drop_last
         self.classes = cifar.CLASSES
         self._splits: dict[str, cifar.Split] = {}
+        self._train_images = 0
         self._on_device: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
         self._train_sampler: ShardedBatchSampler | None = None
         self._position = (-1, 0)  # (epoch, training batches augmented in it), checkpointed for exact resume
@@ -116,7 +117,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         # before any training, rather than at the first validation.
         _, _, world = self._topology()
         for name in _STAGE_SPLITS.get(stage or "", ()):
-            check_shards(name, len(self._splits[name].labels), world, self.val_size)
+            check_shards(name, len(self.split(name).labels), world, self.val_size)
         if self.trainer is not None:
             self.transform.max_epochs = self.trainer.max_epochs
         if stage == "fit" and self.mixer is not None:
@@ -124,19 +125,23 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def _load_splits(self) -> None:
         train, test = cifar.load(self.data_dir, download_if_missing=False)
+        self._splits.update(test=test, predict=test)
+        self._train_images = len(train.labels)
         if self.val_size >= len(train.labels):
-            raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has "
-                             f"{len(train.labels)}; fix: a value in [0, {len(train.labels) - 1}]")
+            return  # test and predict never split the training set; `split` refuses train and val
         perm = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size :][: self.train_size]
         self._splits["val"] = cifar.Split(train.images[val_idx], train.labels[val_idx]) if self.val_size else test
-        train = cifar.Split(train.images[train_idx], train.labels[train_idx])
-        self._splits.update(train=train, test=test, predict=test)
+        self._splits["train"] = cifar.Split(train.images[train_idx], train.labels[train_idx])
 
     def split(self, name: str) -> cifar.Split:
         """The uint8 images and labels of ``train``, ``val``, ``test`` or ``predict`` (after ``setup``)."""
         if not self._splits:
             self.setup()
+        if name not in self._splits:
+            n = self._train_images
+            raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has {n}; "
+                             f"fix: a value in [0, {n - 1}]")
         return self._splits[name]
 
     # -- loaders ------------------------------------------------------------------------------------

@@ -116,6 +116,8 @@ def test_validate_test_and_predict_a_checkpoint(trained, tiny_cifar, in_tmp, cap
     assert "test/acc" in out and "val/acc" in out  # each command prints its results
     assert scalars(test.trainer.log_dir, "test/acc")[-1].value == pytest.approx(acc)
     assert test.model.hparams.tta_flip is False
+    # testing never splits the training set: the default val_size, above these 640 images, does not stop it
+    assert float(main(["test", *common, "--data.val_size", "5000"]).trainer.callback_metrics["test/acc"]) == acc
     tta = main(["test", *common, "--model.tta_flip", "true"])
     assert tta.model.hparams.tta_flip is True, "the command's --model.tta_flip must win over the checkpoint's"
     assert float(tta.trainer.callback_metrics["test/acc"]) > 0.3

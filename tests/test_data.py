@@ -22,6 +22,15 @@ def test_split_sizes(tiny_cifar, val_size, n_train, n_val):
     assert len(dm.split("test").labels) == 200
 
 
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_val_size_is_checked_where_the_training_set_is_split(tiny_cifar, stage):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=640)  # all 640 training images
+    dm.setup("test"), dm.setup("predict")  # the test set alone: no split of the training set
+    assert len(dm.split("test").labels) == len(dm.split("predict").labels) == 200
+    with pytest.raises(ValueError, match=r"^data.val_size=640 leaves no training images: .* \[0, 639\]$"):
+        dm.setup(stage)
+
+
 def test_split_is_seeded_and_disjoint(tiny_cifar):
     a, b = (CIFAR10DataModule(tiny_cifar, download=False, val_size=100) for _ in range(2))
     a.setup(), b.setup()

@@ -18,7 +18,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_only
 
-from .runs import (RunLock, changed_settings, claim_version, clear_temporary, describe_changes, find_resumable,
+from .runs import (LOCK, RunLock, changed_settings, claim_version, clear_temporary, describe_changes, find_resumable,
                    newest_last, outermost_missing, remove_failed, run_of_checkpoint, saved_config, snapshot,
                    symlinks_in)
 from .settings import (check_loose_checkpoint, checked_hparams, choose_for_machine, keep_run_seed, note, plain,
@@ -38,6 +38,7 @@ class RunPlan:
         self.run: Path | None = None  # the folder this command writes into (a run, or <run>/<command>)
         self.before: dict[Path, int] | None = None  # what that folder held before (None: this command created it)
         self.top: Path | None = None  # the outermost folder the claim created
+        self.only: tuple[str, ...] | None = None  # what a failure removes when the folder holds other files too
         self.lock: RunLock | None = None
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, read once
         self.ckpt_path: str | None = None
@@ -48,7 +49,7 @@ class RunPlan:
         """The command failed: remove what it wrote, unless it saved a last.ckpt (rank 0, which wrote it). Returns
         whether the run holds a last.ckpt to resume from."""
         if self.run is not None and rank_zero_only.rank == 0:
-            return remove_failed(self.run, self.before, self.top)
+            return remove_failed(self.run, self.before, self.top, self.only)
         return False
 
     def release(self) -> None:
@@ -185,8 +186,10 @@ class RunPlan:
             return
         if not continues:
             _refuse_earlier_run(folder, "run it from another folder or pass --trainer.default_root_dir DIR")
-        # locked, not tracked: a failed command there must not remove what else it added (downloaded data, ...)
-        self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder", track=False)
+        # a failed fit removes only what a fit writes there: the folder may hold the data it downloaded, or code
+        self.top = outermost_missing(folder)
+        self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder",
+                   only=("config.yaml", "checkpoints", LOCK))
 
     def _continue_checkpoints(self, run: Path) -> None:
         """The fit continues ``run``: its checkpoint folders, as its checkpoint records them (an explicit dirpath may
@@ -200,7 +203,8 @@ class RunPlan:
             warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(folder))} exists and "
                                     "is not empty")
 
-    def _take(self, folder: Path, what: str, fix: str, created: bool | None = None, track: bool = True) -> None:
+    def _take(self, folder: Path, what: str, fix: str, created: bool | None = None,
+              only: tuple[str, ...] | None = None) -> None:
         """Make ``folder`` this command's: refused when it cannot be written or holds a symbolic link (a write through
         it would land outside the run), locked, cleared of the temporary files of killed writes."""
         folder = folder.absolute()
@@ -211,13 +215,13 @@ class RunPlan:
         if why is not None:
             raise ValueError(f"cannot write {what} {folder}: {why}; fix: {fix}")
         created = not folder.exists() if created is None else created
+        before = None if created else snapshot(folder, only)  # before the lock: a failure removes a lock it added
         folder.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(folder)
         self.lock.acquire()
         for sub in (folder, folder / "checkpoints"):
             clear_temporary(sub)
-        if track:
-            self.run, self.before = folder, None if created else snapshot(folder)
+        self.run, self.before, self.only = folder, before, only
 
 
 def _refuse_earlier_run(folder: Path, fix: str) -> None:

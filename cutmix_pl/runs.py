@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-__all__ = ["CHOSEN_WHEN_NULL", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "clear_temporary",
+__all__ = ["CHOSEN_WHEN_NULL", "LOCK", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "clear_temporary",
            "find_resumable", "flatten", "is_finished", "newest_last", "outermost_missing", "remove_failed",
            "run_of_checkpoint", "run_options", "same_value", "saved_config", "snapshot", "symlinks_in"]
 
@@ -299,31 +299,50 @@ def outermost_missing(folder: Path) -> Path | None:
     return folder
 
 
-def snapshot(folder: Path) -> dict[Path, int]:
-    """What a folder holds, with each entry's modification time: what a command found there before it wrote."""
-    return {p: p.lstat().st_mtime_ns for p in folder.rglob("*")} if folder.is_dir() else {}
+def _entries(folder: Path, only: tuple[str, ...] | None) -> list[Path]:
+    if only is None:
+        return list(folder.rglob("*"))
+    found = []
+    for top in (folder / name for name in only):
+        if top.is_symlink() or top.exists():
+            found += [top, *(top.rglob("*") if top.is_dir() and not top.is_symlink() else ())]
+    return found
 
 
-def remove_failed(run: Path, before: dict[Path, int] | None, top: Path | None = None) -> bool:
-    """After a command failed, delete what it wrote, unless it saved a ``last.ckpt`` to resume from: the folder when
-    this command created it (``before`` is None), with the empty parents up to ``top``; else the entries it added
-    (``before``: :func:`snapshot` at its start). Returns whether the folder holds a ``last.ckpt`` to resume from."""
+def snapshot(folder: Path, only: tuple[str, ...] | None = None) -> dict[Path, int]:
+    """What a folder holds (only the entries named in ``only`` and below them, when given), with each entry's
+    modification time: what a command found there before it wrote."""
+    return {p: p.lstat().st_mtime_ns for p in _entries(folder, only)} if folder.is_dir() else {}
+
+
+def remove_failed(run: Path, before: dict[Path, int] | None, top: Path | None = None,
+                  only: tuple[str, ...] | None = None) -> bool:
+    """After a command failed, delete what it wrote, unless it saved a ``last.ckpt`` to resume from: the entries it
+    added (``before``: :func:`snapshot` at its start; None: it created the folder), only those named in ``only`` when
+    it shares the folder with other files (a logger-less fit's working directory may hold data); a folder it created
+    goes too once empty, with its empty parents up to ``top``. Returns whether the folder holds a ``last.ckpt`` to
+    resume from."""
     if not run.is_dir() or run.is_symlink():
         return False
     last = run / "checkpoints" / "last.ckpt"
     if last.is_file() and (before is None or before.get(last) != last.lstat().st_mtime_ns):
         return True  # it trained and saved its state: keep everything, its config file included
-    if before is None:
+    if before is None and only is None:
         shutil.rmtree(run, ignore_errors=True)
-        parent = run.absolute().parent
-        while top is not None and top in (parent, *parent.parents) and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
-        return False
-    new = [p for p in run.rglob("*") if p not in before and p.name != LOCK]
-    for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    else:
+        new = [p for p in _entries(run, only) if p not in (before or {}) and p.name != LOCK]
+        for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if run / LOCK not in (before or {}):
+            (run / LOCK).unlink(missing_ok=True)
+        if before is None and not any(run.iterdir()):
+            run.rmdir()
+    parent = run.absolute().parent
+    while (before is None and top is not None and top in (parent, *parent.parents) and parent.is_dir()
+           and not any(parent.iterdir())):
+        parent.rmdir()
+        parent = parent.parent
     return last.is_file()

@@ -167,6 +167,27 @@ def test_a_full_disk_before_last_ckpt_leaves_no_run_and_says_run_again(name, tin
     assert not (in_tmp / "runs").exists(), "no run without a last.ckpt to resume from is left"
 
 
+def test_a_failed_fit_without_a_logger_leaves_its_folder_as_it_found_it(tiny_cifar, in_tmp, capsys, monkeypatch):
+    """Without a logger the folder may hold anything (data, code): a fit that saved no last.ckpt removes only what
+    it wrote there (config.yaml, checkpoints/, the lock) and the folder itself when it made it."""
+    (in_tmp / "kept").mkdir()
+    (in_tmp / "kept" / "notes.txt").write_text("mine")
+    unlogged = ("--trainer.logger", "false", "--trainer.default_root_dir")
+    with monkeypatch.context() as patch:
+        full_disk_for(patch, ".ckpt")
+        for folder in ("new/run", "kept"):
+            with pytest.raises(SystemExit):
+                main(quick(tiny_cifar, *unlogged, folder))
+            assert "could not write the checkpoint" in capsys.readouterr().err
+    assert not (in_tmp / "new").exists()
+    assert sorted(p.name for p in (in_tmp / "kept").iterdir()) == ["notes.txt"]
+    main(quick(tiny_cifar, *unlogged, "kept"))  # nothing of the failed fit refuses the next one
+    assert (in_tmp / "kept" / "checkpoints" / "last.ckpt").is_file()
+    # a refusal after the folder was taken (a setting its data cannot meet) leaves nothing either
+    fails(capsys, *quick(tiny_cifar, *unlogged, "other", "--data.val_size", "640"))
+    assert not (in_tmp / "other").exists()
+
+
 # -- F6: a failed or refused extension leaves a finished run finished ------------------------------------------------
 def test_a_failed_or_refused_extension_leaves_the_run_finished(run, tiny_cifar, in_tmp, capsys):
     before = files_under(run)

@@ -24,11 +24,25 @@ from .runs import (LOCK, RunLock, changed_settings, claim_version, clear_tempora
 from .settings import (check_loose_checkpoint, checked_hparams, choose_for_machine, keep_run_seed, note, plain,
                        read_checkpoint, settle_defaults, split_from_checkpoint)
 
-__all__ = ["RUN_ENV", "RunPlan", "blocked", "logger_args", "point_logger", "runs_base", "shown"]
+__all__ = ["RUN_ENV", "RunPlan", "blocked", "logger_args", "other_node_not_rank_zero", "point_logger", "runs_base",
+           "shown"]
 
 # Set by rank 0 for the processes Lightning launches for DDP, which parse the same command again: they must
 # write into rank 0's run folder, not claim one of their own.
 RUN_ENV = "CUTMIX_PL_RUN"
+# The variables Lightning reads a process's rank from at import (lightning.fabric.utilities.rank_zero)
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def other_node_not_rank_zero() -> bool:
+    """With Lightning's own launcher on every node of a multi-node run (NODE_RANK set, no rank variable), the first
+    process of node 1, 2, ... reads as rank 0 until the DDP strategy sets its global rank: it would claim a run folder
+    of its own. Mark it as not rank 0 (a placeholder the strategy replaces); returns whether it did."""
+    node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+    if rank_zero_only.rank != 0 or not node.isdigit() or int(node) == 0 or any(k in os.environ for k in _RANK_VARIABLES):
+        return False
+    rank_zero_only.rank = int(node)
+    return True
 
 
 class RunPlan:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,34 @@ def test_resumed_training_means_under_ddp_are_the_uninterrupted_runs(resumed, tr
     ckpt = torch.load(run_dir(tr) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["train_epoch_sums"]["sums"][1] == TRAIN_SIZE // WORLD * WORLD  # both ranks
     assert means(tr) == pytest.approx(means(ref), abs=1e-5)
+
+
+def two_nodes(cwd: Path, data_dir: Path, *extra: str) -> list[str]:
+    """Lightning's own launcher on each of two one-process "nodes" (NODE_RANK, MASTER_ADDR, MASTER_PORT; no rank
+    variable), on this machine, in one folder as nodes share a filesystem. Returns node 1's stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "cutmix_pl", "fit",
+           *ddp_args(data_dir, "--trainer.devices", "1", "--trainer.num_nodes", str(WORLD), *extra)]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env={**env(), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+                                                 "MASTER_PORT": str(port)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for node in (1, 0)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    return outs[0][1]
+
+
+def test_two_nodes_started_by_lightnings_launcher_write_and_resume_one_run(tiny_cifar, tmp_path):
+    # node 1's first process has no rank variable: taken for rank 0, it claimed a second, empty version folder
+    node1 = two_nodes(tmp_path, tiny_cifar, "--trainer.max_epochs", "1")
+    assert [q["global_step"] for q in probes(tmp_path)] == [STEPS_PER_EPOCH] * WORLD
+    assert (run_dir(tmp_path) / "checkpoints" / "last.ckpt").is_file() and "cutmix-pl: run" not in node1
+    node1 = two_nodes(tmp_path, tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", "runs/smoke/version_0")
+    assert [q["global_step"] for q in probes(tmp_path)] == [2 * STEPS_PER_EPOCH] * WORLD
+    assert torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert "cutmix-pl: resuming" not in node1  # the notes, once, from the first node
 
 
 @pytest.mark.parametrize("setting,message", [

@@ -213,3 +213,23 @@ def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():
     assert runs.changed_settings(with_callback(save_last=True), with_callback(save_last=None)) == []
     assert runs.changed_settings(with_callback(save_last=True), with_callback(save_last=True, monitor="val/loss")) == [
         ("trainer.callbacks.0.init_args.monitor", "val/acc", "val/loss")]
+
+
+@pytest.mark.parametrize("env,marked", [
+    ({"NODE_RANK": "1"}, True), ({"GROUP_RANK": "2"}, True),  # the first process of another node
+    ({"NODE_RANK": "0"}, False), ({}, False),  # the first node
+    ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "1", "RANK": "4"}, False),  # ranks already known
+    ({"NODE_RANK": "one"}, False),  # Lightning's own check names it
+])
+def test_the_first_process_of_another_node_is_not_rank_zero(env, marked, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from cutmix_pl.run_plan import other_node_not_rank_zero
+
+    for key in ("NODE_RANK", "GROUP_RANK", "RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert other_node_not_rank_zero() is marked
+    assert (rank_zero_only.rank != 0) is marked

@@ -29,7 +29,7 @@ from .callbacks import LastCheckpoint, PredictionWriter, ResumedEpochBar, SaveCo
 from .checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from .data import CIFAR10DataModule
 from .module import ImageClassifier
-from .run_plan import RunPlan, blocked, other_node_not_rank_zero, shown
+from .run_plan import RunPlan, blocked, shown
 from .settings import CONFIG_DIR, DEFAULT_CONFIG, NOTES
 from .signals import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_signals
 
@@ -209,7 +209,6 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     # Our DataModule checkpoints its place in the epoch (and the augmentation stream), so a mid-epoch resume is exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     _quiet()
-    other_node_not_rank_zero()
     for held in _HELD:  # until the command starts (CutMixCLI._start)
         held.held = []
     try:

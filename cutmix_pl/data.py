@@ -138,7 +138,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         """The uint8 images and labels of ``train``, ``val``, ``test`` or ``predict`` (after ``setup``)."""
         if not self._splits:
             self.setup()
-        if name not in self._splits:
+        if name in ("train", "val") and name not in self._splits:
             n = self._train_images
             raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has {n}; "
                              f"fix: a value in [0, {n - 1}]")

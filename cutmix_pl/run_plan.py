@@ -18,7 +18,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_only
 
-from .runs import (LOCK, RunLock, changed_settings, claim_version, clear_temporary, describe_changes, find_resumable,
+from .runs import (FIT_FILES, LOCK, RunLock, changed_settings, claim_version, clear_temporary, describe_changes, find_resumable,
                    newest_last, outermost_missing, remove_failed, run_of_checkpoint, saved_config, snapshot,
                    symlinks_in)
 from .settings import (check_loose_checkpoint, checked_hparams, choose_for_machine, keep_run_seed, note, plain,
@@ -34,14 +34,20 @@ RUN_ENV = "CUTMIX_PL_RUN"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
-def other_node_not_rank_zero() -> bool:
+def other_node_not_rank_zero(num_nodes: int) -> bool:
     """With Lightning's own launcher on every node of a multi-node run (NODE_RANK set, no rank variable), the first
     process of node 1, 2, ... reads as rank 0 until the DDP strategy sets its global rank: it would claim a run folder
-    of its own. Mark it as not rank 0 (a placeholder the strategy replaces); returns whether it did."""
-    node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
-    if rank_zero_only.rank != 0 or not node.isdigit() or int(node) == 0 or any(k in os.environ for k in _RANK_VARIABLES):
+    of its own. Mark it as not rank 0 (a placeholder the strategy replaces); returns whether it did. Only when the
+    command runs on several nodes: a NODE_RANK left in the environment of a one-process run changes nothing."""
+    if num_nodes <= 1:
         return False
-    rank_zero_only.rank = int(node)
+    try:
+        node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    except ValueError:  # Lightning's own check names it
+        return False
+    if rank_zero_only.rank != 0 or node <= 0 or any(key in os.environ for key in _RANK_VARIABLES):
+        return False
+    rank_zero_only.rank = node
     return True
 
 
@@ -73,6 +79,7 @@ class RunPlan:
     def prepare(self, sub: str, cfg: Namespace) -> dict[str, Any]:
         """Apply the run rules to ``cfg`` (in place); return the checkpoint's model settings that this command takes
         (all but its run options, which are the command's own)."""
+        other_node_not_rank_zero(int(cfg.trainer.get("num_nodes") or 1))  # before any note: node 0 prints them
         settle_defaults(cfg)
         if sub != "fit" and cfg.get("ckpt_path") is None:
             raise ValueError(f"{sub} needs --ckpt_path: without one it would evaluate an untrained network; fix: "
@@ -200,10 +207,10 @@ class RunPlan:
             return
         if not continues:
             _refuse_earlier_run(folder, "run it from another folder or pass --trainer.default_root_dir DIR")
-        # a failed fit removes only what a fit writes there: the folder may hold the data it downloaded, or code
+        # the folder may hold the data it downloaded, or code: the fit looks at and removes only what a fit writes
         self.top = outermost_missing(folder)
         self._take(folder, "the run folder", "pass --trainer.default_root_dir DIR with a writable folder",
-                   only=("config.yaml", "checkpoints", LOCK))
+                   only=FIT_FILES)
 
     def _continue_checkpoints(self, run: Path) -> None:
         """The fit continues ``run``: its checkpoint folders, as its checkpoint records them (an explicit dirpath may
@@ -223,18 +230,21 @@ class RunPlan:
         it would land outside the run), locked, cleared of the temporary files of killed writes."""
         folder = folder.absolute()
         why = blocked(folder)
-        links = symlinks_in(folder)
+        links = symlinks_in(folder, only)
         if why is None and links:
             why, fix = f"{links[0]} is a symbolic link (a command writes only inside its run)", "remove the link"
         if why is not None:
             raise ValueError(f"cannot write {what} {folder}: {why}; fix: {fix}")
         created = not folder.exists() if created is None else created
-        before = None if created else snapshot(folder, only)  # before the lock: a failure removes a lock it added
+        lock_added = not os.path.lexists(folder / LOCK)
         folder.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(folder)
         self.lock.acquire()
-        for sub in (folder, folder / "checkpoints"):
-            clear_temporary(sub)
+        clear_temporary(folder, only)
+        clear_temporary(folder / "checkpoints")
+        before = None if created else snapshot(folder, only)  # under the lock: no other command writes there
+        if before is not None and lock_added:  # a failure removes the lock file it added
+            before.pop(folder / LOCK, None)
         self.run, self.before, self.only = folder, before, only
 
 

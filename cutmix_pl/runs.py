@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-__all__ = ["CHOSEN_WHEN_NULL", "LOCK", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "clear_temporary",
+__all__ = ["CHOSEN_WHEN_NULL", "FIT_FILES", "LOCK", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "clear_temporary",
            "find_resumable", "flatten", "is_finished", "newest_last", "outermost_missing", "remove_failed",
            "run_of_checkpoint", "run_options", "same_value", "saved_config", "snapshot", "symlinks_in"]
 
@@ -56,6 +56,8 @@ MAY_CHANGE = (
 # chose, and the resume keeps that choice.
 CHOSEN_WHEN_NULL = ("trainer.precision",)
 LOCK = ".lock"
+# What a fit writes into its folder itself; without a logger, whose folder may hold anything, all it may touch there
+FIT_FILES = ("config.yaml", "config.resume*.yaml", "checkpoints", LOCK)
 
 
 def may_change(key: str) -> bool:
@@ -123,21 +125,25 @@ class RunLock:
             self._fd = None
 
 
-def clear_temporary(folder: Path) -> None:
-    """Remove the temporary files of writes killed half-way (``.NAME.*.tmp``; the targets are intact). Only under
-    the folder's lock: no other command is writing there."""
+def clear_temporary(folder: Path, only: tuple[str, ...] | None = None) -> None:
+    """Remove the temporary files of writes killed half-way (``.NAME.*.tmp``; the targets are intact), of the names
+    matching ``only`` when given. Only under the folder's lock: no other command is writing there."""
     for stale in folder.glob(".*.tmp"):
-        if stale.is_file() or stale.is_symlink():
+        name = stale.name[1:].rsplit(".", 2)[0]
+        if (only is None or any(fnmatchcase(name, pattern) for pattern in only)) and (
+                stale.is_file() or stale.is_symlink()):
             stale.unlink(missing_ok=True)
 
 
-def symlinks_in(folder: Path) -> list[Path]:
-    """The folder itself, its entries and those of its ``checkpoints/`` that are symbolic links: a write through one
-    would land outside the run."""
+def symlinks_in(folder: Path, only: tuple[str, ...] | None = None) -> list[Path]:
+    """The folder itself, its entries (those matching ``only`` when given) and those of its ``checkpoints/`` that
+    are symbolic links: a write through one would land outside the run."""
     found = [folder] if folder.is_symlink() else []
-    for sub in (folder, folder / "checkpoints"):
-        if sub.is_dir() and not sub.is_symlink():
-            found += [p for p in sub.iterdir() if p.is_symlink()]
+    if folder.is_dir() and not folder.is_symlink():
+        found += [p for p in _named(folder, only) if p.is_symlink()]
+        ckpts = folder / "checkpoints"
+        if ckpts.is_dir() and not ckpts.is_symlink():
+            found += [p for p in ckpts.iterdir() if p.is_symlink()]
     return found
 
 
@@ -299,13 +305,18 @@ def outermost_missing(folder: Path) -> Path | None:
     return folder
 
 
+def _named(folder: Path, only: tuple[str, ...] | None) -> list[Path]:
+    """The folder's entries, those whose names match a pattern of ``only`` when given."""
+    return list(folder.iterdir()) if only is None else sorted({p for pattern in only for p in folder.glob(pattern)})
+
+
 def _entries(folder: Path, only: tuple[str, ...] | None) -> list[Path]:
+    """The folder's entries and everything below them (those matching ``only`` and below, when given)."""
     if only is None:
         return list(folder.rglob("*"))
     found = []
-    for top in (folder / name for name in only):
-        if top.is_symlink() or top.exists():
-            found += [top, *(top.rglob("*") if top.is_dir() and not top.is_symlink() else ())]
+    for top in _named(folder, only):
+        found += [top, *(top.rglob("*") if top.is_dir() and not top.is_symlink() else ())]
     return found
 
 
@@ -339,10 +350,17 @@ def remove_failed(run: Path, before: dict[Path, int] | None, top: Path | None = 
         if run / LOCK not in (before or {}):
             (run / LOCK).unlink(missing_ok=True)
         if before is None and not any(run.iterdir()):
-            run.rmdir()
+            _remove_dir(run)
     parent = run.absolute().parent
     while (before is None and top is not None and top in (parent, *parent.parents) and parent.is_dir()
-           and not any(parent.iterdir())):
-        parent.rmdir()
+           and not any(parent.iterdir()) and _remove_dir(parent)):
         parent = parent.parent
     return last.is_file()
+
+
+def _remove_dir(folder: Path) -> bool:
+    try:  # another command may have just created something there: then the folder is its
+        folder.rmdir()
+    except OSError:
+        return False
+    return True

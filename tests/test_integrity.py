@@ -170,8 +170,11 @@ def test_a_full_disk_before_last_ckpt_leaves_no_run_and_says_run_again(name, tin
 def test_a_failed_fit_without_a_logger_leaves_its_folder_as_it_found_it(tiny_cifar, in_tmp, capsys, monkeypatch):
     """Without a logger the folder may hold anything (data, code): a fit that saved no last.ckpt removes only what
     it wrote there (config.yaml, checkpoints/, the lock) and the folder itself when it made it."""
-    (in_tmp / "kept").mkdir()
-    (in_tmp / "kept" / "notes.txt").write_text("mine")
+    kept = in_tmp / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    (kept / ".draft.txt.1.tmp").write_text("mine too")  # a temporary name, but not of a file a fit writes
+    (kept / "data").symlink_to(tiny_cifar)  # the folder is not the run's alone: its links are not refused
     unlogged = ("--trainer.logger", "false", "--trainer.default_root_dir")
     with monkeypatch.context() as patch:
         full_disk_for(patch, ".ckpt")
@@ -180,9 +183,16 @@ def test_a_failed_fit_without_a_logger_leaves_its_folder_as_it_found_it(tiny_cif
                 main(quick(tiny_cifar, *unlogged, folder))
             assert "could not write the checkpoint" in capsys.readouterr().err
     assert not (in_tmp / "new").exists()
-    assert sorted(p.name for p in (in_tmp / "kept").iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in kept.iterdir()) == [".draft.txt.1.tmp", "data", "notes.txt"]
     main(quick(tiny_cifar, *unlogged, "kept"))  # nothing of the failed fit refuses the next one
-    assert (in_tmp / "kept" / "checkpoints" / "last.ckpt").is_file()
+    assert (kept / "checkpoints" / "last.ckpt").is_file()
+    # a resume that fails before its last.ckpt leaves the run as it was: no config.resume1.yaml to count as its config
+    before = {k: v for k, v in files_under(kept).items() if k != ".lock"}
+    with monkeypatch.context() as patch:
+        full_disk_for(patch, ".ckpt")
+        with pytest.raises(SystemExit):
+            main(quick(tiny_cifar, *unlogged, "kept", "--trainer.max_epochs", "2", "--ckpt_path", "kept"))
+    assert {k: v for k, v in files_under(kept).items() if k != ".lock"} == before
     # a refusal after the folder was taken (a setting its data cannot meet) leaves nothing either
     fails(capsys, *quick(tiny_cifar, *unlogged, "other", "--data.val_size", "640"))
     assert not (in_tmp / "other").exists()

@@ -220,6 +220,7 @@ def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():
     ({"NODE_RANK": "0"}, False), ({}, False),  # the first node
     ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "1", "RANK": "4"}, False),  # ranks already known
     ({"NODE_RANK": "one"}, False),  # Lightning's own check names it
+    ({"NODE_RANK": "1", "nodes": 1}, False),  # a NODE_RANK left in a one-node run's environment
 ])
 def test_the_first_process_of_another_node_is_not_rank_zero(env, marked, monkeypatch):
     from lightning.pytorch.utilities import rank_zero_only
@@ -228,8 +229,9 @@ def test_the_first_process_of_another_node_is_not_rank_zero(env, marked, monkeyp
 
     for key in ("NODE_RANK", "GROUP_RANK", "RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(key, raising=False)
+    nodes = env.pop("nodes", 2)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(rank_zero_only, "rank", 0)
-    assert other_node_not_rank_zero() is marked
+    assert other_node_not_rank_zero(nodes) is marked
     assert (rank_zero_only.rank != 0) is marked

@@ -307,7 +307,8 @@ def outermost_missing(folder: Path) -> Path | None:
 
 def _named(folder: Path, only: tuple[str, ...] | None) -> list[Path]:
     """The folder's entries, those whose names match a pattern of ``only`` when given."""
-    return list(folder.iterdir()) if only is None else sorted({p for pattern in only for p in folder.glob(pattern)})
+    # iterdir, not glob: glob misses a link whose target is gone, which a write would still follow
+    return [p for p in folder.iterdir() if only is None or any(fnmatchcase(p.name, pattern) for pattern in only)]
 
 
 def _entries(folder: Path, only: tuple[str, ...] | None) -> list[Path]:

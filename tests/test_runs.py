@@ -235,3 +235,19 @@ def test_the_first_process_of_another_node_is_not_rank_zero(env, marked, monkeyp
     monkeypatch.setattr(rank_zero_only, "rank", 0)
     assert other_node_not_rank_zero(nodes) is marked
     assert (rank_zero_only.rank != 0) is marked
+
+
+def test_a_shared_folder_is_checked_only_where_a_fit_writes(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").symlink_to(tmp_path / "gone.yaml")  # a dangling link: a write would still follow it
+    (tmp_path / "data").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "checkpoints" / "last.ckpt").symlink_to(tmp_path / "gone.ckpt")
+    for name in (".config.yaml.0a1b.tmp", ".draft.txt.1.tmp"):
+        (tmp_path / name).write_text("")
+    names = {p.name for p in runs.symlinks_in(tmp_path, runs.FIT_FILES)}
+    assert names == {"config.yaml", "last.ckpt"}
+    assert {p.name for p in runs.symlinks_in(tmp_path)} == names | {"data"}  # a run folder: every link
+    runs.clear_temporary(tmp_path, runs.FIT_FILES)
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".draft.txt.1.tmp"]
+    runs.clear_temporary(tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))

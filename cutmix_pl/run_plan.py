@@ -18,9 +18,9 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_only
 
-from .runs import (FIT_FILES, LOCK, RunLock, changed_settings, claim_version, clear_temporary, describe_changes, find_resumable,
-                   newest_last, outermost_missing, remove_failed, run_of_checkpoint, saved_config, snapshot,
-                   symlinks_in)
+from .runs import (FIT_FILES, LOCK, RunLock, changed_settings, claim_version, clear_temporary, describe_changes,
+                   find_resumable, newest_last, outermost_missing, remove_failed, run_of_checkpoint, saved_config,
+                   snapshot, symlinks_in)
 from .settings import (check_loose_checkpoint, checked_hparams, choose_for_machine, keep_run_seed, note, plain,
                        read_checkpoint, settle_defaults, split_from_checkpoint)
 

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 import yaml
 
-__all__ = ["CHOSEN_WHEN_NULL", "FIT_FILES", "LOCK", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version", "clear_temporary",
-           "find_resumable", "flatten", "is_finished", "newest_last", "outermost_missing", "remove_failed",
-           "run_of_checkpoint", "run_options", "same_value", "saved_config", "snapshot", "symlinks_in"]
+__all__ = ["CHOSEN_WHEN_NULL", "FIT_FILES", "LOCK", "MAY_CHANGE", "RunLock", "changed_settings", "claim_version",
+           "clear_temporary", "find_resumable", "flatten", "is_finished", "newest_last", "outermost_missing",
+           "remove_failed", "run_of_checkpoint", "run_options", "same_value", "saved_config", "snapshot",
+           "symlinks_in"]
 
 # THE list of settings a resume may change (patterns over the flattened config): how to run or report, not what is
 # trained (or, for max_epochs/max_steps, how long: the learning-rate schedule follows the new end). Everything else

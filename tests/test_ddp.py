@@ -1,5 +1,5 @@
 """DDP on CPU (gloo), 2 processes, through the real CLI in subprocesses: shards, augmentation, metrics, files,
-resume, and a launch through ``torchrun``.
+resume, a launch through ``torchrun``, and two "nodes" each started by Lightning's own launcher.
 
 Lightning's ``ddp`` strategy re-launches ``sys.argv`` for the other ranks, so every multi-process run here is a
 ``python -m cutmix_pl`` subprocess. tests/ddp_probe.py (on PYTHONPATH) records, per rank, the shard, the labels

@@ -113,6 +113,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self._splits:
             self._load_splits()
+        if stage in ("fit", "validate") and "train" not in self._splits:
+            raise ValueError(self._no_training_images(stage))
         # Lightning calls setup on every rank once the processes are up: a split too small for them fails here,
         # before any training, rather than at the first validation.
         _, _, world = self._topology()
@@ -139,10 +141,15 @@ class CIFAR10DataModule(L.LightningDataModule):
         if not self._splits:
             self.setup()
         if name in ("train", "val") and name not in self._splits:
-            n = self._train_images
-            raise ValueError(f"data.val_size={self.val_size} leaves no training images: the training set has {n}; "
-                             f"fix: a value in [0, {n - 1}]")
+            raise ValueError(self._no_training_images(None))
         return self._splits[name]
+
+    def _no_training_images(self, stage: str | None) -> str:
+        n = self._train_images
+        # validate of a run takes the run's split from its checkpoint (settings.split_from_checkpoint)
+        fix = ("validate on the data the run was trained on (validate takes the run's split from its checkpoint)"
+               if stage == "validate" else f"a value in [0, {n - 1}]")
+        return f"data.val_size={self.val_size} leaves no training images: the training set has {n}; fix: {fix}"
 
     # -- loaders ------------------------------------------------------------------------------------
     def _topology(self) -> tuple[torch.device, int, int]:

@@ -22,13 +22,17 @@ def test_split_sizes(tiny_cifar, val_size, n_train, n_val):
     assert len(dm.split("test").labels) == 200
 
 
-@pytest.mark.parametrize("stage", ["fit", "validate"])
-def test_val_size_is_checked_where_the_training_set_is_split(tiny_cifar, stage):
+@pytest.mark.parametrize("stage,fix", [("fit", r"a value in \[0, 639\]"),
+                                       ("validate", "validate on the data the run was trained on")])
+def test_val_size_is_checked_where_the_training_set_is_split(tiny_cifar, stage, fix):
     dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=640)  # all 640 training images
     dm.setup("test"), dm.setup("predict")  # the test set alone: no split of the training set
     assert len(dm.split("test").labels) == len(dm.split("predict").labels) == 200
-    with pytest.raises(ValueError, match=r"^data.val_size=640 leaves no training images: .* \[0, 639\]$"):
+    with pytest.raises(ValueError, match=rf"^data.val_size=640 leaves no training images: the training set has 640; "
+                                         rf"fix: {fix}"):
         dm.setup(stage)
+    with pytest.raises(ValueError, match=r"\[0, 639\]$"):
+        dm.split("train")
 
 
 def test_split_is_seeded_and_disjoint(tiny_cifar):

@@ -62,7 +62,12 @@ FIT_FILES = ("config.yaml", "config.resume*.yaml", "checkpoints", LOCK)
 
 
 def may_change(key: str) -> bool:
-    return any(fnmatchcase(key, p) for p in MAY_CHANGE)
+    return _matches(key, MAY_CHANGE)
+
+
+def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
+    """Whether ``name`` matches one of the glob ``patterns``; None: every name does."""
+    return patterns is None or any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def run_options() -> tuple[str, ...]:
@@ -130,9 +135,7 @@ def clear_temporary(folder: Path, only: tuple[str, ...] | None = None) -> None:
     """Remove the temporary files of writes killed half-way (``.NAME.*.tmp``; the targets are intact), of the names
     matching ``only`` when given. Only under the folder's lock: no other command is writing there."""
     for stale in folder.glob(".*.tmp"):
-        name = stale.name[1:].rsplit(".", 2)[0]
-        if (only is None or any(fnmatchcase(name, pattern) for pattern in only)) and (
-                stale.is_file() or stale.is_symlink()):
+        if _matches(stale.name[1:].rsplit(".", 2)[0], only) and (stale.is_file() or stale.is_symlink()):
             stale.unlink(missing_ok=True)
 
 
@@ -309,7 +312,7 @@ def outermost_missing(folder: Path) -> Path | None:
 def _named(folder: Path, only: tuple[str, ...] | None) -> list[Path]:
     """The folder's entries, those whose names match a pattern of ``only`` when given."""
     # iterdir, not glob: glob misses a link whose target is gone, which a write would still follow
-    return [p for p in folder.iterdir() if only is None or any(fnmatchcase(p.name, pattern) for pattern in only)]
+    return [p for p in folder.iterdir() if _matches(p.name, only)]
 
 
 def _entries(folder: Path, only: tuple[str, ...] | None) -> list[Path]:

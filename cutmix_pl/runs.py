@@ -46,7 +46,7 @@ MAY_CHANGE = (
     "trainer.strategy", "trainer.strategy.*", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
     "trainer.limit_predict_batches", "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
-    # which files a ModelCheckpoint keeps (runs started while the recipe had save_last: true resume under today's)
+    # which files a ModelCheckpoint keeps (runs started while the recipe had save_last: true keep the current one's)
     "trainer.callbacks.*.init_args.save_last",
     "data.data_dir", "data.download", "data.eval_batch_size", "data.compile_transform",
     "model.compile", "model.channels_last", "model.tta_flip", "model.log_images", "model.grid_size",

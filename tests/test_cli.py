@@ -285,13 +285,13 @@ def test_compile_transform_reaches_the_transform_and_its_hparam_sits_beside_mode
 
 def test_drop_last_trains_the_same_steps_minus_the_ragged_batch(tiny_cifar, in_tmp):
     """The static-shape setting (data.drop_last) changes nothing but the dropped batch: with a constant learning rate
-    the loss of every step it keeps equals today's, bit for bit."""
+    the loss of every step it keeps equals the default's (ragged last batch kept), bit for bit."""
     losses = []
     for drop in (False, True):
         cli = main(["fit", *small(tiny_cifar, trainer__max_epochs=1, model__lr_schedule="constant",
                                   model__warmup_epochs=0, trainer__precision="32-true", data__train_size=100,
                                   data__drop_last=drop)])
         losses.append([e.value for e in scalars(cli.trainer.log_dir, "train/loss")])
-    today, static = losses
-    assert len(today) == 7 and len(static) == 6  # 100 training images in batches of 16: the 4-image batch dropped
-    assert static == today[:6]
+    ragged, static = losses
+    assert len(ragged) == 7 and len(static) == 6  # 100 training images in batches of 16: the 4-image batch dropped
+    assert static == ragged[:6]

@@ -18,8 +18,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from .checkpoint_io import atomic_write
 
@@ -36,26 +37,71 @@ class LastCheckpoint(ModelCheckpoint):
     step where it also wrote a top-k checkpoint, so with ``monitor: val/acc, save_top_k: 1`` its ``last.ckpt`` is the
     best epoch's state, not the last one's. Here the one kept "top-k" file is itself named ``last``: one file,
     rewritten (atomically, checkpoint_io.py) at every save.
+
+
+    It runs before the config's checkpoints (the CLI puts it first), so that the resume point is on disk before any
+    best copy: with room for one file, the run keeps the state it can resume from. The records of the checkpoints
+    that save after it (their best model) are then one save behind in it: :attr:`follow_up`, placed after them,
+    writes it again when one of them changed its record.
     """
 
     def __init__(self) -> None:
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
                          enable_version_counter=False)
+        self.follow_up = _LastFollowUp(self)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.follow_up.mark(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.follow_up.mark(trainer)
+
+
+class _LastFollowUp(Checkpoint):
+    """Writes last.ckpt again, at the hook where :class:`LastCheckpoint` wrote it, once the checkpoints after it have
+    saved, if they changed their records meanwhile (a new best model), so that a resume restores them as they are.
+    A ``Checkpoint``, so that Lightning runs it after the config's ModelCheckpoints; stateless."""
+
+    def __init__(self, last: LastCheckpoint) -> None:
+        self.last, self.seen = last, None
+
+    def _records(self, trainer: L.Trainer) -> str:
+        return repr([cb.state_dict() for cb in trainer.checkpoint_callbacks
+                     if isinstance(cb, ModelCheckpoint) and cb is not self.last])
+
+    def mark(self, trainer: L.Trainer) -> None:
+        self.seen = self._records(trainer)
+
+    def _follow(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seen, self.seen = self.seen, None
+        if (seen is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+                and self._records(trainer) != seen):
+            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
+
+    on_train_epoch_end = on_validation_end = _follow
 
 
 class SaveConfigNoOverwrite(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run folder; a resumed run adds ``config.resume1.yaml``, ... next to it."""
+    """Saves ``config.yaml`` in the run folder; a resumed run adds ``config.resume1.yaml``, ... next to it. Written
+    atomically: a kill mid-write leaves the run's earlier config files as they were, never an empty newest one."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.already_saved and self.save_to_log_dir and not self.overwrite and trainer.log_dir:
-            stem, ext = os.path.splitext(self.config_filename)
-            name, k = self.config_filename, 0
-            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must make it, so not in rank 0's loop
-            while trainer.is_global_zero and os.path.lexists(os.path.join(log_dir, name)):
-                k += 1
-                name = f"{stem}.resume{k}{ext}"
-            self.config_filename = trainer.strategy.broadcast(name)
-        super().setup(trainer, pl_module, stage)
+        if self.already_saved or not self.save_to_log_dir or self.multifile or not trainer.log_dir:
+            return super().setup(trainer, pl_module, stage)
+        stem, ext = os.path.splitext(self.config_filename)
+        name, k = self.config_filename, 0
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must make it, so not in rank 0's loop
+        while trainer.is_global_zero and not self.overwrite and os.path.lexists(os.path.join(log_dir, name)):
+            k += 1
+            name = f"{stem}.resume{k}{ext}"
+        self.config_filename = trainer.strategy.broadcast(name)
+        if trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write(Path(log_dir) / self.config_filename, text.encode(), "the run's config")
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
 
 
 class ResumedEpochBar(Callback):

@@ -43,7 +43,7 @@ class CutMixCLI(LightningCLI):
         self.plan = RunPlan()
         try:
             super().__init__(*args, **kwargs)
-        except Exception as err:
+        except (Exception, StoppedEarly) as err:
             kept = self.plan.failed()
             if isinstance(err, CheckpointWriteError) and not kept:  # the run it had claimed is gone: nothing to resume
                 raise CheckpointWriteError(str(err).replace("then resume with --ckpt_path last", "then run the "
@@ -92,6 +92,10 @@ class CutMixCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        # last.ckpt before the config's checkpoints (the resume point first), its follow-up after them
+        own = cfg.trainer.get("callbacks") or []
+        last = LastCheckpoint()
+        kwargs.setdefault("callbacks", [last, *(own if isinstance(own, (list, tuple)) else [own]), last.follow_up])
         try:
             return super().instantiate_trainer(**kwargs)
         except RuntimeError as err:  # Lightning's own checks of the settings (two ModelCheckpoints it cannot tell
@@ -249,10 +253,10 @@ def _cli(args: list[str] | None, parser_kwargs: dict[str, Any]) -> CutMixCLI:
         ImageClassifier,
         CIFAR10DataModule,
         # Our loaders shard themselves (see data.ShardedBatchSampler), so Lightning must not re-wrap them.
-        # Added to every run, whatever trainer.callbacks a config sets (after the config's ModelCheckpoint, so
-        # that last.ckpt records its best model, and StopOnSignal after both).
+        # Added to every run, whatever trainer.callbacks a config sets (StopOnSignal after its checkpoints;
+        # LastCheckpoint: instantiate_trainer).
         trainer_defaults={"use_distributed_sampler": False,
-                          "callbacks": [LastCheckpoint(), StopOnSignal(), PredictionWriter(), ResumedEpochBar()]},
+                          "callbacks": [StopOnSignal(), PredictionWriter(), ResumedEpochBar()]},
         parser_kwargs=parser_kwargs,
         save_config_callback=SaveConfigNoOverwrite,
         auto_configure_optimizers=False,

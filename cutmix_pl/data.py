@@ -120,6 +120,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         _, _, world = self._topology()
         for name in _STAGE_SPLITS.get(stage or "", ()):
             check_shards(name, len(self.split(name).labels), world, self.val_size)
+        if stage == "fit" and self.batch_size > (n := len(self.split("train").labels)):
+            # one batch of the whole split, or none with drop_last: never what was meant, and the first can exhaust
+            # the memory before any step
+            raise ValueError(f"data.batch_size={self.batch_size} is larger than the training split ({n} images); "
+                             f"fix: a value in [2, {n}] (data.batch_size is the global batch)")
         if self.trainer is not None:
             self.transform.max_epochs = self.trainer.max_epochs
         if stage == "fit" and self.mixer is not None:

@@ -73,7 +73,15 @@ def check_compatible(checkpoint: dict[str, Any], ours: Any, num_classes: int, ow
                    else f"pass {flags}")
             raise ValueError(f"{what} holds a model with {old} but this run builds {new}; fix: {fix}, "
                              "or leave out --ckpt_path to train from scratch")
-    for key, value in (checkpoint.get("state_dict") or {}).items():
+    state = {k.replace("._orig_mod.", "."): v for k, v in (checkpoint.get("state_dict") or {}).items()}
+    missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if state and (missing or extra):  # settings that do not describe the weights (an edited or foreign file)
+        lack = f"lack {len(missing)} of this model's tensors (e.g. {missing[0]})" if missing else ""
+        hold = f"hold {len(extra)} it does not have (e.g. {extra[0]})" if extra else ""
+        raise ValueError(f"{what} does not fit this model: its weights {' and '.join(t for t in (lack, hold) if t)}, "
+                         "so the network settings it records do not describe them; fix: pass a .ckpt file whose "
+                         "settings and weights belong together (as this project's fit writes them)")
+    for key, value in state.items():
         if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(f"{what} does not fit this model: {key} has shape {list(value.shape)} there and "
                              f"{list(own[key].shape)} here; fix: pass the --model.net settings it was trained with "

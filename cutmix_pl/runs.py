@@ -156,8 +156,9 @@ def saved_config(run: Path) -> dict[str, Any] | None:
     """The newest config the run was (re)started with: ``config.yaml`` or the highest ``config.resumeK.yaml``.
     Raises ValueError, naming the file, when it cannot be read."""
     files = [(0, run / "config.yaml")] if (run / "config.yaml").is_file() else []
+    # an empty resume config is a resume killed as it began, by a version that wrote it in place: not a config
     files += [(int(m.group(1)), p) for p in run.glob("config.resume*.yaml")
-              if (m := re.fullmatch(r"config\.resume(\d+)\.yaml", p.name))]
+              if (m := re.fullmatch(r"config\.resume(\d+)\.yaml", p.name)) and p.stat().st_size > 0]
     if not files:
         return None
     path = max(files)[1]

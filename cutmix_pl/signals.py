@@ -42,9 +42,11 @@ class Interrupted(BaseException):
                          f"resume: run the same command with --ckpt_path {resume}")
 
 
-class StoppedEarly(Exception):
+class StoppedEarly(BaseException):
     """A signal outside training (while the command starts, sets up, or evaluates): there is no training state to
-    save, so the command stops, and what it wrote is removed as after any failure (an Exception, so it is)."""
+    save, so the command stops, and what it wrote is removed as after a failure. A BaseException, like
+    KeyboardInterrupt: a reader's ``except Exception`` (a damaged batch file, a failed download) must not take the
+    signal for its own error."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum

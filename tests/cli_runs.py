@@ -64,9 +64,10 @@ trainer:
 """
 
 # `python -m cutmix_pl` plus test hooks: PAUSE_AT_STEP holds training after that global step, PAUSE_IN_LAST_VAL holds
-# the last epoch's validation, PAUSE_IN_SETUP the DataModule's setup, before training (each until a signal arrives,
-# so that it lands at a known point), KILL_IN_SAVE=N kills
-# the process with SIGKILL half-way through writing its N-th checkpoint file; the final metrics go to metrics.json.
+# the last epoch's validation, PAUSE_IN_SETUP the DataModule's setup, before training, PAUSE_IN_READ the reading of a
+# batch file, inside the CIFAR reader's error handling (each until a signal arrives, so that it lands at a known
+# point), KILL_IN_SAVE=N kills the process with SIGKILL half-way through writing its N-th file whose name holds
+# KILL_IN_WRITE_OF (default "ckpt"); the final metrics go to metrics.json.
 WRAPPER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
@@ -107,10 +108,19 @@ WRAPPER = textwrap.dedent("""
             time.sleep(300)  # a signal ends it (the CLI's handler raises outside training)
 
         CIFAR10DataModule.setup = setup
+    if os.environ.get("PAUSE_IN_READ"):
+        from cutmix_pl import cifar
+
+        def load(self):
+            Path("paused").write_text("read")
+            time.sleep(300)  # a signal ends it, inside the reader's try
+
+        cifar._BatchUnpickler.load = load
     if int(os.environ.get("KILL_IN_SAVE", "0")):
         sys.path.insert(0, os.environ["TESTS_DIR"])
         import kill_on_write
-        kill_on_write.install(int(os.environ["KILL_IN_SAVE"]), Path("killed_in_save"))
+        kill_on_write.install(int(os.environ["KILL_IN_SAVE"]), Path("killed_in_save"),
+                              os.environ.get("KILL_IN_WRITE_OF", "ckpt"))
     ImageClassifier.on_train_batch_end = on_train_batch_end
     ImageClassifier.on_train_epoch_end = on_train_epoch_end
     ImageClassifier.on_validation_batch_end = on_validation_batch_end
@@ -146,7 +156,7 @@ def spawn(cwd: Path, args: list[str], pause_at: int | None = None, tag: str = "r
     """``python -m cutmix_pl ARGS`` in ``cwd`` (output in TAG.out/TAG.err), with the WRAPPER's hooks set."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key in ("CUTMIX_PL_TRACEBACK", "CUTMIX_PL_RUN", "PAUSE_AT_STEP", "PAUSE_IN_LAST_VAL", "PAUSE_IN_SETUP",
-                "PAUSE_AT_EPOCH_END", "KILL_IN_SAVE"):
+                "PAUSE_IN_READ", "PAUSE_AT_EPOCH_END", "KILL_IN_SAVE", "KILL_IN_WRITE_OF"):
         env.pop(key, None)
     if pause_at is not None:
         env["PAUSE_AT_STEP"] = str(pause_at)

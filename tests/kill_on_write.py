@@ -1,7 +1,7 @@
 """Kill the process (SIGKILL) while it writes a checkpoint file: for tests of what a kill mid-save leaves behind.
 
 ``install(n)`` patches ``open`` and ``os.fdopen`` (the atomic writer's temporary file) so that the n-th file opened for
-writing with "ckpt" in its name takes half of what is written to it, then the process dies; a file filled by sendfile (shutil's copy across filesystems, as Lightning's
+writing with "ckpt" (or ``part``) in its name takes half of what is written to it, then the process dies; a file filled by sendfile (shutil's copy across filesystems, as Lightning's
 writer moves its staged file) dies before any byte. Subprocess scripts import it from the tests folder.
 """
 
@@ -41,8 +41,8 @@ class HalfThenKill:
         self.f.close()
 
 
-def install(nth: int = 1, note: Path | None = None) -> None:
-    """Die inside the ``nth`` checkpoint file opened for writing; write its name to ``note`` first."""
+def install(nth: int = 1, note: Path | None = None, part: str = "ckpt") -> None:
+    """Die inside the ``nth`` file opened for writing whose name holds ``part``; write its name to ``note`` first."""
     count = [0]
 
     def killing_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
@@ -55,7 +55,7 @@ def install(nth: int = 1, note: Path | None = None) -> None:
         return watch(f, name) if "w" in mode else f
 
     def watch(f: Any, name: str) -> Any:
-        if "ckpt" in name:
+        if part in name:
             count[0] += 1
             if count[0] == nth:
                 if note is not None:

@@ -35,6 +35,15 @@ def test_val_size_is_checked_where_the_training_set_is_split(tiny_cifar, stage, 
         dm.split("train")
 
 
+def test_a_batch_larger_than_the_training_split_is_refused_at_fit(tiny_cifar):
+    dm = CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=541)  # 540 training images
+    dm.setup("test")  # evaluation never batches the training split
+    with pytest.raises(ValueError, match=r"^data.batch_size=541 is larger than the training split \(540 images\); "
+                                         r"fix: a value in \[2, 540\]"):
+        dm.setup("fit")
+    CIFAR10DataModule(tiny_cifar, download=False, val_size=100, batch_size=540).setup("fit")
+
+
 def test_split_is_seeded_and_disjoint(tiny_cifar):
     a, b = (CIFAR10DataModule(tiny_cifar, download=False, val_size=100) for _ in range(2))
     a.setup(), b.setup()

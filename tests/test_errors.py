@@ -67,6 +67,8 @@ CONFIG_CASES = {
     "lr negative": (["--model.optimizer.init_args.lr", "-1"], ["-1.0", "lr > 0"]),
     "val_size >= training set": (["--data.val_size", "640"], ["data.val_size=640", "[0, 639]"]),
     "val_size >= 50000": (["--data.val_size", "50000"], ["data.val_size=50000", "[0, 49999]"]),
+    "batch larger than the training split": (["--data.batch_size", "50000"],  # refused before it fills the memory
+                                             ["data.batch_size=50000", "training split (96 images)", "[2, 96]"]),
     "unknown key": (["--model.dpth", "20"], ["model.dpth", "--help"]),
     "a key cut short": (["--trainer.max_epoch", "3"], ["unrecognized arguments: --trainer.max_epoch", "--help"]),
     "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
@@ -221,6 +223,24 @@ def test_checkpoint_without_hparams_of_another_width(small_ckpt, tiny_cifar, in_
     torch.save(checkpoint, in_tmp / "bare.ckpt")
     line = fails(capsys, "fit", *small(tiny_cifar), "--model.net.width", "8", "--ckpt_path", "bare.ckpt")
     assert "does not fit this model" in line and "shape" in line and "--model.net" in line
+
+
+def test_checkpoint_whose_settings_do_not_describe_its_weights(small_ckpt, tiny_cifar, in_tmp, capsys):
+    checkpoint = torch.load(small_ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["net"]["init_args"]["depth"] = 14  # the weights stay depth 8
+    torch.save(checkpoint, in_tmp / "edited.ckpt")
+    args = small(tiny_cifar)
+    del args[args.index("--model.net.depth"):args.index("--model.net.depth") + 2]  # taken from the checkpoint
+    line = fails(capsys, "test", *args, "--ckpt_path", "edited.ckpt")
+    assert "edited.ckpt does not fit this model: its weights" in line
+    assert "lack 36 of this model's tensors" in line and "fix: pass a .ckpt file whose settings and weights" in line
+    assert not (in_tmp / "test").exists()
+    model = ImageClassifier(net=ResNet(8, width=4))
+    checkpoint["state_dict"]["net.extra.weight"] = torch.zeros(1)  # and a tensor this network does not have
+    with pytest.raises(ValueError, match=r"its weights lack 36 .* and hold 1 it does not have \(e.g. net.extra"):
+        ImageClassifier(net=ResNet(14, width=4)).check_compatible({**checkpoint, "hyper_parameters": {}})
+    with pytest.raises(ValueError, match=r"its weights hold 1 it does not have"):
+        model.check_compatible({**checkpoint, "hyper_parameters": {}})
 
 
 def test_mismatch_is_caught_in_the_module_too(small_ckpt):

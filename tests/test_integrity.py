@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cutmix_pl.cli import CONFIG_DIR, main
 
-from cli_runs import fails, files_under, small
+from cli_runs import fails, files_under, finish, small, spawn
 
 
 def quick(data: Path, *extra: str) -> list[str]:
@@ -126,9 +127,10 @@ def test_a_checkpoint_naming_another_network_is_one_line_and_runs_no_code(hparam
 
 
 # -- F5: a full disk before the run saved a last.ckpt ---------------------------------------------------------------
-def full_disk_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Every write of a file whose name holds ``name`` fails half-way with ENOSPC."""
-    real = os.fdopen
+def full_disk_for(monkeypatch: pytest.MonkeyPatch, name: str, room: int = 0) -> None:
+    """Every write of a file whose name holds ``name``, after the first ``room`` of them, fails half-way with
+    ENOSPC."""
+    real, written = os.fdopen, [0]
 
     class Full:
         def __init__(self, f):
@@ -149,7 +151,10 @@ def full_disk_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
     def fdopen(fd, mode="r", *args, **kwargs):
         f = real(fd, mode, *args, **kwargs)
-        return Full(f) if "w" in mode and name in os.readlink(f"/proc/self/fd/{fd}") else f
+        if "w" not in mode or name not in os.readlink(f"/proc/self/fd/{fd}"):
+            return f
+        written[0] += 1
+        return f if written[0] <= room else Full(f)
 
     monkeypatch.setattr(os, "fdopen", fdopen)
 
@@ -165,6 +170,31 @@ def test_a_full_disk_before_last_ckpt_leaves_no_run_and_says_run_again(name, tin
     assert line.startswith("cutmix-pl: error: could not write the checkpoint ") and "No space left on device" in line
     assert "then run the command again" in line and "--ckpt_path last" not in line
     assert not (in_tmp / "runs").exists(), "no run without a last.ckpt to resume from is left"
+
+
+def test_room_for_one_checkpoint_keeps_the_resume_point(tiny_cifar, in_tmp, capsys, monkeypatch):
+    """last.ckpt is written before the best copy: a disk with room for one file keeps the state to resume from."""
+    with monkeypatch.context() as patch:
+        full_disk_for(patch, ".ckpt", room=1)
+        with pytest.raises(SystemExit) as exit_:
+            main(quick(tiny_cifar, "--trainer.max_epochs", "2"))
+    assert exit_.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "best-epoch000.ckpt" in line and "No space left on device" in line and "--ckpt_path last" in line
+    folder = in_tmp / "runs" / "smoke" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    cli = main(quick(tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", "last"))  # space freed: it resumes
+    assert (cli.trainer.current_epoch, cli.trainer.global_step) == (2, 4)
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]  # epoch 0's was never kept
+
+
+def test_last_ckpt_records_the_best_copy_written_after_it(run):
+    """Written first, last.ckpt is written again once the best copy is saved, so that a resume restores that
+    ModelCheckpoint's record as it is on disk."""
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
+    best = [v for k, v in state.items() if "'monitor': 'val/acc'" in k or "monitor='val/acc'" in k]
+    assert len(best) == 1 and Path(best[0]["best_model_path"]) == run / "checkpoints" / "best-epoch000.ckpt"
+    assert (run / "checkpoints" / "best-epoch000.ckpt").is_file()
 
 
 def test_a_failed_fit_without_a_logger_leaves_its_folder_as_it_found_it(tiny_cifar, in_tmp, capsys, monkeypatch):
@@ -208,6 +238,22 @@ def test_a_failed_or_refused_extension_leaves_the_run_finished(run, tiny_cifar, 
     assert files_under(run) == before
     line = fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))
     assert "continues unfinished runs only" in line and "has finished" in line
+
+
+@pytest.mark.slow(seconds=15)
+def test_an_extension_killed_as_it_writes_its_config_never_blocks_the_run(run, tiny_cifar, in_tmp, capsys):
+    longer = quick(tiny_cifar, "--trainer.max_epochs", "2", "--ckpt_path", str(run))
+    proc = spawn(in_tmp, longer, KILL_IN_SAVE="1", KILL_IN_WRITE_OF="config.resume")
+    assert finish(proc) == -signal.SIGKILL
+    assert "config.resume1.yaml" in (in_tmp / "killed_in_save").read_text()
+    assert not (run / "config.resume1.yaml").exists(), "the half-written config is a temporary file, not the run's"
+    line = fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))  # the run is found, with its own config
+    assert "has finished" in line
+    (run / "config.resume1.yaml").write_text("")  # what an in-place write killed at its start left behind
+    assert "has finished" in fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))
+    main(longer)  # the extension runs, and writes its config beside the empty one
+    assert yaml.safe_load((run / "config.resume2.yaml").read_text())["trainer"]["max_epochs"] == 2
+    assert not list(run.glob(".*.tmp")), "the killed write's temporary file is cleared"
 
 
 # -- F7: a damaged file in a sibling run -------------------------------------------------------------------------

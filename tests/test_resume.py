@@ -416,16 +416,18 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifa
     assert_same_metrics(reference_run / "metrics.json", tmp_path / "metrics.json")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_before_training_stops_in_one_line_and_leaves_no_run(sig, tiny_cifar, tmp_path):
-    proc = spawn(tmp_path, ["fit", *small(tiny_cifar)], PAUSE_IN_SETUP="1")
+@pytest.mark.parametrize(("sig", "where"), [(signal.SIGTERM, "PAUSE_IN_SETUP"), (signal.SIGINT, "PAUSE_IN_SETUP"),
+                                           (signal.SIGTERM, "PAUSE_IN_READ")])  # read: never "a damaged batch file"
+def test_a_signal_before_training_stops_in_one_line_and_leaves_no_run(sig, where, tiny_cifar, tmp_path):
+    proc = spawn(tmp_path, ["fit", *small(tiny_cifar)], **{where: "1"})
     wait_paused(proc, tmp_path)
     assert (tmp_path / "runs" / "smoke" / "version_0").is_dir(), "the run had claimed its folder"
     proc.send_signal(sig)
     assert finish(proc) == 128 + sig
     err = (tmp_path / "run.err").read_text()
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"cutmix-pl: stopped by {sig.name} outside training")
+    assert err.strip().splitlines()[-1].startswith(f"cutmix-pl: stopped by {sig.name} outside training"), err[-2000:]
+    assert "corrupt" not in err
     assert not (tmp_path / "runs").exists(), "the run folder it had claimed is removed"
 
 

@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .augment import CutMix, CutMixUp, Mixer, MixUp
+    from .augment import CutMix, CutMixUp, Cutout, Mixer, MixUp
     from .data import CIFAR10DataModule
     from .module import ImageClassifier, SoftTargetCrossEntropy
     from .resnet import ResNet
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 # Imported on first use (PEP 562): `python -m cutmix_pl` imports this package before its __main__ can take a signal,
 # and torch and Lightning take seconds to import.
-_EXPORTS = {"CutMix": "augment", "CutMixUp": "augment", "Mixer": "augment", "MixUp": "augment",
+_EXPORTS = {"CutMix": "augment", "CutMixUp": "augment", "Cutout": "augment", "Mixer": "augment", "MixUp": "augment",
             "CIFAR10DataModule": "data", "ImageClassifier": "module", "SoftTargetCrossEntropy": "module",
             "ResNet": "resnet", "TrainTransform": "transform"}
 __all__ = list(_EXPORTS)

@@ -1,4 +1,4 @@
-"""Batched augmentations as pure tensor ops: CutMix, MixUp, their combination, and CIFAR crop/flip.
+"""Batched augmentations as pure tensor ops: CutMix, MixUp, their combination, Cutout, and CIFAR crop/flip.
 
 Everything here runs on whatever device holds the batch, with no Python loop over samples, so the same
 code serves a DataLoader ``collate_fn`` on the CPU and a GPU-resident batch in
@@ -32,6 +32,7 @@ __all__ = [
     "CutMix",
     "MixUp",
     "CutMixUp",
+    "Cutout",
     "Mixed",
     "sample_beta",
     "to_soft_targets",
@@ -109,8 +110,19 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
 
 
+def _uniform_centres(m: int, height: int, width: int, sizes: Tensor, device: torch.device,
+                     generator: torch.Generator | None) -> Tensor:
+    """m box centres uniform over the pixels, float32 [2, m] (rows y, x) holding exact small integers: the papers'
+    ``np.random.randint(H)``, ``np.random.randint(W)`` (CutMix's Algorithm A1, Cutout's reference code). ``sizes`` is
+    [[H], [W]] as float32 on ``device``. A square image takes one kernel."""
+    if height == width:
+        return torch.randint(height, (2, m), device=device, generator=generator, dtype=torch.float32)
+    return torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
+
+
 class Mixer:
-    """Shared machinery: argument checks, pairing, target mixing. Subclasses supply the pixel weights.
+    """Shared machinery: argument checks, pairing, target mixing. Subclasses supply the pixel weights (Cutout, which
+    takes nothing from another image, shares the checks and the draw/apply contract only).
 
     Args:
         alpha: lambda ~ Beta(alpha, alpha).
@@ -123,16 +135,20 @@ class Mixer:
     def __init__(self, alpha: float, prob: float, num_classes: int, mode: Mode, pairing: Pairing) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha={alpha!r} is out of range: it must be a finite number > 0 (Beta(alpha, alpha))")
+        self.alpha = float(alpha)
+        self._set_common(prob, num_classes, mode)
+        _check_choice("pairing", pairing, ("perm", "roll"))
+        self.pairing = pairing
+
+    def _set_common(self, prob: float, num_classes: int, mode: Mode) -> None:
+        """Check and set the settings every batch augmentation has, mixing or not."""
         _check_unit("prob", prob)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} is out of range: it must be an integer >= 2")
         _check_choice("mode", mode, ("elem", "batch"))
-        _check_choice("pairing", pairing, ("perm", "roll"))
-        self.alpha = float(alpha)
         self.prob = float(prob)
         self.num_classes = num_classes
         self.mode = mode
-        self.pairing = pairing
 
     _hidden_in_repr: tuple[str, ...] = ()
 
@@ -305,11 +321,7 @@ class CutMix(Mixer):
             draws = {"u": torch.rand(2, 2, m, device=device, generator=generator)}
         else:  # the paper's Algorithm A1: lambda, and a box centre uniform over the pixels
             lam = sample_beta(self.alpha, m, device=device, generator=generator)
-            if height == width:
-                centre = torch.randint(height, (2, m), device=device, generator=generator, dtype=torch.float32)
-            else:
-                centre = torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
-            draws = {"lam": lam, "centre": centre}
+            draws = {"lam": lam, "centre": _uniform_centres(m, height, width, sizes, device, generator)}
         return {**draws, "coin": self._coin(n, device, generator)}
 
     def _bounds(self, draws: dict[str, Any], height: int, width: int, device: torch.device
@@ -430,6 +442,84 @@ class CutMixUp(Mixer):
         keep = torch.where(active.view(-1, 1, 1, 1), keep, torch.ones((), dtype=keep.dtype, device=device))
         lam = torch.where(active, torch.where(use_cut, lam_c, lam_m), torch.ones_like(lam_c))
         return keep, lam, use_cut & active
+
+
+class Cutout(Mixer):
+    """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): a square hole per image, filled with zero after normalisation
+    (the dataset mean); the hard labels are kept.
+
+    It fills the ``data.mixer`` slot and keeps the mixers' contract (``draw`` then ``apply``, ``Mixed``), as the
+    degenerate mix in which every image is its own partner: ``index`` is the identity, ``lam`` is 1, ``is_cutmix`` is
+    False, and the targets are the one-hot labels (soft labels pass through unchanged).
+
+    Args:
+        size: side of the hole in pixels; the paper's is 16 for CIFAR-10 (8 for CIFAR-100). The centre is uniform over
+            all pixels, so a hole near the border is clipped, and a size beyond the image is clipped the same way
+            (from twice the image side on, every hole covers the whole image). At least 1.
+        prob: probability that an image (``elem``) or the batch (``batch``) gets a hole; the paper's is 1. In [0, 1].
+        num_classes: number of classes K of the one-hot targets. At least 2.
+        mode: ``elem`` gives every image its own hole; ``batch`` one hole (and one coin) for the whole batch.
+    """
+
+    def __init__(self, size: int = 16, prob: float = 1.0, num_classes: int = 10, mode: Mode = "elem") -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size={size!r} is out of range: it must be an integer >= 1, the side of the hole in "
+                             "pixels (the paper's is 16 for CIFAR-10)")
+        self.size = size
+        self._set_common(prob, num_classes, mode)
+
+    def _constants(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The sizes [[H], [W]] and pixel positions [max(H, W)] as float32 on the device, made once."""
+        key = (height, width, str(device))
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = (torch.tensor([[height], [width]], dtype=torch.float32, device=device),
+                          torch.arange(max(height, width), dtype=torch.float32, device=device))
+        return cache[key]
+
+    def _partners(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+        return torch.arange(n, device=device)  # nothing comes from another image
+
+    def _draw(self, n: int, height: int, width: int, device: torch.device,
+              generator: torch.Generator | None) -> dict[str, Any]:
+        sizes = self._constants(height, width, device)[0]
+        centre = _uniform_centres(self._draws(n), height, width, sizes, device, generator)
+        return {"centre": centre, "coin": self._coin(n, device, generator)}
+
+    def hole(self, images: Tensor, draws: dict[str, Any]) -> Tensor:
+        """The holes of these draws as bool [m, 1, H, W] (m = B in ``elem`` mode, 1 in ``batch``), False everywhere for
+        an image without one; no randomness, no host reads."""
+        n, _, height, width = images.shape
+        m = self._draws(n)
+        sizes, pos = self._constants(height, width, images.device)
+        # The reference code (uoguelph-mlrg/Cutout, util/cutout.py) cuts [c - size//2, c + size//2) clipped to the
+        # image; starting at c - size//2 and spanning `size` is that box for the even sizes it is used with, and
+        # gives an odd size its full side rather than size - 1.
+        start = draws["centre"] - (self.size // 2)
+        lo, hi = start.clamp_min(0), torch.minimum(start + self.size, sizes)
+        inside = (pos >= lo[..., None]) & (pos < hi[..., None])  # [2, m, max(H, W)]: rows y, x
+        if self.prob < 1.0:  # an image without a hole: no row inside
+            inside[0] &= self._active(draws["coin"], n, images.device)[:m, None]
+        return inside[0, :, None, :height, None] & inside[1, :, None, None, :width]
+
+    def weights(self, images: Tensor, draws: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """``keep`` is 0 in the hole and 1 elsewhere; where it is 0 the pixel becomes 0, not a partner's."""
+        n, device = images.shape[0], images.device
+        keep = (~self.hole(images, draws)).to(images.dtype)
+        return keep, torch.ones(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+
+    def apply(self, images: Tensor, labels: Tensor, draws: dict[str, Any]) -> Mixed:
+        """Cut the holes: pure tensor arithmetic, no randomness, no host reads (``torch.compile`` fuses it)."""
+        n, device = images.shape[0], images.device
+        # Zero after normalisation is the dataset mean (the paper). A fill rather than a product with the mask, so a
+        # hole is exactly +0.0 (x * 0 is -0.0 for negative x, and NaN for a non-finite one).
+        holed = images.masked_fill(self.hole(images, draws), 0.0)
+        if labels.is_floating_point():
+            targets = labels.to(torch.float32, copy=True)
+        else:  # one-hot by a scatter: F.one_hot reads the labels' range back to the host on a CPU
+            targets = torch.zeros(n, self.num_classes, device=device).scatter_(1, labels.long()[:, None], 1.0)
+        return Mixed(holed, targets, draws["index"], torch.ones(n, device=device),
+                     torch.zeros(n, dtype=torch.bool, device=device))
 
 
 def random_crop_flip(images: Tensor, padding: int = 4, flip: bool = True,

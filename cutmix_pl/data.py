@@ -40,7 +40,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         train_size: train on only the first ``train_size`` images of the (seeded, shuffled) training split, for
             quick experiments; null: all of them.
         mixer: batch mixing applied after crop/flip/normalisation: ``CutMix`` (per-sample, alpha 1, prob 0.5 by
-            default, the paper's CIFAR setting), ``MixUp``, ``CutMixUp``, or null for none.
+            default, the paper's CIFAR setting), ``MixUp``, ``CutMixUp``, ``Cutout`` (a hole per image, the hard
+            labels kept), or null for none.
         mix_off_epoch: from this (0-based) epoch on, stop mixing (timm's ``mixup_off_epoch``); negative counts
             from the end of training (-2: the last two epochs unmixed, whatever ``trainer.max_epochs``); null: never.
         crop_padding: zero padding of the random crop, in pixels (4 in He et al. 2016); 0 turns cropping off.

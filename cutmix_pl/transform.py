@@ -41,7 +41,7 @@ class TrainTransform:
     """uint8 [B, C, H, W] batch -> crop/flip -> RandAugment -> normalise -> mix, on the batch's device.
 
     Args:
-        mixer: ``CutMix``, ``MixUp``, ``CutMixUp`` or None (no mixing).
+        mixer: ``CutMix``, ``MixUp``, ``CutMixUp``, ``Cutout`` (a hole per image, hard labels) or None (none).
         mix_off_epoch: from this (0-based) epoch on, no mixing; negative counts back from ``max_epochs``
             (-2: the last two epochs unmixed); None: mix in every epoch.
         crop_padding: zero padding of the random crop in pixels (4 in He et al. 2016); 0: no crop.
@@ -63,7 +63,7 @@ class TrainTransform:
         if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
             raise ValueError(f"data.crop_padding={crop_padding!r} is out of range: it must be an integer >= 0")
         if mixer is not None and not isinstance(mixer, Mixer):
-            raise ValueError(f"mixer={mixer!r} must be a CutMix, MixUp or CutMixUp (or None for no mixing)")
+            raise ValueError(f"mixer={mixer!r} must be a CutMix, MixUp, CutMixUp or Cutout (or None for no mixing)")
         if randaugment is not None and not isinstance(randaugment, RandAugment):
             raise ValueError(f"randaugment={randaugment!r} must be a cutmix_pl.randaugment.RandAugment (or None)")
         self.mixer, self.mix_off_epoch, self.max_epochs = mixer, mix_off_epoch, max_epochs

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_script
-from cutmix_pl.augment import CutMix, CutMixUp, MixUp, normalize, random_crop_flip
+from cutmix_pl.augment import CutMix, CutMixUp, Cutout, MixUp, normalize, random_crop_flip
 
 
 def _batch(n=16, k=10, seed=0, device="cpu"):
@@ -205,8 +205,9 @@ def test_the_augment_benchmark_times_the_same_job_for_every_method(capsys):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("make", [lambda: CutMix(mode="batch", prob=0.5), lambda: CutMix(minmax=(0.2, 0.8)),
-                                  lambda: MixUp(alpha=1.0), lambda: CutMixUp(mixup=MixUp(alpha=1.0))],
-                         ids=["cutmix-batch", "minmax", "mixup", "cutmixup"])
+                                  lambda: MixUp(alpha=1.0), lambda: CutMixUp(mixup=MixUp(alpha=1.0)),
+                                  lambda: Cutout(prob=0.5)],
+                         ids=["cutmix-batch", "minmax", "mixup", "cutmixup", "cutout"])
 def test_every_mixer_runs_on_cuda_with_a_cuda_generator(make):
     images, labels = _batch(33, device="cuda")
     a = make().mix(images, labels, torch.Generator(device="cuda").manual_seed(1))

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from cutmix_pl.augment import CutMix, CutMixUp, MixUp
+from cutmix_pl.augment import CutMix, CutMixUp, Cutout, MixUp
 from cutmix_pl.data import CIFAR10DataModule, mix_seed
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
 from cutmix_pl.resnet import ResNet
@@ -40,6 +40,8 @@ def _batch(n=8, seed=0):
     (lambda: CutMix(num_classes=2.5), r"num_classes=2\.5 .*integer >= 2"),
     (lambda: CutMix(mode="pair"), r"mode='pair' .*'elem', 'batch'"),
     (lambda: CutMix(pairing="flip"), r"pairing='flip' .*'perm', 'roll'"),
+    (lambda: Cutout(size=0), r"size=0 .*integer >= 1"),
+    (lambda: Cutout(prob=-0.5), r"prob=-0\.5 .*\[0, 1\]"),
     (lambda: CutMix(minmax=(0.8, 0.2)), r"minmax=\(0\.8, 0\.2\) .*0 < min < max <= 1"),
     (lambda: CutMix(minmax=(0.0, 0.5)), r"minmax=\(0\.0, 0\.5\) .*0 < min < max <= 1"),
     (lambda: CutMix(minmax=(0.2, 1.2)), r"minmax=\(0\.2, 1\.2\) .*0 < min < max <= 1"),
@@ -64,14 +66,15 @@ def test_bad_arguments_raise_naming_argument_and_range(make, pattern):
     (torch.rand(4, 3, 8, 8), torch.rand(4, 9), r"soft labels must have shape \[B, K\] = \[4, 10\]"),
     (torch.rand(4, 3, 8, 8), [0, 1, 2, 3], r"labels must be a tensor"),
 ])
-@pytest.mark.parametrize("mixer", [CutMix(), MixUp(), CutMixUp()], ids=["cutmix", "mixup", "cutmixup"])
+@pytest.mark.parametrize("mixer", [CutMix(), MixUp(), CutMixUp(), Cutout()],
+                         ids=["cutmix", "mixup", "cutmixup", "cutout"])
 def test_bad_inputs_raise_clear_errors(mixer, images, labels, pattern):
     with pytest.raises(ValueError, match=pattern):
         mixer(images, labels)
 
 
 # -- label smoothing: only in the loss --------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [CutMix, MixUp, CutMixUp])
+@pytest.mark.parametrize("cls", [CutMix, MixUp, CutMixUp, Cutout])
 def test_smoothing_is_applied_once_in_the_loss_never_in_the_data(cls, tiny_cifar):
     with pytest.raises(TypeError):
         cls(label_smoothing=0.1)
@@ -221,8 +224,8 @@ def _mix_all(mixer, images, labels):
     return [mixer.mix(images, labels) for _ in range(3)]  # generator=None: torch's global RNG
 
 
-@pytest.mark.parametrize("mixer", [CutMix(), CutMix(mode="batch"), MixUp(), CutMixUp()],
-                         ids=["cutmix", "cutmix-batch", "mixup", "cutmixup"])
+@pytest.mark.parametrize("mixer", [CutMix(), CutMix(mode="batch"), MixUp(), CutMixUp(), Cutout(prob=0.5)],
+                         ids=["cutmix", "cutmix-batch", "mixup", "cutmixup", "cutout"])
 def test_seed_everything_makes_the_global_stream_reproducible(mixer):
     images, labels = _batch(32)
     L.seed_everything(11, verbose=False)

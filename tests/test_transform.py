@@ -46,7 +46,7 @@ def test_without_a_mixer_or_after_mix_off_the_targets_are_the_labels():
         assert torch.equal(out.targets, labels) and (out.lam == 1).all() and out.images.dtype == torch.float32
     with pytest.raises(ValueError, match=r"data.crop_padding=-1 is out of range"):
         TrainTransform(crop_padding=-1)
-    with pytest.raises(ValueError, match=r"mixer='cutmix' must be a CutMix, MixUp or CutMixUp"):
+    with pytest.raises(ValueError, match=r"mixer='cutmix' must be a CutMix, MixUp, CutMixUp or Cutout"):
         TrainTransform("cutmix")
 
 

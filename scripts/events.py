@@ -6,7 +6,9 @@ A run folder holds one event file per process start of its fit (a resumed fit ad
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -49,8 +51,13 @@ def curve(series: Series, tag: str = "val/acc") -> list[float]:
     return [value for _, value, _ in points(series, tag)]
 
 
-def plot(curves: dict[str, list[float]], path: Path, title: str, styles: dict[str, dict] | None = None) -> bool:
-    """Validation accuracy per epoch, one line per entry; False (and nothing written) without matplotlib."""
+def plot(curves: dict[str, list[float]], path: Path | BinaryIO, title: str, styles: dict[str, dict] | None = None,
+         x: Sequence[float | str] | None = None, xlabel: str = "epoch",
+         ylabel: str = "validation accuracy (%)") -> bool:
+    """Validation accuracy per epoch, one line per entry; False (and nothing written) without matplotlib.
+
+    Other curves of fractions (drawn in %) take ``x``, the positions every line shares (numbers, or category names),
+    instead of the epochs 1, 2, ..., and their axis labels. ``path``: a file, or a binary file object for the PNG."""
     try:
         import matplotlib
     except ImportError:
@@ -60,15 +67,15 @@ def plot(curves: dict[str, list[float]], path: Path, title: str, styles: dict[st
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, values in curves.items():
-        ax.plot(range(1, len(values) + 1), [100 * v for v in values], marker="o" if len(values) <= 30 else None,
-                ms=3, label=label, **(styles or {}).get(label, {}))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
+        ax.plot(range(1, len(values) + 1) if x is None else list(x), [100 * v for v in values],
+                marker="o" if len(values) <= 30 else None, ms=3, label=label, **(styles or {}).get(label, {}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, **({} if isinstance(path, (str, Path)) else {"format": "png"}))
     plt.close(fig)
     return True

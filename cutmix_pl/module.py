@@ -74,8 +74,9 @@ class ImageClassifier(L.LightningModule):
         warmup_epochs: linear warm-up from 0, in epochs (fractions allowed), >= 0.
         label_smoothing: smoothing of the targets in the training loss, in [0, 1); applied once, mixed or not.
             The validation and test loss are plain cross-entropy, comparable across settings.
-        channels_last: run the network in channels-last memory format (faster convolutions on GPUs and AVX-512
-            CPUs); None: the CLI chooses for the machine at start (``hardware.py``), plain Python keeps NCHW.
+        channels_last: run the network in channels-last memory format (faster convolutions on GPUs and on x86
+            CPUs with AVX2 or AVX-512); None: the CLI chooses for the machine at start (``hardware.py``), plain
+            Python keeps NCHW.
         compile: ``torch.compile`` the network: true (the default mode) or a mode name; ``reduce-overhead`` also
             captures the network's forward and backward as CUDA graphs on a GPU (pair it with ``data.drop_last``:
             each new batch shape is a new graph).

@@ -52,8 +52,13 @@ def settle_defaults(cfg: Namespace) -> None:
 
 def choose_for_machine(cfg: Namespace, resumed: dict[str, Any], training: bool = True) -> None:
     """Precision and memory format left null: the fastest measured safe here (``hardware.py``), printed and recorded
-    in config.yaml. A resumed run keeps what it ran with, so that it continues as it would have."""
+    in config.yaml. A resumed run keeps what it ran with, so that it continues as it would have. A bf16 precision
+    asked for on a CPU without bf16 instructions is taken, with a line on its cost and the fix."""
     trainer, model = cfg.trainer, cfg.model
+    if trainer.precision is not None:  # asked for: bf16 on a CPU that emulates it is warned about
+        warning = hardware.bf16_warning(trainer.precision, trainer.accelerator)
+        if warning:
+            note(warning)
     if trainer.precision is None:
         trainer.precision = (resumed.get("trainer") or {}).get("precision")
     if model.get("channels_last") is None:

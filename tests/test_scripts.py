@@ -1,6 +1,8 @@
 """The picture and benchmark scripts on tiny data: what they draw, count and compare (never how fast)."""
 
+import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +69,33 @@ def test_bench_train_prints_the_rates_it_returns(tiny_cifar, capsys):
     assert [p[0] for p in pipelines] == ["a", "b", "c"]
     for name in pipelines:  # each row: the rate and the seconds an epoch of the 640 images takes at that rate
         assert re.search(rf"{re.escape(name)}\s+{result[name]:.0f}\s+{640 / result[name]:.1f}\n", out), out
+
+
+def test_bench_train_settings_compare_precisions_and_memory_formats(tiny_cifar, capsys):
+    settings = ["fp32-nchw", "fp32-cl", "bf16-nchw"]
+    result = bench_train.main(["--data-dir", str(tiny_cifar), "--device", "cpu", "--steps", "1", "--rounds", "2",
+                               "--warmup", "1", "--batch-size", "16", "--depth", "8", "--settings", *settings])
+    out = capsys.readouterr().out
+    for line in ("ATen CPU capability: ", "(ATEN_CPU_CAPABILITY=", "oneDNN ISA: ", "(ONEDNN_MAX_CPU_ISA=",
+                 "bf16 instructions in /proc/cpuinfo: "):
+        assert line in out, out
+    for name in settings:  # each row: the median rate, its ratio to fp32 NCHW, then the rate of each round
+        ratio = result[name] / result["fp32-nchw"]
+        assert re.search(rf"^{name}\s+{result[name]:.0f}\s+{ratio:.2f}x\s+\d+, \d+$", out, re.MULTILINE), out
+    assert result["fp32-cl/fp32-nchw"] == pytest.approx(result["fp32-cl"] / result["fp32-nchw"])
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available(),
+                    reason="the AVX2 limits are x86's")
+def test_the_avx2_limits_are_read(monkeypatch):
+    """What bench_train.py's docstring says: the two variables limit PyTorch's and oneDNN's instruction sets."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    aten = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert aten[-1] in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+    isa = bench_train.onednn_isa()  # "unknown" where oneDNN prints no verbose line
+    assert isa == "unknown" or ("AVX-512" not in isa and "AMX" not in isa), isa
 
 
 def _fake_fit_run(folder, accs, start=1000.0, epoch_seconds=10.0):

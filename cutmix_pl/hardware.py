@@ -7,8 +7,8 @@ Settings left as ``null`` (``trainer.precision``, ``model.channels_last``) are c
   in another order). bf16 autocast is faster still on CPUs with bf16 instructions (2.1x there) but trained to 0.15
   to 0.71 points lower accuracy than fp32 at 15 epochs (three runs), so it is not chosen for the user; the start-up
   line names it where the CPU has them (docs/speed.md, "CPU precision and memory format");
-- an x86 CPU with AVX2 but no AVX-512: fp32 and channels-last, as measured on an AVX2-only 2-core AMD EPYC (a
-  ResNet-20 training step at batch 128: 469 img/s channels-last against 402 NCHW). Without bf16 instructions bf16
+- an x86 CPU with AVX2 but no AVX-512: fp32 and channels-last, as measured on the 2-core AMD EPYC with its kernels
+  limited to AVX2 (a ResNet-20 training step at batch 128: 465 img/s channels-last against 398 NCHW). Without bf16 instructions bf16
   is emulated there, 31 img/s, about 15x slower than fp32: never hinted, and warned about where it is asked for
   (``bf16_warning``);
 - any other CPU (ARM, x86 without AVX2, unknown: no /proc/cpuinfo): fp32 NCHW, not measured, so unchanged.
@@ -26,7 +26,7 @@ __all__ = ["Choice", "bf16_warning", "choose", "cpu_flags", "native_bf16"]
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names, as Linux prints them
 X86_FLAGS = ("sse2", "avx", "avx2", "avx512f")  # any of them: an x86 CPU (ARM prints "Features" of other names)
 # A CPU with AVX2 only, bf16 emulated: a ResNet-20 training step at batch 128 in img/s (docs/speed.md)
-AVX2_STEP = {"cpu": "an AVX2-only 2-core AMD EPYC", "fp32 nchw": 402, "fp32 channels-last": 469, "bf16": 31}
+AVX2_STEP = {"cpu": "a 2-core AMD EPYC limited to AVX2", "fp32 nchw": 398, "fp32 channels-last": 465, "bf16": 31}
 
 
 class Choice(NamedTuple):

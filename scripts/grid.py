@@ -89,7 +89,7 @@ class Cell:
 
 def packaged_recipes() -> Path:
     """cutmix_pl/configs of the installed package (the named recipes)."""
-    return Path(runs.__file__).parent / "configs"
+    return Path(runs.__file__).parent.parent / "configs"
 
 
 def recipe(text: str, arm: str) -> Path:

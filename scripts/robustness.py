@@ -50,8 +50,9 @@ from torch import Tensor
 
 import events
 from cutmix_pl import cifar, runs
+from cutmix_pl.runs import disk, rules
 from cutmix_pl.augment import normalize
-from cutmix_pl.checkpoint_io import atomic_write
+from cutmix_pl.files import atomic_write
 from cutmix_pl.module import ImageClassifier
 
 SIDE = 32  # CIFAR-10 images are SIDE x SIDE
@@ -167,12 +168,12 @@ def find_run(text: str) -> tuple[str | None, Path, Path, dict[str, Any]]:
             raise Refused(f"{path} holds no checkpoints/last.ckpt; fix: give the folder of a fit that saved one "
                           "(runs/<name>/version_N) or a .ckpt file in it")
     elif path.is_file():
-        folder, ckpt = runs.run_of_checkpoint(path), path
+        folder, ckpt = disk.run_of_checkpoint(path), path
     else:
         raise Refused(f"{path} is neither a run folder nor a checkpoint file; fix: give runs/<name>/version_N or a "
                       ".ckpt file in its checkpoints/")
     try:
-        config = runs.saved_config(folder)
+        config = disk.saved_config(folder)
     except ValueError as err:
         raise Refused(f"{err}; fix: give a run folder made by python -m cutmix_pl fit") from None
     if config is None:
@@ -184,7 +185,7 @@ def find_run(text: str) -> tuple[str | None, Path, Path, dict[str, Any]]:
                       "folder of a fit that saved one")
     try:
         finished = runs.is_finished(folder, config)
-        epochs, step = runs.read_progress(last)
+        epochs, step = disk.read_progress(last)
     except ValueError as err:
         raise Refused(f"{err}; fix: give a run whose checkpoints are intact") from None
     if not finished:
@@ -234,7 +235,7 @@ def resolve(texts: list[str]) -> list[Run]:
         if any(r.ckpt.resolve() == ckpt.resolve() for r in found):
             raise Refused(f"{ckpt} is given twice; fix: give each run once")
         seed = config.get("seed_everything")
-        found.append(Run(name or method_of(config), seed if runs.is_seed(seed) else None, folder, ckpt,
+        found.append(Run(name or method_of(config), seed if rules.is_seed(seed) else None, folder, ckpt,
                          load_model(ckpt)))
     return found
 

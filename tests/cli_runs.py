@@ -71,7 +71,7 @@ trainer:
 WRAPPER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from cutmix_pl.signals import StopOnSignal
+    from cutmix_pl.runs.stop import StopOnSignal
     from cutmix_pl.cli import main
     from cutmix_pl.module import ImageClassifier
 

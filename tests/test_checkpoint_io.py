@@ -19,7 +19,8 @@ import pytest
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cutmix_pl.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, atomic_save
+from cutmix_pl.files import WriteError as CheckpointWriteError
+from cutmix_pl.runs.folder import AtomicCheckpointIO, atomic_save
 
 
 def _mount_tmpfs(folder: Path, size: str) -> bool:
@@ -49,7 +50,7 @@ KILL_HALF_WAY = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     import torch
     from lightning.pytorch.plugins.io import TorchCheckpointIO
-    from cutmix_pl.checkpoint_io import AtomicCheckpointIO
+    from cutmix_pl.runs.folder import AtomicCheckpointIO
     import kill_on_write
 
     kill_on_write.install(1)

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from cli_runs import small
-from cutmix_pl import runs
+from cutmix_pl.runs import rules
 from cutmix_pl.cli import CONFIG_DIR, main
 from cutmix_pl.module import ImageClassifier
 from cutmix_pl.schedules import lr_factor
@@ -168,7 +168,7 @@ def recipe():
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         main(["fit", "--print_config"])
-    return runs.flatten(yaml.safe_load(out.getvalue()))
+    return rules.flatten(yaml.safe_load(out.getvalue()))
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
@@ -176,8 +176,8 @@ def test_print_config_for_every_config(config, recipe, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(CONFIG_DIR / config), "--print_config"])
     assert exit_.value.code in (0, None)
-    resolved = runs.flatten(yaml.safe_load(capsys.readouterr().out))
-    stated = runs.flatten(yaml.safe_load((CONFIG_DIR / config).read_text()))
+    resolved = rules.flatten(yaml.safe_load(capsys.readouterr().out))
+    stated = rules.flatten(yaml.safe_load((CONFIG_DIR / config).read_text()))
     # every value the file states is in the resolved config (other keys of a swapped class aside)
     assert {k: v for k, v in stated.items() if k in resolved} == {k: resolved[k] for k in stated if k in resolved}
     assert [k for k in stated if k not in resolved and ".init_args." not in k and "callbacks" not in k] == []
@@ -208,7 +208,7 @@ def test_help_cuts_the_list_of_every_nn_module_but_keeps_short_lists_whole(capsy
     assert "cutmix_pl.ResNet" in listed and "torch.nn.Module" in listed
     assert len(listed.split(", ")) < 15 and re.search(r" and \d{3,} more: any importable class", listed), listed
     callbacks = text.partition("--trainer.callbacks CALLBACKS, --trainer.callbacks+ CALLBACKS")[2].partition(" --trainer.")[0]
-    assert "lightning.pytorch.callbacks.EarlyStopping" in callbacks and "cutmix_pl.signals.StopOnSignal" in callbacks
+    assert "lightning.pytorch.callbacks.EarlyStopping" in callbacks and "cutmix_pl.runs.stop.StopOnSignal" in callbacks
     assert " more: " not in callbacks
 
 

@@ -6,7 +6,7 @@ import yaml
 
 from cutmix_pl import hardware
 from cutmix_pl.cli import main
-from cutmix_pl.runs import changed_settings
+from cutmix_pl.runs.rules import changed_settings
 
 from cli_runs import small
 

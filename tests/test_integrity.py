@@ -60,7 +60,7 @@ def test_a_planted_link_in_the_evaluation_folder_is_never_written_through(run, t
 
 
 def test_atomic_write_replaces_a_link_and_never_opens_a_guessed_name(tmp_path):
-    from cutmix_pl.checkpoint_io import atomic_write
+    from cutmix_pl.files import atomic_write
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

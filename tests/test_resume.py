@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cutmix_pl import runs
+from cutmix_pl.runs import folder
 from cutmix_pl.cli import main
 from cutmix_pl.module import ImageClassifier
 
@@ -209,8 +210,7 @@ def test_a_checkpoint_outside_its_run_refuses_other_model_settings_and_names_the
 
 def test_a_second_concurrent_resume_is_refused(tiny_cifar, in_tmp, capsys):
     run = unfinish(Path(main(quick(tiny_cifar)).trainer.log_dir))
-    holder = runs.RunLock(run)  # as the fit that is still running holds it
-    holder.acquire()
+    holder = folder.Claim(run, False, None, None)  # as the fit that is still running holds it
     try:
         line = fails(capsys, *quick(tiny_cifar, "--ckpt_path", "last"))
     finally:

@@ -1,4 +1,4 @@
-"""runs.py on its own: claiming run folders, the run lock, what a resume may change, which run `last` means."""
+"""The run machinery's parts on their own (runs/disk, rules, folder): claiming run folders, the run lock, what a resume may change, which run `last` means."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from cutmix_pl import runs
+from cutmix_pl.runs import disk, folder, rules
 
 
 def write_progress(ckpt: Path, epochs: int, step: int) -> None:
@@ -52,7 +53,7 @@ def test_claims_are_distinct_under_a_race(tmp_path):
 
     def claim() -> None:
         barrier.wait()
-        got.append(runs.claim_version(base))
+        got.append(folder.claim_version(base))
 
     threads = [threading.Thread(target=claim) for _ in range(12)]
     for t in threads:
@@ -64,30 +65,28 @@ def test_claims_are_distinct_under_a_race(tmp_path):
 
 
 def test_lock_refuses_a_second_holder_until_released(tmp_path):
-    first, second = runs.RunLock(tmp_path), runs.RunLock(tmp_path)
-    first.acquire()
+    first = folder.Claim(tmp_path, False, None, None)
     with pytest.raises(ValueError, match=r"is in use by another running command \(pid \d+\)"):
-        second.acquire()
+        folder.Claim(tmp_path, False, None, None)
     first.release()
-    second.acquire()  # free again
-    second.release()
+    folder.Claim(tmp_path, False, None, None).release()  # free again
 
 
 def test_changed_settings_lists_what_a_resume_may_not_change():
-    assert runs.changed_settings(CONFIG, changed()) == []
+    assert rules.changed_settings(CONFIG, changed()) == []
     # how long, where the data is, how to log: allowed
-    assert runs.changed_settings(CONFIG, changed(trainer__max_epochs=20, trainer__logger={"init_args": {}})) == []
-    got = runs.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.01}}, data__batch_size=32))
+    assert rules.changed_settings(CONFIG, changed(trainer__max_epochs=20, trainer__logger={"init_args": {}})) == []
+    got = rules.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.01}}, data__batch_size=32))
     assert got == [("data.batch_size", 128, 32), ("model.optimizer.init_args.lr", 0.1, 0.01)]
-    assert runs.changed_settings(CONFIG, changed(seed_everything=1)) == [("seed_everything", 0, 1)]
+    assert rules.changed_settings(CONFIG, changed(seed_everything=1)) == [("seed_everything", 0, 1)]
     # a setting that disappears (mixer: null) or appears counts as a change; 1e-12 of float noise does not
     with_mixer = changed(data__mixer={"class_path": "CutMix"})
-    assert runs.changed_settings(with_mixer, changed()) == [("data.mixer.class_path", "CutMix", None)]
-    assert runs.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.1 + 1e-12}})) == []
+    assert rules.changed_settings(with_mixer, changed()) == [("data.mixer.class_path", "CutMix", None)]
+    assert rules.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.1 + 1e-12}})) == []
 
 
 def test_flatten_keeps_list_positions():
-    flat = runs.flatten({"trainer": {"callbacks": [{"a": 1}, {"b": {"c": 2}}]}, "x": [1, 2]})
+    flat = rules.flatten({"trainer": {"callbacks": [{"a": 1}, {"b": {"c": 2}}]}, "x": [1, 2]})
     assert flat == {"trainer.callbacks.0.a": 1, "trainer.callbacks.1.b.c": 2, "x": [1, 2]}
 
 
@@ -95,7 +94,7 @@ def test_saved_config_is_the_newest_restart(tmp_path):
     run = make_run(tmp_path / "v", CONFIG)
     (run / "config.resume2.yaml").write_text(yaml.safe_dump(changed(trainer__max_epochs=30)))
     (run / "config.resume10.yaml").write_text(yaml.safe_dump(changed(trainer__max_epochs=40)))
-    assert runs.saved_config(run)["trainer"]["max_epochs"] == 40
+    assert disk.saved_config(run)["trainer"]["max_epochs"] == 40
 
 
 def test_last_is_the_one_unfinished_run_with_these_settings(tmp_path):
@@ -103,16 +102,16 @@ def test_last_is_the_one_unfinished_run_with_these_settings(tmp_path):
     make_run(base / "version_0", CONFIG, finished=True)
     other = make_run(base / "version_1", changed(model__optimizer={"init_args": {"lr": 0.05}}))
     mine = make_run(base / "version_2", CONFIG)
-    assert runs.find_resumable(base, changed()) == mine
-    assert runs.find_resumable(base, changed(model__optimizer={"init_args": {"lr": 0.05}})) == other
+    assert rules.find_resumable(base, disk.survey(base), changed()).folder == mine
+    assert rules.find_resumable(base, disk.survey(base), changed(model__optimizer={"init_args": {"lr": 0.05}})).folder == other
     with pytest.raises(ValueError) as err:  # a third experiment: nothing to resume, and the candidates say why
-        runs.find_resumable(base, changed(data__batch_size=64))
+        rules.find_resumable(base, disk.survey(base), changed(data__batch_size=64)).folder
     msg = str(err.value)
     assert "found no run" in msg and "version_2: data.batch_size (128 -> 64)" in msg and "fix:" in msg
     assert "\n" not in msg
     make_run(base / "version_3", CONFIG)
     with pytest.raises(ValueError, match="ambiguous: 2 unfinished runs.*version_2.*version_3.*fix: pass --ckpt_path"):
-        runs.find_resumable(base, changed())
+        rules.find_resumable(base, disk.survey(base), changed()).folder
 
 
 def test_last_of_a_finished_run_says_how_to_extend_it(tmp_path):
@@ -120,13 +119,13 @@ def test_last_of_a_finished_run_says_how_to_extend_it(tmp_path):
     done = make_run(base / "version_0", CONFIG, finished=True)
     with pytest.raises(ValueError, match=rf"continues unfinished runs only, and the run with this config, {done}, "
                                          rf"has finished; fix: to train it longer, pass --ckpt_path {done} \(with"):
-        runs.find_resumable(base, changed())
+        rules.find_resumable(base, disk.survey(base), changed()).folder
 
 
 def test_last_without_runs_names_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError) as err:
-        runs.find_resumable(Path("runs/cutmix"), CONFIG)
+        disk.read("fit", "last", Path("runs/cutmix"), None)
     assert f"found no run with a last.ckpt in {tmp_path}/runs/cutmix" in str(err.value)
     assert "run from the folder that holds the runs" in str(err.value)
 
@@ -136,13 +135,13 @@ def test_newest_last_for_evaluation(tmp_path):
     a = make_run(base / "version_0", CONFIG)
     b = make_run(base / "version_1", CONFIG)
     os.utime(a / "checkpoints" / "last.ckpt", (2e9, 2e9))  # newer, though the lower version
-    assert runs.newest_last(base) == a / "checkpoints" / "last.ckpt"
+    assert disk.newest_last(base) == a / "checkpoints" / "last.ckpt"
     assert b.is_dir()
 
 
 def test_run_of_checkpoint(tmp_path):
-    assert runs.run_of_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt") == tmp_path / "r"
-    assert runs.run_of_checkpoint(tmp_path / "downloads" / "model.ckpt") == tmp_path / "downloads"
+    assert disk.run_of_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt") == tmp_path / "r"
+    assert disk.run_of_checkpoint(tmp_path / "downloads" / "model.ckpt") == tmp_path / "downloads"
 
 
 def test_remove_failed_keeps_runs_that_saved_a_last_ckpt(tmp_path):
@@ -150,21 +149,21 @@ def test_remove_failed_keeps_runs_that_saved_a_last_ckpt(tmp_path):
     run = top / "x" / "version_0"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("a: 1")
-    assert runs.remove_failed(run, None, top) is False
+    assert folder.remove_failed(run, None, top) is False
     assert not top.exists(), "a folder this command created goes, with the empty parents it created"
     run.mkdir(parents=True)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "best-epoch000.ckpt").write_bytes(b"x")  # a full disk before last.ckpt: nothing to resume
-    assert runs.remove_failed(run, None, top) is False and not top.exists()
+    assert folder.remove_failed(run, None, top) is False and not top.exists()
     write_progress(run / "checkpoints" / "last.ckpt", 1, 6)
-    before = runs.snapshot(run)
+    before = folder.snapshot(run)
     (run / "config.resume1.yaml").write_text("a: 2")
     (run / "test").mkdir()
-    assert runs.remove_failed(run, before, top) is True
+    assert folder.remove_failed(run, before, top) is True
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.ckpt"], "only what this command added goes"
     (run / "config.resume1.yaml").write_text("a: 2")
     os.utime(run / "checkpoints" / "last.ckpt", ns=(1, 1))  # it trained on and saved: everything stays
-    assert runs.remove_failed(run, before, top) is True and (run / "config.resume1.yaml").is_file()
+    assert folder.remove_failed(run, before, top) is True and (run / "config.resume1.yaml").is_file()
 
 
 def test_finished_is_read_from_last_ckpt_and_the_newest_config(tmp_path):
@@ -188,18 +187,18 @@ def test_a_damaged_sibling_is_a_named_candidate_not_a_traceback(tmp_path):
     unreadable = make_run(base / "version_1", changed(data__batch_size=32))
     (unreadable / "checkpoints" / "last.ckpt").write_bytes(b"x")
     mine = make_run(base / "version_2", changed(data__batch_size=64))
-    assert runs.find_resumable(base, changed(data__batch_size=64)) == mine
+    assert rules.find_resumable(base, disk.survey(base), changed(data__batch_size=64)).folder == mine
     with pytest.raises(ValueError) as err:
-        runs.find_resumable(base, changed(data__batch_size=32))
+        rules.find_resumable(base, disk.survey(base), changed(data__batch_size=32)).folder
     msg = str(err.value)
     assert "version_0: " in msg and "config.resume1.yaml cannot be read (ParserError)" in msg
     assert "version_1: " in msg and "last.ckpt cannot be read" in msg and "\n" not in msg
 
 
 def test_run_options_are_the_model_keys_a_resume_may_change():
-    assert runs.run_options() == ("compile", "channels_last", "tta_flip", "log_images", "grid_size")
-    assert all(runs.may_change(f"model.{k}") for k in runs.run_options())
-    assert not runs.may_change("model.label_smoothing") and runs.may_change("trainer.callbacks.3.init_args.save_last")
+    assert rules.run_options() == ("compile", "channels_last", "tta_flip", "log_images", "grid_size")
+    assert all(rules.may_change(f"model.{k}") for k in rules.run_options())
+    assert not rules.may_change("model.label_smoothing") and rules.may_change("trainer.callbacks.3.init_args.save_last")
 
 
 def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():
@@ -210,8 +209,8 @@ def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():
                                         "init_args": {"monitor": "val/acc", **init_args}}]
         return cfg
 
-    assert runs.changed_settings(with_callback(save_last=True), with_callback(save_last=None)) == []
-    assert runs.changed_settings(with_callback(save_last=True), with_callback(save_last=True, monitor="val/loss")) == [
+    assert rules.changed_settings(with_callback(save_last=True), with_callback(save_last=None)) == []
+    assert rules.changed_settings(with_callback(save_last=True), with_callback(save_last=True, monitor="val/loss")) == [
         ("trainer.callbacks.0.init_args.monitor", "val/acc", "val/loss")]
 
 
@@ -225,7 +224,7 @@ def test_a_checkpoint_callbacks_save_last_may_change_but_its_monitor_may_not():
 def test_the_first_process_of_another_node_is_not_rank_zero(env, marked, monkeypatch):
     from lightning.pytorch.utilities import rank_zero_only
 
-    from cutmix_pl.run_plan import other_node_not_rank_zero
+    from cutmix_pl.runs import other_node_not_rank_zero
 
     for key in ("NODE_RANK", "GROUP_RANK", "RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -244,10 +243,10 @@ def test_a_shared_folder_is_checked_only_where_a_fit_writes(tmp_path):
     (tmp_path / "checkpoints" / "last.ckpt").symlink_to(tmp_path / "gone.ckpt")
     for name in (".config.yaml.0a1b.tmp", ".draft.txt.1.tmp"):
         (tmp_path / name).write_text("")
-    names = {p.name for p in runs.symlinks_in(tmp_path, runs.FIT_FILES)}
+    names = {p.name for p in folder.symlinks_in(tmp_path, folder.FIT_FILES)}
     assert names == {"config.yaml", "last.ckpt"}
-    assert {p.name for p in runs.symlinks_in(tmp_path)} == names | {"data"}  # a run folder: every link
-    runs.clear_temporary(tmp_path, runs.FIT_FILES)
+    assert {p.name for p in folder.symlinks_in(tmp_path)} == names | {"data"}  # a run folder: every link
+    folder.clear_temporary(tmp_path, folder.FIT_FILES)
     assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".draft.txt.1.tmp"]
-    runs.clear_temporary(tmp_path)
+    folder.clear_temporary(tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))

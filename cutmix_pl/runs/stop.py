@@ -1,14 +1,9 @@
-"""The stop on a signal: a fit ends at a batch boundary with a full ``last.ckpt``, anything else in one line.
+"""A stop on a signal: a fit ends at a batch boundary with a full ``last.ckpt``, anything else in one line.
 
-The CLI adds :class:`StopOnSignal` to every run (through ``trainer_defaults``, so a config that replaces
-``trainer.callbacks`` cannot drop it). On the first SIGTERM, SIGHUP (a closed terminal or ssh session) or SIGINT
-the current training batch runs to its end, then the full training state (weights, optimiser, scheduler, loop
-position, the DataModule's epoch position and augmentation stream, the global RNGs) is written to ``last.ckpt``
-(``callbacks.LastCheckpoint``'s file), and :class:`Interrupted` ends the fit; ``cutmix_pl.cli.main`` turns it into
-one line and exit status 128 + the signal number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). ``fit
---ckpt_path last`` continues from that checkpoint. A signal during a validation lets it finish (its epoch-end
-checkpoint included), then stops the same way, also after the last epoch's. A second Ctrl-C stops at once, without
-saving, in the same one line. Outside training, :func:`stop_early_on_signals` turns a signal into
+On the first SIGTERM, SIGHUP or SIGINT during training, the current batch runs to its end, the full training state
+(loops, optimiser, the DataModule's epoch position and augmentation stream, the RNGs) goes to ``last.ckpt``, and
+:class:`Interrupted` ends the fit (exit status 128 + the signal number); a signal during a validation lets it finish
+first. A second Ctrl-C stops at once, unsaved. Outside training, :func:`stop_early_on_signals` raises
 :class:`StoppedEarly`.
 """
 

@@ -1,12 +1,14 @@
-"""A running weighted mean whose update never makes the host wait for the device."""
+"""The model's metrics: a running weighted mean whose update never makes the host wait for the device, and the
+classification metrics of an evaluation stage."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-__all__ = ["WeightedMean"]
+__all__ = ["WeightedMean", "stage_metrics"]
 
 
 class WeightedMean(Metric):
@@ -52,3 +54,14 @@ class WeightedMean(Metric):
 
     def compute(self) -> Tensor:
         return self.total / self.weight
+
+
+def stage_metrics(stage: str, num_classes: int) -> MetricCollection:
+    """Top-1 and top-5 accuracy and the calibration error (15 bins), logged as ``<stage>/acc``, ``<stage>/acc_top5``
+    and ``<stage>/ece``; updated with probabilities."""
+    # compute_groups off: top-1 and top-5 accuracy keep states of the same shape, and a first batch on which
+    # they happen to agree would merge them for good.
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+    return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "acc_top5": top5,
+                             "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")},
+                            prefix=f"{stage}/", compute_groups=False)

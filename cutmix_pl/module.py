@@ -1,5 +1,6 @@
 """The LightningModule: a network (ResNet-20 by default) trained with a soft-target cross-entropy, its metrics and
-optimiser. What it reports besides metrics, and the global random state, live in ``model_callbacks.py``."""
+optimiser. What it reports besides metrics, its watch on the loss and the global random state live in
+``model_callbacks.py``; its argument checks in ``checks.py``."""
 
 from __future__ import annotations
 
@@ -13,19 +14,15 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from .metrics import WeightedMean
-from .model_callbacks import GlobalRNGState, MixedImageGrid, ValConfusionMatrix
+from .checks import check_optimizer, check_settings, require
+from .metrics import WeightedMean, stage_metrics
+from .model_callbacks import (BestValAccuracy, GlobalRNGState, MixedImageGrid, NonFiniteLossWatch, TrainMeansResume,
+                              ValConfusionMatrix)
 from .nets import check_compatible, describe, make_network
-from .schedules import SCHEDULES, Schedule, lr_factor
+from .schedules import Schedule, lr_factor, steps_per_epoch
 
 __all__ = ["ImageClassifier", "SoftTargetCrossEntropy", "lr_factor"]
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
-# Checkpoint key of the training means' sums in the epoch under way (see on_save_checkpoint).
-EPOCH_SUMS = "train_epoch_sums"
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -37,8 +34,8 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} is out of range: it must lie in [0, 1)")
+        require(0.0 <= label_smoothing < 1.0, "label_smoothing", label_smoothing,
+                "is out of range: it must lie in [0, 1)")
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -90,23 +87,10 @@ class ImageClassifier(L.LightningModule):
                  channels_last: bool | None = None, compile: bool | str = False, tta_flip: bool = False,
                  log_images: bool = True, grid_size: int = 16) -> None:
         super().__init__()
-        if lr_schedule not in SCHEDULES:
-            raise ValueError(f"model.lr_schedule={lr_schedule!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
-        if not 0 <= warmup_epochs < math.inf:
-            raise ValueError(f"model.warmup_epochs={warmup_epochs!r} is out of range: it must be a finite number >= 0; "
-                             "fix: e.g. 1 (the recipe's), or 0 for no warm-up")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing={label_smoothing!r} is out of range: it must lie in [0, 1); "
-                             "fix: e.g. 0.1, or 0 for none")
-        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
-            raise ValueError(f"model.compile={compile!r} is not allowed: choose true, false or a torch.compile mode, "
-                             f"one of {', '.join(COMPILE_MODES)}; fix: e.g. --model.compile reduce-overhead")
-        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"model.grid_size={grid_size!r} is out of range: it must be an integer >= 1 (images in "
-                             "the logged grid); fix: e.g. 16, or model.log_images false for no grid")
+        check_settings(lr_schedule, warmup_epochs, label_smoothing, compile, grid_size)
         self.net = make_network(net, num_classes)
         self.optimizer_factory = optimizer or _default_sgd
-        self._check_optimizer()
+        check_optimizer(self.optimizer_factory)
         # From the CLI, the network and the optimiser arrive here built, and Lightning records them as the config
         # gave them (class_path + init_args): what TensorBoard's HPARAMS tab shows and what a checkpoint rebuilds.
         # Built in Python, the network is recorded in that same form instead of as an object (which would pickle
@@ -129,43 +113,11 @@ class ImageClassifier(L.LightningModule):
         self.train_loss = WeightedMean()
         # Evaluation: the loss weighted by images (synced exactly), and the classification metrics of each stage.
         self.eval_loss = nn.ModuleDict({stage: WeightedMean() for stage in ("val", "test")})
-        self.eval_metrics = nn.ModuleDict({stage: self._metrics(stage, num_classes) for stage in ("val", "test")})
-        self.best_val_acc = 0.0
-        self._nonfinite: Tensor | None = None
-        self._resumed_sums: dict[str, Any] | None = None
-        self._logged_epoch = -1  # the last epoch whose training means were logged
-
-    @staticmethod
-    def _metrics(stage: str, num_classes: int) -> MetricCollection:
-        # compute_groups off: top-1 and top-5 accuracy keep states of the same shape, and a first batch on which
-        # they happen to agree would merge them for good.
-        top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "acc_top5": top5,
-                                 "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")},
-                                prefix=f"{stage}/", compute_groups=False)
-
-    def _check_optimizer(self) -> torch.optim.Optimizer:
-        """Build the optimiser once on a dummy parameter so a bad setting fails at start-up, not at step 0."""
-        if not callable(self.optimizer_factory):
-            raise ValueError(f"model.optimizer={self.optimizer_factory!r} is not an optimiser factory; fix: give "
-                             "class_path (e.g. torch.optim.SGD) and init_args in YAML, or a callable params -> optimiser")
-        try:
-            probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
-        except ValueError as err:  # torch's own checks ("Invalid learning rate: -1.0") name no key and no fix
-            raise ValueError(f"model.optimizer: {' '.join(str(err).split())}; fix: set "
-                             "model.optimizer.init_args to valid values (lr > 0, momentum >= 0, ...)") from None
-        lr = probe.defaults.get("lr")
-        if isinstance(lr, (int, float)) and not lr > 0:
-            raise ValueError(f"model.optimizer lr={lr!r} is out of range: it must be > 0; fix: e.g. "
-                             "--model.optimizer.init_args.lr 0.1 (the recipe's)")
-        for key, value in probe.defaults.items():  # torch takes lr=inf or momentum=nan, and the loss turns nan
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"model.optimizer {key}={value!r} is not a finite number; fix: set "
-                                 f"model.optimizer.init_args.{key} to a finite value (the recipe's: configs/cutmix.yaml)")
-        return probe
+        self.eval_metrics = nn.ModuleDict({stage: stage_metrics(stage, num_classes) for stage in ("val", "test")})
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [GlobalRNGState(), ValConfusionMatrix(self.hparams.num_classes)]
+        callbacks: list[Callback] = [GlobalRNGState(), NonFiniteLossWatch(), TrainMeansResume(),
+                                     ValConfusionMatrix(self.hparams.num_classes), BestValAccuracy()]
         if self.hparams.log_images:
             callbacks.append(MixedImageGrid(self.hparams.grid_size))
         return callbacks
@@ -187,8 +139,7 @@ class ImageClassifier(L.LightningModule):
     # -- training -------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits = self(batch.images)
-        loss = self.criterion(logits, batch.targets)
-        self._watch_finite(loss, batch_idx)
+        loss = self.criterion(logits, batch.targets)  # NonFiniteLossWatch checks it before the backward pass
         # With soft targets "accuracy" needs a reference label: the one holding most of each sample's mass.
         dominant = batch.targets.argmax(-1) if batch.targets.is_floating_point() else batch.targets
         n = len(batch.images)
@@ -212,54 +163,17 @@ class ImageClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Logged once an epoch rather than every step: Lightning moves a logged metric's states to the device on
         # every self.log call (a module traversal, the dearest per-step cost of the fit loop on the host), and these
-        # two are read only at the epoch's end.
+        # two are read only at the epoch's end. A resume completes them (TrainMeansResume).
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc_dominant", self.train_acc, on_step=False, on_epoch=True)
-        self._logged_epoch = self.current_epoch
-
-    def _watch_finite(self, loss: Tensor, batch_idx: int) -> None:
-        """Stop on a non-finite loss, naming where. On a GPU the flag is read only every logging interval,
-        since reading it every step would make the host wait for the device every step."""
-        # torch.full writes each value with a fill kernel; torch.tensor([...], device=...) would copy from host
-        # memory, and that copy makes the host wait for the device every step.
-        where = torch.stack([torch.full((), v, dtype=torch.long, device=loss.device)
-                             for v in (self.current_epoch, batch_idx, self.global_step)])
-        bad = ~torch.isfinite(loss.detach())
-        if self._nonfinite is None:
-            self._nonfinite = torch.full((3,), -1, device=loss.device, dtype=torch.long)
-        self._nonfinite = torch.where(bad & (self._nonfinite[0] < 0), where, self._nonfinite)
-        every = self._watch_read_every(loss.device)
-        if (every > 0 and (self.global_step + 1) % every == 0) or batch_idx + 1 >= self.trainer.num_training_batches:
-            epoch, idx, step = self._nonfinite.tolist()
-            if epoch >= 0:
-                raise FloatingPointError(
-                    f"the training loss became non-finite at global step {step} (epoch {epoch}, batch {idx}); "
-                    "fix: lower model.optimizer's lr, add warm-up (model.warmup_epochs), or check the data")
-
-    def _watch_read_every(self, device: torch.device) -> int:
-        """Steps between reads of the non-finite flag (0: at the end of each epoch only): every step on a CPU,
-        where a read costs nothing, else every logging interval (Lightning reads the logged values from the
-        device then anyway)."""
-        return 1 if device.type == "cpu" else self.trainer.log_every_n_steps
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(self.hparams.warmup_epochs * self._steps_per_epoch(total)))
+        warmup = int(round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer, total)))
         schedule = self.hparams.lr_schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _steps_per_epoch(self, total: int) -> float:
-        """Optimiser steps in one epoch, from the training loader: not ``total / max_epochs``, which is wrong when
-        ``trainer.max_steps`` ends the run first (or alone, with ``max_epochs: -1``)."""
-        trainer = self.trainer
-        if not math.isfinite(trainer.num_training_batches):
-            trainer.fit_loop.setup_data()  # as estimated_stepping_batches does; with max_epochs -1 it does not
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches) or batches < 1:  # a loader without a length
-            return total / max(1, trainer.max_epochs or 1)
-        return math.ceil(batches / trainer.accumulate_grad_batches)
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _predict_logits(self, images: Tensor) -> Tensor:
@@ -287,49 +201,6 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._eval_step("val", batch)  # the logits, for ValConfusionMatrix
 
-    def on_validation_epoch_end(self) -> None:
-        acc = self.trainer.callback_metrics.get("val/acc")
-        if acc is not None and not self.trainer.sanity_checking:
-            self.best_val_acc = max(self.best_val_acc, float(acc))
-            self.log("hp_metric", self.best_val_acc, sync_dist=False)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["best_val_acc"] = self.best_val_acc
-        # The training means' sums so far in this epoch, over all ranks (all ranks save together), and whether the
-        # epoch's means were logged already: a resume completes them (on_train_start).
-        sums = torch.stack([self.train_loss.total, self.train_loss.weight, self.train_acc.total,
-                            self.train_acc.weight]).float()
-        gathered = self.all_gather(sums)
-        checkpoint[EPOCH_SUMS] = {"epoch": self.current_epoch, "logged": self._logged_epoch == self.current_epoch,
-                                  "sums": (gathered.sum(0) if gathered.dim() > 1 else gathered).cpu()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Checkpoints written while the network was wrapped by torch.compile(module) carry "_orig_mod." keys.
-        state = checkpoint.get("state_dict")
-        if state and any("._orig_mod." in k for k in state):
-            checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
-        self.check_compatible(checkpoint)
-        self.best_val_acc = checkpoint.get("best_val_acc", 0.0)
-        self._resumed_sums = checkpoint.get(EPOCH_SUMS)
-
-    def on_train_start(self) -> None:
-        saved, self._resumed_sums = self._resumed_sums, None
-        if saved is None or self.global_rank != 0:
-            return
-        sums = [s.clone() for s in saved["sums"].to(self.train_loss.total.device).unbind()]
-        if saved["epoch"] == self.current_epoch:  # resumed inside the epoch, or at its end before its means
-            self.train_loss.total, self.train_loss.weight, self.train_acc.total, self.train_acc.weight = sums
-        elif not saved["logged"] and self.logger is not None and sums[1] > 0:
-            # saved after the epoch's validation, stopped before its means were written (a kill): Lightning goes on
-            # with the next epoch, so they are written here, at the step where Lightning would have written them
-            loss, acc = (sums[0] / sums[1]).item(), (sums[2] / sums[3]).item()
-            self.logger.log_metrics({"train/loss_epoch": loss, "train/acc_dominant": acc, "epoch": saved["epoch"]},
-                                    step=max(self.global_step - 1, 0))
-
-    def check_compatible(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
-        """A checkpoint of another network fails here in one line, not in load_state_dict's size dump."""
-        check_compatible(checkpoint, self.hparams.get("net"), self.hparams.num_classes, self.state_dict(), where)
-
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step("test", batch)
 
@@ -337,8 +208,18 @@ class ImageClassifier(L.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         probs = self._predict_logits(images).float().softmax(-1)
         out = {"pred": probs.argmax(-1), "prob": probs}
-        if isinstance(batch, (tuple, list)) and len(batch) > 1:
-            out["label"] = batch[1]
-        if isinstance(batch, (tuple, list)) and len(batch) > 2:
-            out["index"] = batch[2]
+        if isinstance(batch, (tuple, list)):  # (images, labels, indices), the last two optional
+            out.update(zip(("label", "index"), batch[1:3]))
         return out
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written while the network was wrapped by torch.compile(module) carry "_orig_mod." keys.
+        state = checkpoint.get("state_dict")
+        if state and any("._orig_mod." in k for k in state):
+            checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
+        self.check_compatible(checkpoint)
+
+    def check_compatible(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
+        """A checkpoint of another network fails here in one line, not in load_state_dict's size dump."""
+        check_compatible(checkpoint, self.hparams.get("net"), self.hparams.num_classes, self.state_dict(), where)

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .checks import require
 from .resnet import ResNet
 
 __all__ = ["build", "check_compatible", "describe", "make_network", "net_differences"]
@@ -43,9 +44,8 @@ def make_network(net: nn.Module | dict[str, Any] | None, num_classes: int) -> nn
         return ResNet(num_classes=num_classes)
     if isinstance(net, dict):  # a checkpoint's record, loaded outside the CLI
         net = build({**net, "init_args": {**(net.get("init_args") or {}), "num_classes": num_classes}})
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"model.net={net!r} is not a torch.nn.Module; fix: class_path (e.g. "
-                         "cutmix_pl.resnet.ResNet) and init_args in YAML")
+    require(isinstance(net, nn.Module), "model.net", net, "is not a torch.nn.Module",
+            "class_path (e.g. cutmix_pl.resnet.ResNet) and init_args in YAML")
     theirs = getattr(net, "num_classes", num_classes)
     if theirs != num_classes:
         raise ValueError(f"model.net has num_classes={theirs} but the model has num_classes={num_classes}; fix: "

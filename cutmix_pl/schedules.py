@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["SCHEDULES", "Schedule", "lr_factor"]
+__all__ = ["SCHEDULES", "Schedule", "lr_factor", "steps_per_epoch"]
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
     "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),  # to 0 (Loshchilov & Hutter 2017, no restarts)
@@ -28,3 +28,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return SCHEDULES[schedule](progress)
+
+
+def steps_per_epoch(trainer: Any, total: int) -> float:
+    """Optimiser steps in one epoch of a Lightning ``trainer`` whose run has ``total`` steps, from the training
+    loader: not ``total / max_epochs``, which is wrong when ``trainer.max_steps`` ends the run first (or alone, with
+    ``max_epochs: -1``)."""
+    if not math.isfinite(trainer.num_training_batches):
+        trainer.fit_loop.setup_data()  # as estimated_stepping_batches does; with max_epochs -1 it does not
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches < 1:  # a loader without a length
+        return total / max(1, trainer.max_epochs or 1)
+    return math.ceil(batches / trainer.accumulate_grad_batches)

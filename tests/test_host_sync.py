@@ -20,7 +20,7 @@ from conftest import HostReads
 from cutmix_pl.augment import CutMix
 from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.metrics import WeightedMean
-from cutmix_pl.model_callbacks import MixedImageGrid
+from cutmix_pl.model_callbacks import MixedImageGrid, NonFiniteLossWatch
 from cutmix_pl.module import ImageClassifier
 from cutmix_pl.resnet import ResNet
 
@@ -79,10 +79,18 @@ class _Watched(ImageClassifier):
                     self.grid_reads.append((batch_idx, sorted(set(h.found))))
 
                 cb.on_train_batch_start = watched
-        return callbacks
+            if isinstance(cb, NonFiniteLossWatch):  # its check follows the step: its reads count as the step's
+                cb.read_every = lambda trainer, device: trainer.log_every_n_steps
+                check = cb.on_before_backward
 
-    def _watch_read_every(self, device: torch.device) -> int:
-        return self.trainer.log_every_n_steps
+                def checked(trainer, pl_module, loss, check=check):
+                    with HostReads() as h:
+                        check(trainer, pl_module, loss)
+                    batch_idx, step, found = self.reads[-1]
+                    self.reads[-1] = (batch_idx, step, sorted(set(found) | set(h.found)))
+
+                cb.on_before_backward = checked
+        return callbacks
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         step = self.global_step

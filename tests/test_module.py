@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cutmix_pl.data import CIFAR10DataModule
+from cutmix_pl.model_callbacks import NonFiniteLossWatch
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
 from cutmix_pl.resnet import ResNet
 from cutmix_pl.schedules import SCHEDULES, lr_factor
@@ -156,19 +157,19 @@ def test_compiled_model_saves_plain_keys_and_old_compiled_checkpoints_still_load
 
 @pytest.mark.cuda
 def test_watching_the_loss_between_logging_steps_does_not_make_the_host_wait_for_the_gpu():
-    model = ImageClassifier()
-    model.trainer = SimpleNamespace(current_epoch=2, global_step=10, log_every_n_steps=50, num_training_batches=100)
+    watch = NonFiniteLossWatch()  # one of ImageClassifier's callbacks
+    trainer = SimpleNamespace(current_epoch=2, global_step=10, log_every_n_steps=50, num_training_batches=100)
     loss = torch.tensor(1.0, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
     try:
-        model._watch_finite(loss, 3)
-        model._watch_finite(loss / 0 * 0, 4)  # NaN: recorded on the device, read at the next logging step
+        watch.check(trainer, loss, 3)
+        watch.check(trainer, loss / 0 * 0, 4)  # NaN: recorded on the device, read at the next logging step
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    model.trainer.global_step = 49
+    trainer.global_step = 49
     with pytest.raises(FloatingPointError, match=r"global step 10 \(epoch 2, batch 4\)"):
-        model._watch_finite(loss, 5)
+        watch.check(trainer, loss, 5)
 
 
 def test_a_schedule_is_one_table_entry(monkeypatch):

@@ -26,7 +26,7 @@ class LastCheckpoint(ModelCheckpoint):
     ``ModelCheckpoint(save_last=True)`` does not promise that: since Lightning 2.6 it writes ``last.ckpt`` only at a
     step where it also wrote a top-k checkpoint, so with ``monitor: val/acc, save_top_k: 1`` its ``last.ckpt`` is the
     best epoch's state, not the last one's. Here the one kept "top-k" file is itself named ``last``: one file,
-    rewritten (atomically, checkpoint_io.py) at every save.
+    rewritten (atomically, folder.AtomicCheckpointIO) at every save.
 
 
     It runs before the config's checkpoints (the CLI puts it first), so that the resume point is on disk before any

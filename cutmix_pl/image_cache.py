@@ -57,6 +57,7 @@ def write(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> No
     """Write atomically: to a temporary file in the same folder, flushed, then renamed over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a --data.cache_dir that does not exist yet
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps({**meta, "version": VERSION})), **arrays)
             f.flush()

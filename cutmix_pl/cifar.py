@@ -8,13 +8,14 @@ unpickler that knows only what CIFAR-10 batches contain, so a crafted file canno
 from __future__ import annotations
 
 import pickle
-import shutil
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .dataset import DataError, Split
+from .pickles import fetch_archive, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -25,15 +26,6 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # Per-channel statistics of the CIFAR-10 training images, in [0, 1] units.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-class DataError(ValueError):
-    """Data missing, unreadable or malformed; the message says what and how to fix it, on one line."""
-
-
-class Split(NamedTuple):
-    images: Tensor  # uint8 [N, 3, 32, 32]
-    labels: Tensor  # int64 [N]
 
 
 def _fix_hint(folder: Path, downloading: bool = False) -> str:
@@ -68,21 +60,11 @@ def find(root: str | Path) -> Path | None:
 
 def download(root: str | Path) -> Path:
     """Fetch and md5-check the official archive into ``root``; raise DataError on one line when that fails."""
-    from torchvision.datasets.utils import download_and_extract_archive
-
     check_root(root)
     root = Path(root)
-    archive, folder = root / "cifar-10-python.tar.gz", root / FOLDER
-    made = [p for p in (root, archive, folder) if not p.exists()]  # what a failed attempt must not leave behind
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(URL, str(root), filename=archive.name, md5=ARCHIVE_MD5)
+        fetch_archive(URL, ARCHIVE_MD5, root, root / FOLDER)
     except Exception as err:  # URLError, socket errors, md5 mismatch, permission: all end the same way
-        for p in reversed(made):  # a partial archive or extraction, and the folder if this call created it
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
         reason = " ".join(str(err).split()) or type(err).__name__
         raise DataError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({reason}); "
                         f"fix: {_fix_hint(root / FOLDER, downloading=True)}") from None
@@ -92,41 +74,12 @@ def download(root: str | Path) -> Path:
     return folder
 
 
-# Everything a CIFAR-10 batch pickle refers to by name: numpy's array reconstruction (old and new module paths) and
-# the codec that protocol-2 pickles use for bytes. Plain pickle.load would import and call anything a file names.
-_SAFE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
-    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
-}
-
-
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    """A batch file names a global outside ``_SAFE_GLOBALS``; the message is its ``module.name``."""
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Reads CIFAR-10 batches and nothing else: any other global is refused before it is imported."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in _SAFE_GLOBALS:
-            raise _ForbiddenGlobal(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
+# Everything a CIFAR-10 batch pickle refers to is allowed by pickles.SAFE_GLOBALS; plain pickle.load would import and
+# call anything a file names.
 def _unpickle(path: Path) -> object:
-    """What ``path`` holds, read with ``_BatchUnpickler``; DataError (one line) if it names a forbidden global or is
-    damaged. latin1 because the official batches were pickled by Python 2 (its byte strings become str)."""
-    refetch = f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})"
-    try:
-        with open(path, "rb") as f:
-            return _BatchUnpickler(f, encoding="latin1").load()
-    except _ForbiddenGlobal as err:
-        raise DataError(f"{path} is not a CIFAR-10 batch and was not loaded: it refers to {err}, which CIFAR-10 "
-                        f"batches never do (a pickle can run code); {refetch}") from None
-    except Exception as err:  # truncated, garbage, unreadable: all end the same way
-        raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {' '.join(str(err).split())}); "
-                        f"{refetch}") from None
+    """What ``path`` holds, read with the safe unpickler (``pickles.py``); DataError (one line) otherwise."""
+    return unpickle(path, "CIFAR-10 batch", "CIFAR-10 batches",
+                    f"fix: delete {path.parent} and fetch or rebuild it ({_fix_hint(path.parent)})")
 
 
 def _read_batch(path: Path) -> Split:

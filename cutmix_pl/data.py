@@ -1,14 +1,17 @@
-"""CIFAR-10 as a LightningDataModule: splits and loaders, with the training transform applied on the device.
+"""The DataModule: one dataset reader (``data.dataset``), its splits and loaders, with the training transform applied
+on the device.
 
-The whole training set (150 MB as uint8) lives on the training device (``loaders.py``). Each training batch goes
-through :class:`~cutmix_pl.transform.TrainTransform` once it is on its device (``on_after_batch_transfer``): crop,
-flip, normalisation and per-sample CutMix as batched tensor ops, the GPU-side collate step. Validation and test
-batches are only normalised.
+The reader (``readers.py``: CIFAR-10, CIFAR-100, a folder of images) reads uint8 tensors; the whole dataset then lives
+on the training device (``loaders.py``: 184 MB for CIFAR-10), checked to fit before it is read (``memory.py``). Each
+training batch goes through :class:`~cutmix_pl.transform.TrainTransform` once it is on its device
+(``on_after_batch_transfer``): crop, flip, normalisation and per-sample CutMix as batched tensor ops, the GPU-side
+collate step. Validation and test batches are only normalised. The splits are cut in ``splits.py``; the checkpointed
+position and random stream are kept in ``train_state.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -16,32 +19,98 @@ from torch import Tensor
 
 from . import cifar
 from .augment import CutMix, Mixer
-from .loaders import ShardedBatchSampler, TensorBatchLoader, check_batch, check_shards, mix_seed
+from .dataset import Reader, Split
+from .loaders import ShardedBatchSampler, TensorBatchLoader, mix_seed
+from .memory import check_fits
 from .randaugment import RandAugment
+from .readers import DatasetName, make_reader
+from .splits import Splits
+from .train_state import TrainState, gather_streams
 from .transform import TrainBatch, TrainTransform
 
 __all__ = ["CIFAR10DataModule", "ShardedBatchSampler", "TensorBatchLoader", "TrainBatch", "mix_seed"]
 
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
+def _check_arguments(reader: Reader, batch_size: int, eval_batch_size: int, val_size: int, train_size: int | None,
+                     mixer: Mixer | None) -> None:
+    """The DataModule's argument checks, at construction: one line each, naming the value, the range and the fix."""
+    # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
+    for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}; fix: "
+                             f"pass --data.{name} with such a value (the recipe's is in cutmix_pl/configs/cutmix.yaml)")
+    n = reader.train_images  # known before reading for CIFAR; a folder's val_size is checked at setup
+    if val_size < 0 or (n is not None and val_size >= n):
+        top = n - 1 if n is not None else "the training images - 1"
+        raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, {top}] ({reader.name} has "
+                         f"{n if n is not None else 'a number of'} training images); fix: e.g. 5000, or 0 to "
+                         "validate on the test set")
+    if train_size is not None and train_size < 2:
+        raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all); fix: "
+                         "pass such a value, or null to train on the whole training split")
+    if mixer is not None and mixer.num_classes != reader.num_classes:
+        raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match the {reader.num_classes} classes "
+                         f"of {reader.describe()}; fix: data.mixer.init_args.num_classes {reader.num_classes}")
+
+
+def _topology(trainer: L.Trainer | None) -> tuple[torch.device, int, int]:
+    """(device, rank, number of processes) of a run; the CPU and one process outside a Trainer."""
+    if trainer is None:
+        return torch.device("cpu"), 0, 1
+    return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
+
+
+def _check_memory(reader: Reader, trainer: L.Trainer | None) -> None:
+    """Refuse a dataset that cannot be held on the device, before reading or decoding it (cheap: no image read)."""
+    check_fits(reader.nbytes(), _topology(trainer)[0], reader.describe(), reader.image_size)
+
+
+def _check_same_dataset(saved: str, reader: Reader) -> None:
+    """A resume or an evaluation reads the data the run was trained on, or is refused in one line."""
+    if saved != reader.describe():
+        raise ValueError(f"the checkpoint's run was trained on {saved}, this command reads {reader.describe()}; fix: "
+                         "pass the run's data.dataset and data settings, or leave out --ckpt_path to start a new run")
+
+
+def _shared_seed(seed: int | None, trainer: L.Trainer | None) -> int:
+    """``data.seed``, else torch's; rank 0's on every rank."""
+    seed = seed if seed is not None else torch.initial_seed()
+    if trainer is not None and trainer.world_size > 1:
+        # All ranks must draw the same permutations; under torchrun or srun with `seed_everything: true` each
+        # process picked its own random seed, so rank 0's wins.
+        seed = trainer.strategy.broadcast(seed, src=0)
+    return seed
+
+
+def _as_input(trainer: L.Trainer | None, images: Tensor) -> Tensor:
+    """Images in the precision's input type (bf16 for bf16-true, float64 for 64-true; unchanged for the mixed
+    precisions): Lightning converts a batch before ``on_after_batch_transfer``, when it is still uint8, so the float
+    images made there are converted there. Targets stay float32, so the loss against them is taken in float32."""
+    return trainer.precision_plugin.convert_input(images) if trainer is not None else images
+
+
+# The class keeps its name for every dataset: Lightning files the DataModule's state under the class's __qualname__
+# in a checkpoint, so a renamed class would silently drop every existing run's position and stream on resume.
 class CIFAR10DataModule(L.LightningDataModule):
-    """CIFAR-10 splits and loaders; training batches go through a :class:`TrainTransform` on their device.
+    """Splits and loaders of one dataset (CIFAR-10 by default); training batches go through a
+    :class:`TrainTransform` on their device.
 
     Args:
-        data_dir: folder that holds (or will hold) ``cifar-10-batches-py/``.
-        download: fetch and md5-check the official archive when the folder is missing (needs internet).
+        data_dir: cifar10: the folder that holds (or will hold) ``cifar-10-batches-py/``; cifar100: the same for
+            ``cifar-100-python/``; folder: ROOT, which holds ``train/<class>/*`` and ``test/<class>/*``.
+        download: fetch and md5-check the official archive when the folder is missing (needs internet; CIFAR only).
         batch_size: global training batch, split evenly over the DDP processes (it must be divisible by
             their number). Keep it and the learning rate together: see the scaling rule in docs/distributed.md.
         eval_batch_size: global batch for validation, test and predict.
-        val_size: training images held out for validation (seeded by ``split_seed``), in [0, 49999].
-            0 validates on the test set. test and predict do not split the training set.
+        val_size: training images held out for validation (seeded by ``split_seed``), in [0, training images - 1];
+            0 validates on the test set; a folder's own ``val/`` replaces it. test and predict never split train.
         split_seed: seed of the train/validation split; fixed so that runs with different seeds share it.
         train_size: train on only the first ``train_size`` images of the (seeded, shuffled) training split, for
             quick experiments; null: all of them.
         mixer: batch mixing applied after crop/flip/normalisation: ``CutMix`` (per-sample, alpha 1, prob 0.5 by
             default, the paper's CIFAR setting), ``MixUp``, ``CutMixUp``, ``Cutout`` (a hole per image, the hard
-            labels kept), or null for none.
+            labels kept), or null for none. Its ``num_classes`` must be the dataset's.
         mix_off_epoch: from this (0-based) epoch on, stop mixing (timm's ``mixup_off_epoch``); negative counts
             from the end of training (-2: the last two epochs unmixed, whatever ``trainer.max_epochs``); null: never.
         crop_padding: zero padding of the random crop, in pixels (4 in He et al. 2016); 0 turns cropping off.
@@ -52,10 +121,15 @@ class CIFAR10DataModule(L.LightningDataModule):
             rank derives its own augmentation stream from it.
         drop_last: leave out each epoch's ragged last training batch, so that every step has the same shape (a new
             shape is a new graph for ``model.compile: reduce-overhead``, CUDA graphs).
-        compile_transform: ``torch.compile`` the training transform's arithmetic (crop/flip, normalisation,
-            mixing) into a few fused kernels, for GPUs, where the many small kernels of per-sample CutMix cost
-            launches. The same draws, so the same boxes and labels; the normalisation may round differently by one
-            float32 ulp.
+        compile_transform: ``torch.compile`` the transform's arithmetic (crop/flip, normalisation, mixing) into a few
+            fused kernels, for GPUs, where per-sample CutMix's many small kernels cost launches. The same draws, so
+            the same boxes and labels; the normalisation may round differently by one float32 ulp.
+        dataset: ``cifar10`` (the default), ``cifar100`` (``cifar100_labels``) or ``folder`` (a folder of your own
+            images, decoded once into a cache; docs/design.md, "Datasets").
+        image_size: folder: resize every image once (shorter side, then a centre crop) to this square size, in
+            [8, 4096]; needed when the images' sizes differ; null: their common size. CIFAR: null (32x32).
+        cifar100_labels: cifar100: ``fine`` (100 classes) or ``coarse`` (20 superclasses).
+        cache_dir: folder: where the decoded images are kept (``cutmix_pl-cache-<size>.npz``); null: ``data_dir``.
     """
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
@@ -63,23 +137,13 @@ class CIFAR10DataModule(L.LightningDataModule):
                  train_size: int | None = None, mixer: Mixer | None = CutMix(alpha=1.0, prob=0.5),
                  mix_off_epoch: int | None = None, crop_padding: int = 4, flip: bool = True,
                  randaugment: RandAugment | None = None, seed: int | None = None, drop_last: bool = False,
-                 compile_transform: bool = False) -> None:
+                 compile_transform: bool = False, dataset: DatasetName = "cifar10", image_size: int | None = None,
+                 cifar100_labels: Literal["fine", "coarse"] = "fine", cache_dir: str | None = None) -> None:
         super().__init__()
-        # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
-        for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}; fix: "
-                                 f"pass --data.{name} with such a value (the recipe's is in cutmix_pl/configs/cutmix.yaml)")
-        if not 0 <= val_size < 50_000:
-            raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, 49999] "
-                             "(CIFAR-10 has 50000 training images); fix: e.g. 5000, or 0 to validate on the test set")
-        if train_size is not None and train_size < 2:
-            raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all); fix: "
-                             "pass such a value, or null to train on the whole training split")
-        if mixer is not None and mixer.num_classes != self.num_classes:
-            raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match CIFAR-10's "
-                             f"{self.num_classes} classes; fix: data.mixer.init_args.num_classes {self.num_classes}")
-        self.transform = TrainTransform(mixer, mix_off_epoch, crop_padding, flip, cifar.MEAN, cifar.STD,
+        self.reader = make_reader(dataset, data_dir, image_size, cifar100_labels, cache_dir)
+        _check_arguments(self.reader, batch_size, eval_batch_size, val_size, train_size, mixer)
+        mean, std = self.reader.stats or (cifar.MEAN, cifar.STD)  # a folder's replace these once it is read
+        self.transform = TrainTransform(mixer, mix_off_epoch, crop_padding, flip, mean, std,
                                         randaugment=randaugment, compile=compile_transform)
         # TensorBoard's HPARAMS tab shows these next to the model's; the mixer and RandAugment as their readable repr.
         self.save_hyperparameters(ignore=["mixer", "randaugment"])
@@ -89,17 +153,30 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.train_size = val_size, split_seed, train_size
         self.seed, self.drop_last = seed, drop_last
-        self.classes = cifar.CLASSES
-        self._splits: dict[str, cifar.Split] = {}
-        self._train_images = 0
-        self._on_device: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
-        self._train_sampler: ShardedBatchSampler | None = None
-        self._position = (-1, 0)  # (epoch, training batches augmented in it), checkpointed for exact resume
-        self._pending_state: dict[str, Any] | None = None
+        self._splits: Splits | None = None
+        self._state = TrainState(self.transform)  # checkpointed for an exact resume
 
+    # -- what the data says to the rest: classes, statistics, size --------------------------------------
     @property
     def num_classes(self) -> int:
-        return len(cifar.CLASSES)
+        return self.reader.num_classes
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.reader.classes
+
+    @property
+    def mean(self) -> tuple[float, ...]:  # per channel in [0, 1]: published for CIFAR, computed for a folder
+        return self.transform.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.transform.std
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) of every image; None for a folder dataset of native size before it is read."""
+        return self.reader.image_size
 
     @property
     def mixer(self) -> Mixer | None:
@@ -107,94 +184,46 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     # -- data ---------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download on one process per node when allowed (Lightning calls this before ``setup``)."""
-        if cifar.find(self.data_dir) is None and self.download:
-            cifar.download(self.data_dir)
+        """Download, or decode a folder into its cache, on one process per node (Lightning: before ``setup``)."""
+        _check_memory(self.reader, self.trainer)
+        self.reader.prepare(self.download)
 
     def setup(self, stage: str | None = None) -> None:
-        if not self._splits:
-            self._load_splits()
-        if stage in ("fit", "validate") and "train" not in self._splits:
-            raise ValueError(self._no_training_images(stage))
-        # Lightning calls setup on every rank once the processes are up: a split too small for them fails here,
-        # before any training, rather than at the first validation.
-        _, _, world = self._topology()
-        for name in _STAGE_SPLITS.get(stage or "", ()):
-            check_shards(name, len(self.split(name).labels), world, self.val_size)
-        if stage == "fit" and self.batch_size > (n := len(self.split("train").labels)):
-            # one batch of the whole split, or none with drop_last: never what was meant, and the first can exhaust
-            # the memory before any step
-            raise ValueError(f"data.batch_size={self.batch_size} is larger than the training split ({n} images); "
-                             f"fix: a value in [2, {n}] (data.batch_size is the global batch)")
+        if self._splits is None:
+            _check_memory(self.reader, self.trainer)
+            data = self.reader.read()
+            self.transform.set_stats(data.mean, data.std)
+            self._splits = Splits(data, self.val_size, self.split_seed, self.train_size)
+        self._splits.check(stage, _topology(self.trainer)[2], self.batch_size)
         if self.trainer is not None:
             self.transform.max_epochs = self.trainer.max_epochs
         if stage == "fit" and self.mixer is not None:
             self.transform.mix_off()  # a from-the-end setting that cannot be resolved fails before training
 
-    def _load_splits(self) -> None:
-        train, test = cifar.load(self.data_dir, download_if_missing=False)
-        self._splits.update(test=test, predict=test)
-        self._train_images = len(train.labels)
-        if self.val_size >= len(train.labels):
-            return  # test and predict never split the training set; `split` refuses train and val
-        perm = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :][: self.train_size]
-        self._splits["val"] = cifar.Split(train.images[val_idx], train.labels[val_idx]) if self.val_size else test
-        self._splits["train"] = cifar.Split(train.images[train_idx], train.labels[train_idx])
-
-    def split(self, name: str) -> cifar.Split:
+    def split(self, name: str) -> Split:
         """The uint8 images and labels of ``train``, ``val``, ``test`` or ``predict`` (after ``setup``)."""
-        if not self._splits:
+        return self._ready().get(name)
+
+    def _ready(self) -> Splits:
+        if self._splits is None:
             self.setup()
-        if name in ("train", "val") and name not in self._splits:
-            raise ValueError(self._no_training_images(None))
-        return self._splits[name]
+        return self._splits
 
-    def _no_training_images(self, stage: str | None) -> str:
-        n = self._train_images
-        # validate of a run takes the run's split from its checkpoint (settings.split_from_checkpoint)
-        fix = ("validate on the data the run was trained on (validate takes the run's split from its checkpoint)"
-               if stage == "validate" else f"a value in [0, {n - 1}]")
-        return f"data.val_size={self.val_size} leaves no training images: the training set has {n}; fix: {fix}"
-
-    # -- loaders ------------------------------------------------------------------------------------
-    def _topology(self) -> tuple[torch.device, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return torch.device("cpu"), 0, 1
-        return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
-
+    # -- loaders: each split once on its device, batches gathered there by index ----------------------
     def _seed(self) -> int:
-        seed = self.seed if self.seed is not None else torch.initial_seed()
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            # All ranks must draw the same permutations; under torchrun or srun with `seed_everything: true`
-            # each process picked its own random seed, so rank 0's wins.
-            seed = trainer.strategy.broadcast(seed, src=0)
-        return seed
+        return _shared_seed(self.seed, self.trainer)
 
     def _loader(self, name: str, global_batch: int, shuffle: bool) -> Any:
-        device, rank, world = self._topology()
-        check_batch(name, global_batch, world)
-        split = self.split(name)
-        check_shards(name, len(split.labels), world, self.val_size)
-        sampler = ShardedBatchSampler(len(split.labels), global_batch // world, shuffle=shuffle,
-                                      seed=self._seed(), rank=rank, world_size=world, device=device,
-                                      drop_last=self.drop_last)
-        key = (name, str(device))
-        if key not in self._on_device:  # one copy per split and device, made once
-            self._on_device[key] = (split.images.to(device), split.labels.to(device))
-        return TensorBatchLoader(*self._on_device[key], sampler, with_index=name == "predict")
+        device, rank, world = _topology(self.trainer)
+        return self._ready().loader(name, global_batch, shuffle, self._seed(), device, rank, world, self.drop_last)
 
     def train_dataloader(self) -> Any:
         loader = self._loader("train", self.batch_size, shuffle=True)
-        self._train_sampler = loader.batch_sampler
-        device, rank, _ = self._topology()
+        device, rank, world = _topology(self.trainer)
         gen = self.transform.generator
         if gen is None or gen.device != device:
             self.transform.seed(mix_seed(self._seed(), 1 + rank), device)  # a different stream on every rank
-        if self._pending_state is not None:
-            self._restore(self._pending_state)
+        self._state.attach(loader.batch_sampler, rank, world, self._seed)  # restores a resumed run's position
         return loader
 
     def val_dataloader(self) -> Any:
@@ -209,57 +238,23 @@ class CIFAR10DataModule(L.LightningDataModule):
     # -- the batch on its device: the training transform, or normalisation only ---------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, Tensor):  # images alone (the model's example input for its summary): normalise
-            return self._as_input(self.transform.normalize(batch))
+            return _as_input(self.trainer, self.transform.normalize(batch))
         images, labels = batch[0], batch[1]
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            epoch = self._train_sampler.epoch if self._train_sampler is not None else trainer.current_epoch
-            done = self._position[1] if self._position[0] == epoch else 0
-            self._position = (epoch, done + 1)
+            epoch = self._state.step(trainer.current_epoch)
             out = self.transform(images, labels, epoch)
-            return out._replace(images=self._as_input(out.images))
+            return out._replace(images=_as_input(self.trainer, out.images))
         # labels (and, for predict, the images' indices) as they are
-        return (self._as_input(self.transform.normalize(images)), *batch[1:])
+        return (_as_input(self.trainer, self.transform.normalize(images)), *batch[1:])
 
-    def _as_input(self, images: Tensor) -> Tensor:
-        """Images in the precision's input type (bf16 for bf16-true, float64 for 64-true; unchanged for the mixed
-        precisions): Lightning converts a batch before this hook, when it is still uint8, so the float images made
-        here are converted here. Targets stay float32, so the loss against them is taken in float32."""
-        trainer = self.trainer
-        return trainer.precision_plugin.convert_input(images) if trainer is not None else images
-
-    # -- checkpointed state: where the epoch stands and the augmentation stream ----------------------
+    # -- checkpointed state: where the epoch stands, the augmentation stream, which dataset ---------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self._position[0], "batches_done": self._position[1]}
-        rng = self.transform.state_dict().get("rng")
-        if rng is not None:
-            state["aug_rng"] = rng
-            trainer = self.trainer
-            if trainer is not None and trainer.world_size > 1:
-                # Only rank 0's dict reaches the file, so it carries every rank's stream (all ranks save together).
-                states = trainer.strategy.all_gather(rng.to(trainer.strategy.root_device))
-                state["aug_rng_per_rank"] = [row.clone() for row in states.cpu()]
-        return state
+        trainer = self.trainer  # with several processes, rank 0's file carries every rank's stream
+        gather = gather_streams(trainer.strategy) if trainer is not None and trainer.world_size > 1 else None
+        return {**self._state.state_dict(gather), "dataset": self.reader.describe()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
-        if self._train_sampler is not None and self.transform.generator is not None:
-            self._restore(self._pending_state)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._pending_state = None
-        self._position = (state["epoch"], state["batches_done"])
-        if self._train_sampler is not None:
-            self._train_sampler.resume_at(*self._position)
-        if "aug_rng" in state and self.transform.generator is not None:
-            _, rank, world = self._topology()
-            streams = state.get("aug_rng_per_rank", [state["aug_rng"]])
-            # A stream continues only in a generator of its kind: a CPU generator's state (5056 bytes) does not
-            # fit a CUDA one (16: seed and offset), and a resume may move a run between CPU and GPU.
-            fits = streams[0].numel() == self.transform.generator.get_state().numel()
-            if len(streams) == world and fits:
-                self.transform.load_state_dict({"rng": streams[rank]})
-            else:  # saved with another number of processes or on another kind of device: a new stream per rank,
-                # distinct and reproducible
-                self.transform.seed(mix_seed(self._seed(), 1 + rank, world, *self._position),
-                                    self.transform.generator.device)
+        _check_same_dataset(state_dict.get("dataset", "cifar10"), self.reader)  # older runs: all CIFAR-10
+        _, rank, world = _topology(self.trainer)
+        self._state.load_state_dict(state_dict, rank, world, self._seed)

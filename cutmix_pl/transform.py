@@ -119,6 +119,11 @@ class TrainTransform:
         off = self.mix_off()
         return off is None or epoch < off
 
+    def set_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """New normalisation statistics (a folder dataset's, computed when it is first read)."""
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._stats.clear()
+
     # -- the call ---------------------------------------------------------------------------------------
     def stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The normalisation's mean and std as tensors on ``device``, made once (no copy per step)."""

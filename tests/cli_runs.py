@@ -109,13 +109,13 @@ WRAPPER = textwrap.dedent("""
 
         CIFAR10DataModule.setup = setup
     if os.environ.get("PAUSE_IN_READ"):
-        from cutmix_pl import cifar
+        from cutmix_pl import pickles
 
         def load(self):
             Path("paused").write_text("read")
             time.sleep(300)  # a signal ends it, inside the reader's try
 
-        cifar._BatchUnpickler.load = load
+        pickles.SafeUnpickler.load = load
     if int(os.environ.get("KILL_IN_SAVE", "0")):
         sys.path.insert(0, os.environ["TESTS_DIR"])
         import kill_on_write

@@ -179,3 +179,14 @@ def test_count_ops_counts_what_grows_with_the_network_and_what_does_not():
     assert deeper["transform (eager)"] == shallow["transform (eager)"]
     added = deeper["forward + backward"] - shallow["forward + backward"]
     assert added > 0 and added % 3 == 0
+
+
+def test_bench_data_times_both_starts_and_leaves_the_folder_as_it_was(tmp_path, capsys):
+    import bench_data
+    from test_folder import leftovers, make_folder
+
+    root = make_folder(tmp_path / "d", n=3)
+    out = bench_data.main(["--root", str(root)])
+    assert out["images"] == 18 and out["first_s"] > 0 and out["second_s"] > 0
+    assert "first start (decode, cache write)" in capsys.readouterr().out
+    assert leftovers(root) == ["cutmix_pl-cache-native.npz"]  # the cache the first start wrote, nothing else

@@ -1,0 +1,129 @@
+"""Reading (and fetching) CIFAR-100 in the python-pickle layout of the official archive (``cifar-100-python/``).
+
+``train`` and ``test`` are pickled dicts with ``data`` (uint8 [N, 3072], R, G, B planes), ``fine_labels`` (100
+classes) and ``coarse_labels`` (20 superclasses); ``meta`` holds ``fine_label_names`` and ``coarse_label_names``. They
+are read with the same restricted unpickler as CIFAR-10 (``pickles.py``), straight into uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .dataset import DataError, Split
+from .pickles import fetch_archive, unpickle
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # torchvision's CIFAR100.tgz_md5
+FOLDER = "cifar-100-python"
+FILES = ("train", "test", "meta")
+Labels = Literal["fine", "coarse"]
+NUM_CLASSES = {"fine": 100, "coarse": 20}
+# Per-channel statistics of the CIFAR-100 training images, in [0, 1] units (the figures in common use).
+MEAN = (0.5071, 0.4865, 0.4409)
+STD = (0.2673, 0.2564, 0.2762)
+
+
+def _fix_hint(folder: Path) -> str:
+    return (f"pass --data.download true where the internet is reachable, put the python-version files (train, test, "
+            f"meta) in {folder} (offline: copy them from a machine that has them), or pass --data.data_dir with the "
+            f"folder that holds a {FOLDER}/")
+
+
+def find(root: str | Path) -> Path | None:
+    """The ``cifar-100-python`` folder under ``root`` if it holds all three files, else None; DataError when
+    ``root`` or that folder is a file."""
+    for path in (Path(root), Path(root) / FOLDER):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is a file, not a folder; fix: pass --data.data_dir with the folder that holds "
+                            f"(or will hold) {FOLDER}/")
+    folder = Path(root) / FOLDER
+    return folder if all((folder / f).is_file() for f in FILES) else None
+
+
+def download(root: str | Path, url: str = URL) -> Path:
+    """Fetch and md5-check the official archive into ``root`` as torchvision does; DataError on one line when that
+    fails, leaving nothing behind. ``url``: another copy of the same archive (the tests serve one locally)."""
+    find(root)
+    root = Path(root)
+    try:
+        fetch_archive(url, ARCHIVE_MD5, root, root / FOLDER)
+    except Exception as err:  # URLError, socket errors, md5 mismatch, permission: all end the same way
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"CIFAR-100 is not in {root / FOLDER} and downloading it failed ({reason}); "
+                        f"fix: {_fix_hint(root / FOLDER)}") from None
+    folder = find(root)
+    if folder is None:
+        raise DataError(f"the archive from {url} did not contain {FOLDER}/ with train, test and meta; "
+                        f"fix: {_fix_hint(root / FOLDER)}")
+    return folder
+
+
+def _read(path: Path) -> dict:
+    entry = unpickle(path, "CIFAR-100 file", "CIFAR-100 files",
+                     f"fix: delete {path.parent} and fetch it again ({_fix_hint(path.parent)})")
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} holds a {type(entry).__name__}; CIFAR-100 files are dicts; fix: delete "
+                        f"{path.parent} and fetch it again")
+    return entry
+
+
+def class_names(folder: Path, labels: Labels) -> tuple[str, ...]:
+    """The fine (100) or coarse (20) class names from ``meta``, in label order."""
+    path, key = folder / "meta", f"{labels}_label_names"
+    names = _read(path).get(key)
+    if not isinstance(names, (list, tuple)) or len(names) != NUM_CLASSES[labels] or \
+            not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path} has no list of {NUM_CLASSES[labels]} names under {key!r}; fix: delete {folder} and "
+                        "fetch it again")
+    return tuple(names)
+
+
+def read_split(path: Path, labels: Labels) -> Split:
+    """``train`` or ``test`` as uint8 images [N, 3, 32, 32] and the fine or coarse labels as int64."""
+    entry, key, k = _read(path), f"{labels}_labels", NUM_CLASSES[labels]
+    fix = f"fix: delete {path.parent} and fetch it again"
+    data = np.asarray(entry.get("data", np.zeros((0, 0))))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] == 0:
+        raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; CIFAR-100 files hold "
+                        f"uint8 [N, 3072] with N >= 1 under 'data'; {fix}")
+    values = entry.get(key)
+    values = values.tolist() if isinstance(values, np.ndarray) else values
+    if not isinstance(values, (list, tuple)) or len(values) != data.shape[0]:
+        raise DataError(f"{path} has no {data.shape[0]} labels under {key!r}; {fix}")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+    if bad is not None:
+        raise DataError(f"{path} has a label {bad!r} of type {type(bad).__name__} under {key!r}: labels are integer "
+                        f"class indices; {fix}")
+    out = torch.tensor(values, dtype=torch.int64)
+    if out.min() < 0 or out.max() >= k:
+        raise DataError(f"{path} has {key} outside [0, {k - 1}]; {fix}")
+    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), out)
+
+
+def load(root: str | Path, labels: Labels = "fine") -> tuple[Split, Split, tuple[str, ...]]:
+    """(train, test, class names) from ``root/cifar-100-python``."""
+    folder = find(root)
+    if folder is None:
+        raise DataError(f"CIFAR-100 is not in {Path(root) / FOLDER}; fix: {_fix_hint(Path(root) / FOLDER)}")
+    return read_split(folder / "train", labels), read_split(folder / "test", labels), class_names(folder, labels)
+
+
+def write_files(root: str | Path, train: tuple, test: tuple, fine_names: list[str], coarse_names: list[str]) -> Path:
+    """Write (images, fine labels, coarse labels) in the official layout and key names (tests: tiny synthetic
+    copies). The official files are protocol-2 pickles of Python 2 dicts; protocol 2 is written here too."""
+    folder = Path(root) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (images, fine, coarse) in (("train", train), ("test", test)):
+        entry = {"filenames": [f"{i}.png" for i in range(len(fine))], "batch_label": {"train": "training", "test": "testing"}[name] + " batch 1 of 1",
+                 "fine_labels": list(fine), "coarse_labels": list(coarse),
+                 "data": np.asarray(images, dtype=np.uint8).reshape(len(fine), -1)}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": list(fine_names), "coarse_label_names": list(coarse_names)}, f, protocol=2)
+    return folder

@@ -1,0 +1,170 @@
+"""A folder of one's own images: ``ROOT/train/<class>/*``, ``ROOT/test/<class>/*`` and optionally ``ROOT/val/<class>/*``.
+
+:func:`scan` lists the files and checks the layout without opening any image (one line per problem: a missing split,
+an empty class folder, a file that is not an image by its name, train and test with different classes);
+:func:`decode` turns the files into uint8 tensors, each image once, with a progress bar, resized to ``image_size``
+when given. Classes are the class folders of ``train/``, sorted by name; images within a class, sorted by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+from .dataset import DataError
+
+__all__ = ["EXTENSIONS", "Listing", "channel_stats", "decode", "header_size", "scan"]
+
+# WebP only where this Pillow was built with it: a .webp file is otherwise "not an image" here, with that reason.
+EXTENSIONS = (".jpg", ".jpeg", ".png") + ((".webp",) if features.check("webp") else ())
+SPLITS = ("train", "val", "test")
+LAYOUT = "ROOT/train/<class>/*.jpg|png and ROOT/test/<class>/*"
+
+
+class Listing(NamedTuple):
+    """What :func:`scan` found: the class names and, per split present, its files and their labels."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: dict[str, list[tuple[Path, int]]]  # split -> [(file, label)], in class then name order
+
+    def count(self) -> int:
+        return sum(len(f) for f in self.files.values())
+
+    def fingerprint(self, image_size: int | None) -> str:
+        """A digest of every file's path, size and modification time and the decode setting: what the cache was
+        made from. Stat only, no reading: a second start stays fast."""
+        h = hashlib.sha256(f"image_size={image_size}\n".encode())
+        for split, files in self.files.items():
+            for path, label in files:
+                st = path.stat()
+                h.update(f"{path.relative_to(self.root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))  # .DS_Store and the like
+
+
+def scan(root: str | Path) -> Listing:
+    """The layout under ``root``, checked; DataError (one line) on the first problem."""
+    root = Path(root)
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"data.data_dir={str(root)!r} has no {split}/ folder; a folder dataset is laid out as "
+                            f"{LAYOUT} (val/ optional); fix: make that layout or pass --data.data_dir with its ROOT")
+    classes = tuple(p.name for p in _entries(root / "train") if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'} has {len(classes)} class folder(s); classification needs at least 2; "
+                        f"fix: one folder per class, {LAYOUT}")
+    files = {split: _split_files(root / split, classes) for split in SPLITS if (root / split).is_dir()}
+    return Listing(root, classes, files)
+
+
+def _split_files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    entries = _entries(folder)
+    stray = next((p for p in entries if not p.is_dir()), None)
+    if stray is not None:
+        raise DataError(f"{stray} is not in a class folder: {folder} holds only one folder per class; fix: move it "
+                        "into its class folder or out of the dataset")
+    found = tuple(p.name for p in entries)
+    if found != classes:
+        only_here, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        raise DataError(f"{folder} has other classes than train/: only here {only_here}, missing here {missing}; "
+                        "every split needs the same class folders; fix: add or remove class folders so they agree")
+    out: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        images = _entries(folder / name)
+        if not images:
+            raise DataError(f"the class folder {folder / name} is empty; fix: put its images in, or remove the class "
+                            "from every split")
+        for path in images:
+            if path.is_dir() or path.suffix.lower() not in EXTENSIONS:
+                kind = "a folder" if path.is_dir() else "not an image by its name"
+                raise DataError(f"{path} is {kind}: class folders hold image files ({', '.join(EXTENSIONS)}); fix: "
+                                "remove it or move it out of the dataset")
+            out.append((path, label))
+    return out
+
+
+def _open(path: Path, image_size: int | None) -> np.ndarray:
+    """One file as uint8 [3, H, W]: RGB, and resized (shorter side, then a centre crop) when ``image_size`` is set
+    and the image has another size."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err.strerror or err}); fix: check its "
+                        "permissions or remove it") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB")  # decodes the whole file: a truncated one fails here
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not an image Pillow can read, whatever its name says; fix: remove it or "
+                        "replace it with the image") from None
+    except Exception as err:  # truncated or corrupt data
+        raise DataError(f"{path} is a damaged image ({type(err).__name__}: {' '.join(str(err).split())}); fix: "
+                        "replace or remove it") from None
+    if image_size is not None and rgb.size != (image_size, image_size):
+        rgb = ImageOps.fit(rgb, (image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding it."""
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception:
+        return _open(path, None).shape[1:]  # the one-line reason why the file cannot be opened
+
+
+def decode(files: list[tuple[Path, int]], image_size: int | None, shape: tuple[int, int], what: str,
+           progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Every file as uint8 [N, 3, H, W] and int64 labels [N], ``shape`` = (H, W) the size all must have (the common
+    size, or ``image_size`` squared); DataError naming the first file of another size when ``image_size`` is None."""
+    images = np.empty((len(files), 3, *shape), dtype=np.uint8)
+    labels = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
+    bar = _bar(len(files), what, progress)
+
+    def one(i: int) -> None:
+        img = _open(files[i][0], image_size)
+        if img.shape[1:] != shape:
+            raise DataError(f"{files[i][0]} is {img.shape[2]}x{img.shape[1]}, {files[0][0]} is {shape[1]}x{shape[0]}: "
+                            "images of different sizes need a common one; fix: pass --data.image_size N (each image "
+                            "is resized once, shorter side to N, centre-cropped to NxN)")
+        images[i] = img
+
+    # Pillow decodes without holding the GIL, so threads decode in parallel; the order of the files is kept.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(files), 1024):
+            list(pool.map(one, range(start, min(start + 1024, len(files)))))
+            bar.update(min(1024, len(files) - start))
+    bar.close()
+    return images, labels
+
+
+def _bar(total: int, what: str, on: bool):  # noqa: ANN202 (tqdm's type)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"decoding {what}", unit="img", disable=not on, file=sys.stderr, leave=False)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 [N, 3, H, W] images in [0, 1] units, in chunks of float64."""
+    total, squares, count = np.zeros(3), np.zeros(3), 0
+    for start in range(0, len(images), 4096):
+        chunk = images[start:start + 4096].astype(np.float64) / 255.0
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk ** 2).sum(axis=(0, 2, 3))
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)

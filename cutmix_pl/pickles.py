@@ -1,0 +1,72 @@
+"""The two things the CIFAR-10 and CIFAR-100 readers share: a pickle reader that cannot run code, and the fetch of an
+official archive that leaves nothing behind when it fails.
+
+Both datasets ship as pickles of numpy arrays (python-version archives). Plain ``pickle.load`` imports and calls
+whatever a file names, so a crafted file would run code: :func:`unpickle` allows only what these files contain.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+from .dataset import DataError
+
+__all__ = ["ForbiddenGlobal", "SafeUnpickler", "fetch_archive", "unpickle"]
+
+# Everything a CIFAR batch pickle refers to by name: numpy's array reconstruction (old and new module paths) and the
+# codec that protocol-2 pickles use for bytes.
+SAFE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+}
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A file names a global outside ``SAFE_GLOBALS``; the message is its ``module.name``."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Reads CIFAR pickles and nothing else: any other global is refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in SAFE_GLOBALS:
+            raise ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def unpickle(path: Path, what: str, plural: str, refetch: str) -> object:
+    """What ``path`` holds, read with :class:`SafeUnpickler`; DataError (one line) if it names a forbidden global or
+    is damaged. ``what`` and ``plural`` name the kind of file ("CIFAR-10 batch", "CIFAR-10 batches"), ``refetch`` is
+    the fix. latin1 because the official
+    files were pickled by Python 2 (its byte strings become str)."""
+    try:
+        with open(path, "rb") as f:
+            return SafeUnpickler(f, encoding="latin1").load()
+    except ForbiddenGlobal as err:
+        raise DataError(f"{path} is not a {what} and was not loaded: it refers to {err}, which {plural} never do "
+                        f"(a pickle can run code); {refetch}") from None
+    except Exception as err:  # truncated, garbage, unreadable: all end the same way
+        raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {' '.join(str(err).split())}); "
+                        f"{refetch}") from None
+
+
+def fetch_archive(url: str, md5: str, root: Path, folder: Path) -> None:
+    """Download ``url`` into ``root``, check its md5 and extract it (torchvision's own routine); on any failure remove
+    what this call created (a partial archive or extraction, and ``root`` if it made it) and re-raise."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    archive = root / url.rsplit("/", 1)[-1]
+    made = [p for p in (root, archive, folder) if not p.exists()]  # what a failed attempt must not leave behind
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(url, str(root), filename=archive.name, md5=md5)
+    except BaseException:
+        for p in reversed(made):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+        raise

@@ -105,6 +105,11 @@ def _check_unit(name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r} is out of range: it must lie in [0, 1]")
 
 
+def _check_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} is out of range: it must be an integer >= 2")
+
+
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
@@ -127,12 +132,13 @@ class Mixer:
     Args:
         alpha: lambda ~ Beta(alpha, alpha).
         prob: the chance that a sample (``elem``) or the batch (``batch``) is mixed.
-        num_classes: the width of the soft targets.
+        num_classes: the width of the soft targets; None: the dataset's, which the DataModule sets
+            (:meth:`bind_classes`). A mixer used on its own needs it set.
         mode: ``elem``, a lambda (and box) per sample, or ``batch``, one for the whole batch.
         pairing: ``perm``, a random partner per sample, or ``roll``, its neighbour (the batch rolled by one).
     """
 
-    def __init__(self, alpha: float, prob: float, num_classes: int, mode: Mode, pairing: Pairing) -> None:
+    def __init__(self, alpha: float, prob: float, num_classes: int | None, mode: Mode, pairing: Pairing) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha={alpha!r} is out of range: it must be a finite number > 0 (Beta(alpha, alpha))")
         self.alpha = float(alpha)
@@ -140,15 +146,37 @@ class Mixer:
         _check_choice("pairing", pairing, ("perm", "roll"))
         self.pairing = pairing
 
-    def _set_common(self, prob: float, num_classes: int, mode: Mode) -> None:
+    def _set_common(self, prob: float, num_classes: int | None, mode: Mode) -> None:
         """Check and set the settings every batch augmentation has, mixing or not."""
         _check_unit("prob", prob)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} is out of range: it must be an integer >= 2")
+        if num_classes is not None:
+            _check_classes(num_classes)
         _check_choice("mode", mode, ("elem", "batch"))
         self.prob = float(prob)
         self.num_classes = num_classes
         self.mode = mode
+
+    # the flag(s) that set num_classes in a config, for the fix of a refused one
+    _classes_flags: tuple[str, ...] = ("data.mixer.init_args.num_classes",)
+
+    def bind_classes(self, num_classes: int, data: str = "the data") -> Mixer:
+        """This mixer for data of ``num_classes`` classes (``data`` names it in an error): itself when its
+        ``num_classes`` is that already; a copy set to it when it is None (the mixer itself is left unset, as one
+        instance, such as the DataModule's default, may serve several data sets). A different one is refused."""
+        _check_classes(num_classes)
+        if self.num_classes is None:
+            bound = copy.deepcopy(self)  # no cached tensors: __getstate__ leaves them out
+            bound._bind(num_classes)
+            return bound
+        if self.num_classes != num_classes:
+            fix = " and ".join(f"{flag} {num_classes}" for flag in self._classes_flags)
+            raise ValueError(f"data.mixer.num_classes={self.num_classes} does not match the {num_classes} classes of "
+                             f"{data}; fix: {fix}, or leave {'it' if len(self._classes_flags) == 1 else 'them'} "
+                             "null (the data's)")
+        return self
+
+    def _bind(self, num_classes: int) -> None:
+        self.num_classes = num_classes
 
     _hidden_in_repr: tuple[str, ...] = ()
 
@@ -173,6 +201,9 @@ class Mixer:
         if batch < 1:
             raise ValueError("images must hold at least one sample; got an empty batch")
         k = self.num_classes
+        if k is None:
+            raise ValueError(f"{type(self).__name__}: num_classes is not set: pass num_classes=K, or let the "
+                             "DataModule set it from the data")
         if not isinstance(labels, Tensor):
             raise ValueError(f"labels must be a tensor, integer [B] or float [B, K]; got {type(labels).__name__}")
         if labels.device != device:
@@ -276,7 +307,8 @@ class CutMix(Mixer):
         alpha: Beta(alpha, alpha) concentration for lambda; the paper uses 1 (lambda uniform). Must be > 0.
         prob: probability that a sample (``elem``) or the batch (``batch``) is mixed; the paper's CIFAR runs
             use 0.5. In [0, 1].
-        num_classes: number of classes K of the soft targets. At least 2.
+        num_classes: number of classes K of the soft targets, at least 2; None (the default): the dataset's, set
+            by the DataModule. A CutMix used on its own, outside a DataModule, needs it.
         mode: ``elem`` gives every sample its own box and lambda; ``batch`` one for the whole batch, as the
             paper's reference code does.
         minmax: optional (min, max) box side as fractions of the image side, drawn independently for height
@@ -286,7 +318,7 @@ class CutMix(Mixer):
         pairing: ``perm`` pairs each sample with a random permutation of the batch; ``roll`` with its neighbour.
     """
 
-    def __init__(self, alpha: float = 1.0, prob: float = 1.0, num_classes: int = 10, mode: Mode = "elem",
+    def __init__(self, alpha: float = 1.0, prob: float = 1.0, num_classes: int | None = None, mode: Mode = "elem",
                  minmax: tuple[float, float] | None = None, correct_lam: bool = True,
                  pairing: Pairing = "perm") -> None:
         super().__init__(alpha, prob, num_classes, mode, pairing)
@@ -372,11 +404,12 @@ class CutMix(Mixer):
 class MixUp(Mixer):
     """MixUp (Zhang et al. 2018): pixels and targets are the same convex combination, lambda ~ Beta(alpha, alpha).
 
-    Args as for :class:`CutMix`: ``alpha`` > 0, ``prob`` in [0, 1], ``num_classes`` >= 2, ``mode``
+    Args as for :class:`CutMix`: ``alpha`` > 0, ``prob`` in [0, 1], ``num_classes`` >= 2 or None (the dataset's,
+    set by the DataModule; needed on its own), ``mode``
     ``elem`` (a lambda per sample) or ``batch`` (one per batch), ``pairing`` ``perm`` or ``roll``.
     """
 
-    def __init__(self, alpha: float = 0.2, prob: float = 1.0, num_classes: int = 10, mode: Mode = "elem",
+    def __init__(self, alpha: float = 0.2, prob: float = 1.0, num_classes: int | None = None, mode: Mode = "elem",
                  pairing: Pairing = "perm") -> None:
         super().__init__(alpha, prob, num_classes, mode, pairing)
 
@@ -397,7 +430,8 @@ class CutMixUp(Mixer):
 
     Args:
         cutmix: the CutMix half (its alpha, minmax and correct_lam are used).
-        mixup: the MixUp half (its alpha is used).
+        mixup: the MixUp half (its alpha is used). The halves' ``num_classes`` must agree where both are set; one
+            that is None takes the other's, and both None are the dataset's (set by the DataModule).
         switch_prob: probability of CutMix rather than MixUp for a mixed sample. In [0, 1].
         prob: probability that a sample (or the batch) is mixed at all. In [0, 1].
         mode: ``elem`` or ``batch``; overrides the halves' own modes.
@@ -414,16 +448,24 @@ class CutMixUp(Mixer):
         mixup = MixUp(num_classes=cutmix.num_classes) if mixup is None else mixup
         if not isinstance(mixup, MixUp):
             raise ValueError(f"mixup={mixup!r} must be a MixUp (or null for the default MixUp())")
-        if cutmix.num_classes != mixup.num_classes:
+        if None not in (cutmix.num_classes, mixup.num_classes) and cutmix.num_classes != mixup.num_classes:
             raise ValueError(f"cutmix.num_classes={cutmix.num_classes} and mixup.num_classes="
-                             f"{mixup.num_classes} must agree")
-        super().__init__(cutmix.alpha, prob, cutmix.num_classes, mode, pairing)
+                             f"{mixup.num_classes} must agree (or leave one null)")
+        num_classes = cutmix.num_classes if cutmix.num_classes is not None else mixup.num_classes
+        super().__init__(cutmix.alpha, prob, num_classes, mode, pairing)
         _check_unit("switch_prob", switch_prob)
         self.switch_prob = float(switch_prob)
         # The halves draw their boxes and lambdas in this mixer's mode; their own prob is superseded.
         self.cutmix, self.mixup = copy.copy(cutmix), copy.copy(mixup)
         for half in (self.cutmix, self.mixup):
-            half.mode, half.pairing, half.prob = mode, pairing, 1.0
+            half.mode, half.pairing, half.prob, half.num_classes = mode, pairing, 1.0, num_classes
+
+    _classes_flags = ("data.mixer.init_args.cutmix.init_args.num_classes",
+                      "data.mixer.init_args.mixup.init_args.num_classes")
+
+    def _bind(self, num_classes: int) -> None:
+        for mixer in (self, self.cutmix, self.mixup):
+            mixer.num_classes = num_classes
 
     def _draw(self, n: int, height: int, width: int, device: torch.device,
               generator: torch.Generator | None) -> dict[str, Any]:
@@ -457,11 +499,12 @@ class Cutout(Mixer):
             all pixels, so a hole near the border is clipped, and a size beyond the image is clipped the same way
             (from twice the image side on, every hole covers the whole image). At least 1.
         prob: probability that an image (``elem``) or the batch (``batch``) gets a hole; the paper's is 1. In [0, 1].
-        num_classes: number of classes K of the one-hot targets. At least 2.
+        num_classes: number of classes K of the one-hot targets, at least 2; None (the default): the dataset's, set
+            by the DataModule. A Cutout used on its own needs it.
         mode: ``elem`` gives every image its own hole; ``batch`` one hole (and one coin) for the whole batch.
     """
 
-    def __init__(self, size: int = 16, prob: float = 1.0, num_classes: int = 10, mode: Mode = "elem") -> None:
+    def __init__(self, size: int = 16, prob: float = 1.0, num_classes: int | None = None, mode: Mode = "elem") -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size={size!r} is out of range: it must be an integer >= 1, the side of the hole in "
                              "pixels (the paper's is 16 for CIFAR-10)")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dataset import DataError, Split
-from .pickles import fetch_archive, unpickle
+from .dataset import DataError, ImageSet, Split
+from .pickles import CIFARReader, fetch_archive, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -23,6 +23,7 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NUM_CLASSES = len(CLASSES)  # the default of a network built on its own: the default dataset's
 # Per-channel statistics of the CIFAR-10 training images, in [0, 1] units.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -145,3 +146,16 @@ def write_batches(root: str | Path, train: Split, test: Split) -> Path:
 def _chunks(split: Split, k: int) -> list[Split]:
     bounds = np.linspace(0, len(split.labels), k + 1).astype(int)
     return [Split(split.images[a:b], split.labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class CIFAR10(CIFARReader):
+    name, classes, train_images, total_images = "cifar10", CLASSES, 50_000, 60_000
+    mean, std = MEAN, STD
+
+    def prepare(self, may_download: bool) -> None:
+        if find(self.data_dir) is None and may_download:
+            download(self.data_dir)
+
+    def read(self) -> ImageSet:
+        train, test = load(self.data_dir, download_if_missing=False)
+        return ImageSet(train, test, None, self.mean, self.std)

@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .dataset import DataError, Split
-from .pickles import fetch_archive, unpickle
+from .dataset import DataError, ImageSet, Split
+from .pickles import CIFARReader, fetch_archive, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # torchvision's CIFAR100.tgz_md5
@@ -127,3 +127,31 @@ def write_files(root: str | Path, train: tuple, test: tuple, fine_names: list[st
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": list(fine_names), "coarse_label_names": list(coarse_names)}, f, protocol=2)
     return folder
+
+
+class CIFAR100(CIFARReader):
+    name, train_images, total_images = "cifar100", 50_000, 60_000
+    mean, std = MEAN, STD
+
+    def __init__(self, data_dir: str | Path, image_size: int | None, labels: Labels = "fine") -> None:
+        super().__init__(data_dir, image_size)
+        if labels not in NUM_CLASSES:
+            raise ValueError(f"data.cifar100_labels={labels!r} is not allowed: choose fine (100 classes) or coarse "
+                             "(20 superclasses)")
+        self.labels = labels
+        # The names come from the files' meta; the count is known before the files exist (the model is built first),
+        # so until they are fetched the names are placeholders, replaced by ``read``.
+        found = find(self.data_dir)
+        self.classes = class_names(found, labels) if found is not None else \
+            tuple(f"class_{i}" for i in range(NUM_CLASSES[labels]))
+
+    def prepare(self, may_download: bool) -> None:
+        if find(self.data_dir) is None and may_download:
+            download(self.data_dir)
+
+    def read(self) -> ImageSet:
+        train, test, self.classes = load(self.data_dir, self.labels)
+        return ImageSet(train, test, None, self.mean, self.std)
+
+    def describe(self) -> str:
+        return f"cifar100 ({self.labels} labels)"

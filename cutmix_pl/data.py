@@ -17,13 +17,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from . import cifar
 from .augment import CutMix, Mixer
 from .dataset import Reader, Split
 from .loaders import ShardedBatchSampler, TensorBatchLoader, mix_seed
 from .memory import check_fits
 from .randaugment import RandAugment
-from .readers import DatasetName, make_reader
+from .readers import make_reader
 from .splits import Splits
 from .train_state import TrainState, gather_streams
 from .transform import TrainBatch, TrainTransform
@@ -32,8 +31,8 @@ __all__ = ["CIFAR10DataModule", "ShardedBatchSampler", "TensorBatchLoader", "Tra
 
 
 
-def _check_arguments(reader: Reader, batch_size: int, eval_batch_size: int, val_size: int, train_size: int | None,
-                     mixer: Mixer | None) -> None:
+def _check_arguments(reader: Reader, batch_size: int, eval_batch_size: int, val_size: int,
+                     train_size: int | None) -> None:
     """The DataModule's argument checks, at construction: one line each, naming the value, the range and the fix."""
     # BatchNorm cannot train on a batch of one image, hence a training batch of at least 2.
     for name, value, low in (("batch_size", batch_size, 2), ("eval_batch_size", eval_batch_size, 1)):
@@ -49,9 +48,6 @@ def _check_arguments(reader: Reader, batch_size: int, eval_batch_size: int, val_
     if train_size is not None and train_size < 2:
         raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all); fix: "
                          "pass such a value, or null to train on the whole training split")
-    if mixer is not None and mixer.num_classes != reader.num_classes:
-        raise ValueError(f"data.mixer.num_classes={mixer.num_classes} does not match the {reader.num_classes} classes "
-                         f"of {reader.describe()}; fix: data.mixer.init_args.num_classes {reader.num_classes}")
 
 
 def _topology(trainer: L.Trainer | None) -> tuple[torch.device, int, int]:
@@ -124,8 +120,9 @@ class CIFAR10DataModule(L.LightningDataModule):
         compile_transform: ``torch.compile`` the transform's arithmetic (crop/flip, normalisation, mixing) into a few
             fused kernels, for GPUs, where per-sample CutMix's many small kernels cost launches. The same draws, so
             the same boxes and labels; the normalisation may round differently by one float32 ulp.
-        dataset: ``cifar10`` (the default), ``cifar100`` (``cifar100_labels``) or ``folder`` (a folder of your own
-            images, decoded once into a cache; docs/design.md, "Datasets").
+        dataset: ``cifar10`` (the default), ``cifar100`` (``cifar100_labels``), ``folder`` (a folder of your own
+            images, decoded once into a cache), or the dotted path of a reader of your own (a
+            ``cutmix_pl.dataset.Reader`` subclass; docs/design.md, "Datasets").
         image_size: folder: resize every image once (shorter side, then a centre crop) to this square size, in
             [8, 4096]; needed when the images' sizes differ; null: their common size. CIFAR: null (32x32).
         cifar100_labels: cifar100: ``fine`` (100 classes) or ``coarse`` (20 superclasses).
@@ -137,12 +134,15 @@ class CIFAR10DataModule(L.LightningDataModule):
                  train_size: int | None = None, mixer: Mixer | None = CutMix(alpha=1.0, prob=0.5),
                  mix_off_epoch: int | None = None, crop_padding: int = 4, flip: bool = True,
                  randaugment: RandAugment | None = None, seed: int | None = None, drop_last: bool = False,
-                 compile_transform: bool = False, dataset: DatasetName = "cifar10", image_size: int | None = None,
+                 compile_transform: bool = False, dataset: str = "cifar10", image_size: int | None = None,
                  cifar100_labels: Literal["fine", "coarse"] = "fine", cache_dir: str | None = None) -> None:
         super().__init__()
-        self.reader = make_reader(dataset, data_dir, image_size, cifar100_labels, cache_dir)
-        _check_arguments(self.reader, batch_size, eval_batch_size, val_size, train_size, mixer)
-        mean, std = self.reader.stats or (cifar.MEAN, cifar.STD)  # a folder's replace these once it is read
+        self.reader = make_reader(dataset, data_dir, image_size, labels=cifar100_labels, cache_dir=cache_dir)
+        _check_arguments(self.reader, batch_size, eval_batch_size, val_size, train_size)
+        # a mixer's num_classes null (the default) is the data's; another one is refused in one line
+        mixer = mixer.bind_classes(self.reader.num_classes, self.reader.describe()) if mixer is not None else None
+        # Known for CIFAR; a folder's are computed with its cache, so until ``setup`` reads them they are neutral.
+        mean, std = self.reader.stats or ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
         self.transform = TrainTransform(mixer, mix_off_epoch, crop_padding, flip, mean, std,
                                         randaugment=randaugment, compile=compile_transform)
         # TensorBoard's HPARAMS tab shows these next to the model's; the mixer and RandAugment as their readable repr.

@@ -39,7 +39,9 @@ class ImageSet(NamedTuple):
 class Reader(ABC):
     """One dataset behind the DataModule (``data.dataset``); see docs/design.md, "Datasets".
 
-    Subclasses set ``name`` (the value of ``data.dataset``) and, at construction and without reading any image,
+    Subclasses set ``name`` (the value of ``data.dataset``; setting it registers the reader) and take
+    ``(data_dir, image_size)`` plus, by keyword, any of the DataModule's reader settings they use (``labels``: its
+    ``cifar100_labels``; ``cache_dir``). They set, at construction and without reading any image,
     ``classes`` (the class names, index order); ``train_images`` when the size of the training set is known without
     reading it (so that ``data.val_size`` is checked at construction), else None.
     """
@@ -47,6 +49,12 @@ class Reader(ABC):
     name: str
     classes: tuple[str, ...]
     train_images: int | None = None
+    registry: dict[str, type[Reader]] = {}  # name -> class, filled as each reader's module is imported
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete reader (a shared base such as the CIFAR one names none)
+            Reader.registry[cls.name] = cls
 
     @property
     def num_classes(self) -> int:
@@ -62,8 +70,8 @@ class Reader(ABC):
         """(height, width) of every image, when known without reading; else None until ``read``."""
         return None
 
-    def prepare(self, download: bool) -> None:
-        """Fetch what is missing (when ``download``) or pre-decode, once per node; nothing by default."""
+    def prepare(self, may_download: bool) -> None:
+        """Fetch what is missing (when ``may_download``) or pre-decode, once per node; nothing by default."""
 
     @abstractmethod
     def nbytes(self) -> int:

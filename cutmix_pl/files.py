@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["WriteError", "atomic_write"]
 
@@ -19,16 +21,23 @@ class WriteError(OSError):
     """A file could not be written; the message names the file, the cause and the fix."""
 
 
-def atomic_write(path: str | Path, data: bytes | memoryview, what: str = "the checkpoint",
+def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO], object],
+                 what: str = "the checkpoint",
                  fix: str = "free space or choose another trainer.logger.init_args.save_dir, then resume with "
                             "--ckpt_path last") -> None:
-    """Write ``data`` to ``path`` atomically; a target that is a symbolic link is replaced, not written through."""
+    """Write ``data`` to ``path`` atomically; a target that is a symbolic link is replaced, not written through.
+
+    ``data`` is the bytes, or a function that writes them to the open file (streamed: a large image cache is never
+    held twice in memory)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_beside(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_beside(path)
+    except OSError as err:
+        raise WriteError(f"could not write {what} {path} ({err.strerror or type(err).__name__}); fix: {fix}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

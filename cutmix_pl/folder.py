@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from .dataset import DataError
+from . import image_cache
+from .dataset import DataError, ImageSet, Reader, Split
 
-__all__ = ["EXTENSIONS", "Listing", "channel_stats", "decode", "header_size", "scan"]
+__all__ = ["Folder", "EXTENSIONS", "Listing", "channel_stats", "decode", "header_size", "scan"]
 
 # WebP only where this Pillow was built with it: a .webp file is otherwise "not an image" here, with that reason.
 EXTENSIONS = (".jpg", ".jpeg", ".png") + ((".webp",) if features.check("webp") else ())
@@ -168,3 +170,85 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+class Folder(Reader):
+    """``data_dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (and optionally ``val/<class>/*``)."""
+
+    name = "folder"
+
+    def __init__(self, data_dir: str | Path, image_size: int | None, cache_dir: str | Path | None = None,
+                 progress: bool = True) -> None:
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or not 8 <= image_size <= 4096):
+            raise ValueError(f"data.image_size={image_size!r} is out of range: it must be an integer in [8, 4096] "
+                             "or null (the images' common size); fix: e.g. 32 or 64")
+        self.listing = scan(data_dir)  # the layout is checked at construction, before anything is decoded
+        self.classes, self.size = self.listing.classes, image_size
+        self.cache = image_cache.cache_path(Path(cache_dir) if cache_dir is not None else Path(data_dir), image_size)
+        self.progress = progress
+        self._shape: tuple[int, int] | None = (image_size, image_size) if image_size is not None else None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return self._shape
+
+    def _common_shape(self) -> tuple[int, int]:
+        if self._shape is None:  # the first training image's, read from its header; every other must match
+            self._shape = tuple(header_size(self.listing.files["train"][0][0]))
+        return self._shape
+
+    def nbytes(self) -> int:
+        if self.cache.is_file():
+            meta = image_cache.read_meta(self.cache)
+            return int(meta["count"]) * 3 * int(meta["height"]) * int(meta["width"])
+        h, w = self._common_shape()
+        return self.listing.count() * 3 * h * w
+
+    def prepare(self, may_download: bool) -> None:
+        """Decode into the cache when it is missing; a cache of other files is refused (``_check``)."""
+        if self.cache.is_file():
+            self._check(image_cache.read_meta(self.cache))
+        else:
+            self._build()
+
+    def _check(self, meta: dict) -> None:
+        if meta.get("fingerprint") != self.listing.fingerprint(self.size):
+            now = self.listing.count()
+            change = f"{meta.get('count')} files then, {now} now" if meta.get("count") != now else \
+                "as many files, but names, sizes or modification times differ"
+            raise DataError(f"the image cache {self.cache} was made from other files than {self.listing.root} holds "
+                            f"now ({change}); fix: delete it to decode the images again")
+
+    def _build(self) -> None:
+        shape = self._common_shape()
+        arrays = {}
+        for split, files in self.listing.files.items():
+            images, labels = decode(files, self.size, shape, f"{self.listing.root / split}", self.progress)
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        mean, std = channel_stats(arrays["train_images"])
+        image_cache.write(self.cache, arrays, {
+            "fingerprint": self.listing.fingerprint(self.size), "count": self.listing.count(), "classes":
+            list(self.classes), "mean": mean, "std": std, "height": shape[0], "width": shape[1]})
+        if self.progress:
+            print(f"cutmix-pl: decoded {self.listing.count()} images of {self.listing.root} once into {self.cache}",
+                  file=sys.stderr)
+
+    def read(self) -> ImageSet:
+        if not self.cache.is_file():  # prepare_data did not run (a script, a test): decode here
+            self._build()
+        meta = image_cache.read_meta(self.cache)
+        self._check(meta)
+        arrays = image_cache.read_arrays(self.cache)
+        self._shape = (int(meta["height"]), int(meta["width"]))
+
+        def split(name: str) -> Split | None:
+            if f"{name}_images" not in arrays:
+                return None
+            return Split(torch.from_numpy(np.ascontiguousarray(arrays[f"{name}_images"])),
+                         torch.from_numpy(arrays[f"{name}_labels"].astype(np.int64)))
+
+        return ImageSet(split("train"), split("test"), split("val"), tuple(meta["mean"]), tuple(meta["std"]))
+
+    def describe(self) -> str:
+        return f"folder ({len(self.classes)} classes: {', '.join(self.classes)})"

@@ -2,19 +2,19 @@
 
 The file holds plain arrays only (uint8 images, int64 labels, and a JSON string of metadata: the class names, mean,
 std and the fingerprint of the files it was made from) and is loaded with ``allow_pickle=False``: it cannot run code.
-It is written to a temporary name and renamed, so a crash leaves no half-written cache.
+It is written atomically, so a crash leaves no half-written cache.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .dataset import DataError
+from .files import WriteError, atomic_write
 
 __all__ = ["VERSION", "cache_path", "read_meta", "read_arrays", "write"]
 
@@ -54,19 +54,9 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def write(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write atomically: to a temporary file in the same folder, flushed, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write atomically (``files.atomic_write``): a kill leaves the old cache or none, never part of one."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # a --data.cache_dir that does not exist yet
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps({**meta, "version": VERSION})), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write the image cache {path} ({type(err).__name__}: {err.strerror or err}); fix: pass "
-                        "--data.cache_dir with a writable folder") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps({**meta, "version": VERSION})), **arrays),
+                     what="the image cache", fix="pass --data.cache_dir with a writable folder that has room")
+    except WriteError as err:
+        raise DataError(str(err)) from None

@@ -17,7 +17,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from . import cifar
 from .viz import captioned_grid, confusion_image, denormalize, mix_captions
 
 __all__ = ["BestValAccuracy", "GlobalRNGState", "MixedImageGrid", "NonFiniteLossWatch", "TrainMeansResume",
@@ -30,8 +29,9 @@ def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 
 def _classes(trainer: L.Trainer, k: int) -> list[str]:
-    names = getattr(trainer.datamodule, "classes", None) or cifar.CLASSES
-    return list(names) if len(names) == k else [str(i) for i in range(k)]
+    """The data's class names (index order), or the indices where the data names none."""
+    names = getattr(trainer.datamodule, "classes", None)
+    return list(names) if names is not None and len(names) == k else [str(i) for i in range(k)]
 
 
 class MixedImageGrid(Callback):
@@ -51,7 +51,9 @@ class MixedImageGrid(Callback):
         if batch_idx != 0 or logger is None or not hasattr(batch, "partner"):
             return
         transform = getattr(trainer.datamodule, "transform", None)
-        mean, std = (transform.mean, transform.std) if transform is not None else (cifar.MEAN, cifar.STD)
+        if transform is None:  # a mixed batch comes from this project's transform, which knows the statistics
+            return
+        mean, std = transform.mean, transform.std
         k = min(self.size, len(batch.images))
         images = denormalize(batch.images[:k], mean, std)
         names = _classes(trainer, int(pl_module.hparams.num_classes))

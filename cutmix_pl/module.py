@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from . import cifar
 from .checks import check_optimizer, check_settings, require
 from .metrics import WeightedMean, stage_metrics
 from .model_callbacks import (BestValAccuracy, GlobalRNGState, MixedImageGrid, NonFiniteLossWatch, TrainMeansResume,
@@ -82,7 +83,7 @@ class ImageClassifier(L.LightningModule):
         grid_size: number of images in that grid.
     """
 
-    def __init__(self, net: nn.Module | None = None, num_classes: int = 10, optimizer: OptimizerCallable | None = None,
+    def __init__(self, net: nn.Module | None = None, num_classes: int = cifar.NUM_CLASSES, optimizer: OptimizerCallable | None = None,
                  lr_schedule: Schedule = "cosine", warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
                  channels_last: bool | None = None, compile: bool | str = False, tta_flip: bool = False,
                  log_images: bool = True, grid_size: int = 16) -> None:

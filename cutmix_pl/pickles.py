@@ -11,9 +11,9 @@ import pickle
 import shutil
 from pathlib import Path
 
-from .dataset import DataError
+from .dataset import DataError, Reader
 
-__all__ = ["ForbiddenGlobal", "SafeUnpickler", "fetch_archive", "unpickle"]
+__all__ = ["CIFARReader", "ForbiddenGlobal", "SafeUnpickler", "fetch_archive", "unpickle"]
 
 # Everything a CIFAR batch pickle refers to by name: numpy's array reconstruction (old and new module paths) and the
 # codec that protocol-2 pickles use for bytes.
@@ -70,3 +70,27 @@ def fetch_archive(url: str, md5: str, root: Path, folder: Path) -> None:
             elif p.exists():
                 p.unlink()
         raise
+
+
+class CIFARReader(Reader):
+    """What the CIFAR readers share: 32x32 images, published statistics, sizes known before reading."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(self, data_dir: str | Path, image_size: int | None) -> None:
+        if image_size not in (None, 32):
+            raise ValueError(f"data.image_size={image_size!r} does not apply to {self.name}, whose images are 32x32; "
+                             "fix: leave data.image_size null (it resizes a folder dataset)")
+        self.data_dir = Path(data_dir)
+
+    @property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return 32, 32
+
+    def nbytes(self) -> int:
+        return self.total_images * 3 * 32 * 32

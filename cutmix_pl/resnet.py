@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cifar
+
 Shortcut = Literal["A", "B"]
 
 __all__ = ["ResNet", "resnet_n"]
@@ -72,7 +74,7 @@ class ResNet(nn.Module):
         width: channels of the first stage; the paper uses 16 (stages: width, 2*width, 4*width).
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: Shortcut = "A", in_channels: int = 3,
+    def __init__(self, depth: int = 20, num_classes: int = cifar.NUM_CLASSES, shortcut: Shortcut = "A", in_channels: int = 3,
                  width: int = 16) -> None:
         super().__init__()
         n = resnet_n(depth)

@@ -86,7 +86,7 @@ class Splits:
 
     def no_training_images(self, stage: str | None) -> str:
         n = self.train_images
-        # validate of a run takes the run's split from its checkpoint (settings.split_from_checkpoint)
+        # validate of a run takes the run's split from its checkpoint (runs.rules.split_from_checkpoint)
         fix = ("validate on the data the run was trained on (validate takes the run's split from its checkpoint)"
                if stage == "validate" else f"a value in [0, {n - 1}]")
         return f"data.val_size={self.val_size} leaves no training images: the training set has {n}; fix: {fix}"

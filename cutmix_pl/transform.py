@@ -3,7 +3,7 @@
 A uint8 batch on whatever device holds it goes through random crop + flip, RandAugment (when on), normalisation and
 the mixing (per-sample CutMix by default) in one call, as batched tensor ops with no Python loop over samples::
 
-    transform = TrainTransform(CutMix(prob=0.5))
+    transform = TrainTransform(CutMix(prob=0.5, num_classes=K))   # K classes (the DataModule sets them itself)
     transform.seed(0, device="cuda")
     batch = transform(images_uint8, labels, epoch)   # TrainBatch: images, soft targets, what was mixed
 

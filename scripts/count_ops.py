@@ -22,6 +22,8 @@ from cutmix_pl.augment import CutMix
 from cutmix_pl.resnet import ResNet
 from cutmix_pl.transform import TrainTransform
 
+NUM_CLASSES = 10  # of the synthetic labels (CIFAR-10's)
+
 
 def count(fn: Callable[[], Any]) -> int:
     """Top-level aten operations dispatched by one call of ``fn``."""
@@ -41,12 +43,12 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
-    labels = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=gen).to(device)
     net = ResNet(args.depth).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=True)
-    transforms = {"transform (eager)": TrainTransform(CutMix(prob=0.5))}
+    transforms = {"transform (eager)": TrainTransform(CutMix(prob=0.5, num_classes=NUM_CLASSES))}
     if not args.no_compile:
-        transforms["transform (compiled)"] = TrainTransform(CutMix(prob=0.5), compile=True)
+        transforms["transform (compiled)"] = TrainTransform(CutMix(prob=0.5, num_classes=NUM_CLASSES), compile=True)
     for t in transforms.values():
         t.seed(0, device)
         t(images, labels)  # warm up: compile, caches

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from conftest import load_script
 from cutmix_pl.augment import CutMix, CutMixUp, Cutout, MixUp, normalize, random_crop_flip
 
+K = 10  # classes of the batches here: a mixer used on its own is told them
+
 
 def _batch(n=16, k=10, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +51,7 @@ def test_cutmix_contract_for_every_sample(n, mode):
     torch.manual_seed(n)
     images, labels = _batch(n)
     before = images.clone()
-    out = CutMix(alpha=1.0, mode=mode).mix(images, labels)
+    out = CutMix(alpha=1.0, mode=mode, num_classes=K).mix(images, labels)
     assert torch.equal(images, before), "input must not be modified in place"
     _check_cutmix_contract(images, labels, out)
 
@@ -57,19 +59,19 @@ def test_cutmix_contract_for_every_sample(n, mode):
 def test_cutmix_elem_gives_each_sample_its_own_box():
     torch.manual_seed(0)
     images, labels = _batch(64)
-    out = CutMix(mode="elem").mix(images, labels)
+    out = CutMix(mode="elem", num_classes=K).mix(images, labels)
     assert len(torch.unique(out.lam)) > 20
-    out = CutMix(mode="batch").mix(images, labels)
+    out = CutMix(mode="batch", num_classes=K).mix(images, labels)
     moved = out.index != torch.arange(64)
     assert len(torch.unique(out.lam[moved])) == 1
 
 
 def test_prob_zero_and_batch_of_one_leave_images_unchanged():
     images, labels = _batch(8)
-    mixed, targets = CutMix(prob=0.0)(images, labels)
+    mixed, targets = CutMix(prob=0.0, num_classes=K)(images, labels)
     assert torch.equal(mixed, images)
     torch.testing.assert_close(targets, F.one_hot(labels, 10).float())
-    mixed, targets = CutMix()(images[:1], labels[:1])
+    mixed, targets = CutMix(num_classes=K)(images[:1], labels[:1])
     assert torch.equal(mixed, images[:1])
     torch.testing.assert_close(targets, F.one_hot(labels[:1], 10).float())
 
@@ -77,7 +79,7 @@ def test_prob_zero_and_batch_of_one_leave_images_unchanged():
 def test_prob_mixes_about_that_fraction():
     torch.manual_seed(1)
     images, labels = _batch(4000)
-    out = CutMix(prob=0.3, pairing="roll").mix(images, labels)
+    out = CutMix(prob=0.3, pairing="roll", num_classes=K).mix(images, labels)
     mixed = (out.lam < 1).float().mean().item()
     assert 0.27 < mixed < 0.33
 
@@ -85,16 +87,16 @@ def test_prob_mixes_about_that_fraction():
 def test_soft_labels_are_mixed_too():
     images, labels = _batch(8)
     soft = torch.softmax(torch.randn(8, 10), -1)
-    out = CutMix().mix(images, soft)
+    out = CutMix(num_classes=K).mix(images, soft)
     expected = out.lam[:, None] * soft + (1 - out.lam[:, None]) * soft[out.index]
     torch.testing.assert_close(out.targets, expected)
 
 
 def test_generator_makes_it_reproducible():
     images, labels = _batch(32)
-    a = CutMix().mix(images, labels, torch.Generator().manual_seed(5))
-    b = CutMix().mix(images, labels, torch.Generator().manual_seed(5))
-    c = CutMix().mix(images, labels, torch.Generator().manual_seed(6))
+    a = CutMix(num_classes=K).mix(images, labels, torch.Generator().manual_seed(5))
+    b = CutMix(num_classes=K).mix(images, labels, torch.Generator().manual_seed(5))
+    c = CutMix(num_classes=K).mix(images, labels, torch.Generator().manual_seed(6))
     assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
     assert not torch.equal(a.images, c.images)
 
@@ -102,7 +104,7 @@ def test_generator_makes_it_reproducible():
 def test_cutmixup_mixes_each_sample_one_way_or_the_other():
     torch.manual_seed(2)
     images, labels = _batch(64)
-    out = CutMixUp(CutMix(), MixUp(alpha=1.0), switch_prob=0.5).mix(images, labels)
+    out = CutMixUp(CutMix(num_classes=K), MixUp(alpha=1.0, num_classes=K), switch_prob=0.5).mix(images, labels)
     assert 10 < int(out.is_cutmix.sum()) < 54
     for i in range(64):
         j = int(out.index[i])
@@ -119,7 +121,7 @@ def test_cutmixup_mixes_each_sample_one_way_or_the_other():
 def test_cutmix_on_cuda_keeps_the_contract_and_the_device():
     images, labels = _batch(64, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    out = CutMix().mix(images, labels, gen)
+    out = CutMix(num_classes=K).mix(images, labels, gen)
     assert out.images.device.type == "cuda" and out.targets.device.type == "cuda"
     _check_cutmix_contract(images, labels, out)
 
@@ -165,13 +167,13 @@ def test_normalize_standardises_per_channel():
 def test_cutmix_contract_holds_for_every_option(kwargs, mode):
     torch.manual_seed(3)
     images, labels = _batch(33)
-    _check_cutmix_contract(images, labels, CutMix(mode=mode, **kwargs).mix(images, labels))
+    _check_cutmix_contract(images, labels, CutMix(mode=mode, num_classes=K, **kwargs).mix(images, labels))
 
 
 def test_cutmix_keeps_low_precision_images_exact():
     images, labels = _batch(16)
     images = images.to(torch.bfloat16)
-    out = CutMix().mix(images, labels, torch.Generator().manual_seed(0))
+    out = CutMix(num_classes=K).mix(images, labels, torch.Generator().manual_seed(0))
     assert out.images.dtype == torch.bfloat16
     _check_cutmix_contract(images, labels, out)
 
@@ -204,9 +206,11 @@ def test_the_augment_benchmark_times_the_same_job_for_every_method(capsys):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("make", [lambda: CutMix(mode="batch", prob=0.5), lambda: CutMix(minmax=(0.2, 0.8)),
-                                  lambda: MixUp(alpha=1.0), lambda: CutMixUp(mixup=MixUp(alpha=1.0)),
-                                  lambda: Cutout(prob=0.5)],
+@pytest.mark.parametrize("make", [lambda: CutMix(mode="batch", prob=0.5, num_classes=K),
+                                  lambda: CutMix(minmax=(0.2, 0.8), num_classes=K),
+                                  lambda: MixUp(alpha=1.0, num_classes=K),
+                                  lambda: CutMixUp(mixup=MixUp(alpha=1.0, num_classes=K)),
+                                  lambda: Cutout(prob=0.5, num_classes=K)],
                          ids=["cutmix-batch", "minmax", "mixup", "cutmixup", "cutout"])
 def test_every_mixer_runs_on_cuda_with_a_cuda_generator(make):
     images, labels = _batch(33, device="cuda")

@@ -28,6 +28,7 @@ stats = pytest.importorskip("scipy.stats")
 N = 20_000  # samples per distribution
 SIDE = 32  # CIFAR image side
 P_MIN = 1e-3
+K = 10  # classes of the labels here: a mixer used on its own is told them
 
 
 # -- independent references (NumPy) ----------------------------------------------------------------------
@@ -119,7 +120,7 @@ def ks_p(a: np.ndarray, b: np.ndarray) -> float:
 def test_cutmix_area_matches_the_paper(alpha):
     """Pasted-pixel fraction and label weight, 20,000 samples, vs the paper's procedure; alpha 1 is the paper's."""
     reference = paper_pasted_fraction(alpha)
-    pasted, weight = observed(CutMix(alpha=alpha, pairing="roll"))
+    pasted, weight = observed(CutMix(alpha=alpha, pairing="roll", num_classes=K))
     np.testing.assert_allclose(weight, pasted, atol=1e-6)  # the label is exactly the pixel ratio (correct_lam)
     assert ks_p(pasted, reference) > P_MIN
     assert ks_p(weight, reference) > P_MIN
@@ -130,7 +131,7 @@ def test_cutmix_area_matches_the_paper(alpha):
 def test_cutmix_minmax_matches_timm():
     minmax = (0.2, 0.8)
     reference = timm_minmax_pasted_fraction(minmax)
-    pasted, weight = observed(CutMix(minmax=minmax, pairing="roll"))
+    pasted, weight = observed(CutMix(minmax=minmax, pairing="roll", num_classes=K))
     np.testing.assert_allclose(weight, pasted, atol=1e-6)
     assert ks_p(pasted, reference) > P_MIN and ks_p(weight, reference) > P_MIN
     # box sides lie in [int(0.2 * 32), int(0.8 * 32)) = [6, 24] pixels, in ours as in the reference
@@ -140,12 +141,13 @@ def test_cutmix_minmax_matches_timm():
 
 def test_cutmixup_cutmix_half_matches_the_paper():
     reference = paper_pasted_fraction(1.0)
-    pasted, weight = observed(CutMixUp(CutMix(alpha=1.0), MixUp(alpha=1.0), switch_prob=1.0, pairing="roll"))
+    pasted, weight = observed(CutMixUp(CutMix(alpha=1.0, num_classes=K), MixUp(alpha=1.0), switch_prob=1.0,
+                                       pairing="roll"))
     assert ks_p(pasted, reference) > P_MIN and ks_p(weight, reference) > P_MIN
 
 
 def test_batch_mode_draws_one_box_per_batch_with_the_papers_law():
-    mixer = CutMix(alpha=1.0, mode="batch", pairing="roll")
+    mixer = CutMix(alpha=1.0, mode="batch", pairing="roll", num_classes=K)
     gen = torch.Generator().manual_seed(3)
     images = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, SIDE, SIDE).contiguous()
     labels = torch.arange(8)
@@ -163,7 +165,7 @@ def test_batch_mode_draws_one_box_per_batch_with_the_papers_law():
 def test_negative_control_uncorrected_lambda_is_caught():
     """correct_lam=False: the pixels are right but the label keeps the sampled lambda -> the label test fails."""
     reference = paper_pasted_fraction(1.0)
-    pasted, weight = observed(CutMix(alpha=1.0, correct_lam=False, pairing="roll"))
+    pasted, weight = observed(CutMix(alpha=1.0, correct_lam=False, pairing="roll", num_classes=K))
     assert ks_p(pasted, reference) > P_MIN
     assert ks_p(weight, reference) < P_MIN
 
@@ -184,14 +186,14 @@ class _BoxInside(CutMix):
 
 def test_negative_control_unclipped_boxes_are_caught():
     reference = paper_pasted_fraction(1.0)
-    pasted, weight = observed(_BoxInside(alpha=1.0, pairing="roll"))
+    pasted, weight = observed(_BoxInside(alpha=1.0, pairing="roll", num_classes=K))
     assert ks_p(pasted, reference) < P_MIN and ks_p(weight, reference) < P_MIN
 
 
 @pytest.mark.parametrize("wrong", ["unclipped_area_label", "uncorrected_lambda", "other_alpha"])
 def test_negative_control_wrong_references_are_caught(wrong):
     """Our correct samples against references built the wrong way are rejected too."""
-    pasted, _ = observed(CutMix(alpha=1.0, pairing="roll"))
+    pasted, _ = observed(CutMix(alpha=1.0, pairing="roll", num_classes=K))
     reference = {"unclipped_area_label": lambda: paper_pasted_fraction(1.0, clip=False),
                  "uncorrected_lambda": lambda: paper_pasted_fraction(1.0, corrected=False),
                  "other_alpha": lambda: paper_pasted_fraction(2.0)}[wrong]()
@@ -205,7 +207,7 @@ def test_mixup_pixels_and_targets_are_the_stated_convex_combinations(mode, n):
     gen = torch.Generator().manual_seed(n)
     images = torch.randn(n, 3, 8, 8, generator=gen)
     labels = torch.randint(0, 10, (n,), generator=gen)
-    out = MixUp(alpha=0.4, mode=mode).mix(images, labels, gen)
+    out = MixUp(alpha=0.4, mode=mode, num_classes=K).mix(images, labels, gen)
     lam = out.lam
     expected = lam.view(-1, 1, 1, 1) * images + (1 - lam.view(-1, 1, 1, 1)) * images[out.index]
     torch.testing.assert_close(out.images, expected, rtol=1e-6, atol=1e-6)
@@ -221,7 +223,7 @@ def test_mixup_lambda_is_beta(alpha):
     """20,000 lambdas (elem mode) vs numpy's Beta(alpha, alpha); alpha 0.2 exercises the small-shape sampler."""
     gen = torch.Generator().manual_seed(7)
     images = torch.zeros(N, 1, 1, 1)
-    out = MixUp(alpha=alpha).mix(images, torch.zeros(N, dtype=torch.long), gen)
+    out = MixUp(alpha=alpha, num_classes=K).mix(images, torch.zeros(N, dtype=torch.long), gen)
     reference = np.random.default_rng(7).beta(alpha, alpha, size=N)
     assert ks_p(out.lam.double().numpy(), reference) > P_MIN
     wrong = np.random.default_rng(8).beta(alpha * 1.5, alpha * 1.5, size=N)
@@ -232,7 +234,8 @@ def test_cutmixup_switch_prob_splits_as_asked():
     gen = torch.Generator().manual_seed(9)
     images = torch.arange(4000, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
     labels = torch.arange(4000) % 10
-    out = CutMixUp(CutMix(), MixUp(alpha=1.0), switch_prob=0.3, prob=0.8, pairing="roll").mix(images, labels, gen)
+    mixer = CutMixUp(CutMix(num_classes=K), MixUp(alpha=1.0), switch_prob=0.3, prob=0.8, pairing="roll")
+    out = mixer.mix(images, labels, gen)
     mixed = out.lam < 1
     share_cut = out.is_cutmix.float().mean().item()
     assert share_cut == pytest.approx(0.8 * 0.3, abs=0.03)  # binomial sd ~ 0.007
@@ -246,9 +249,10 @@ def test_cutmixup_switch_prob_splits_as_asked():
 @pytest.mark.parametrize("n", [1, 3, 7])
 @pytest.mark.parametrize("mode", ["elem", "batch"])
 @pytest.mark.parametrize("pairing", ["perm", "roll"])
-@pytest.mark.parametrize("make", [lambda m, p: CutMix(mode=m, pairing=p), lambda m, p: MixUp(mode=m, pairing=p),
-                                  lambda m, p: CutMixUp(mode=m, pairing=p),
-                                  lambda m, p: CutMix(minmax=(0.25, 0.75), mode=m, pairing=p)],
+@pytest.mark.parametrize("make", [lambda m, p: CutMix(mode=m, pairing=p, num_classes=K),
+                                  lambda m, p: MixUp(mode=m, pairing=p, num_classes=K),
+                                  lambda m, p: CutMixUp(CutMix(num_classes=K), mode=m, pairing=p),
+                                  lambda m, p: CutMix(minmax=(0.25, 0.75), mode=m, pairing=p, num_classes=K)],
                          ids=["cutmix", "mixup", "cutmixup", "minmax"])
 def test_odd_batches_and_batch_one(make, n, mode, pairing):
     gen = torch.Generator().manual_seed(n)

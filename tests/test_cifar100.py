@@ -75,12 +75,32 @@ def test_the_datamodule_follows_the_dataset(data):
 
 def test_a_mixer_of_another_class_count_is_refused_with_the_fix(data):
     with pytest.raises(ValueError, match=r"^data.mixer.num_classes=10 does not match the 100 classes of cifar100 "
-                                         r"\(fine labels\); fix: data.mixer.init_args.num_classes 100$"):
-        CIFAR10DataModule(data, download=False, dataset="cifar100")
+                                         r"\(fine labels\); fix: data.mixer.init_args.num_classes 100, or leave it "
+                                         r"null \(the data's\)$") as err:
+        CIFAR10DataModule(data, download=False, dataset="cifar100", mixer=CutMix(num_classes=10))
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"^data.cifar100_labels='medium' is not allowed"):
         CIFAR10DataModule(data, dataset="cifar100", cifar100_labels="medium", mixer=None)
     with pytest.raises(ValueError, match=r"^data.image_size=64 does not apply to cifar100"):
         CIFAR10DataModule(data, dataset="cifar100", image_size=64, mixer=None)
+
+
+def test_a_mixer_left_without_num_classes_takes_the_datasets(data, tmp_path):
+    from cutmix_pl.augment import CutMixUp
+
+    dm = CIFAR10DataModule(data, download=False, dataset="cifar100", val_size=50, batch_size=32)  # the default CutMix
+    assert isinstance(dm.mixer, CutMix) and dm.mixer.num_classes == 100
+    assert dm.hparams["mixer"].startswith("CutMix(alpha=1.0, prob=0.5, num_classes=100,")
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert dm.transform(images, labels, 0, torch.Generator().manual_seed(0)).targets.shape == (32, 100)
+    mixup = CIFAR10DataModule(data, download=False, dataset="cifar100", mixer=CutMixUp()).mixer
+    assert (mixup.num_classes, mixup.cutmix.num_classes, mixup.mixup.num_classes) == (100, 100, 100)
+    mine = CutMix(alpha=1.0)
+    coarse = CIFAR10DataModule(data, download=False, dataset="cifar100", cifar100_labels="coarse", mixer=mine)
+    assert coarse.mixer.num_classes == 20 and mine.num_classes is None  # the mixer given is left as it was
+    # the DataModule's default mixer is one object for every DataModule: CIFAR-10's still gets 10
+    assert CIFAR10DataModule(tmp_path / "cifar10", download=False).mixer.num_classes == 10
 
 
 class RunsCode:

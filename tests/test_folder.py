@@ -1,4 +1,4 @@
-"""The folder reader (folder.py, image_cache.py, readers.Folder) on tiny synthetic image folders: layout, decoding,
+"""The folder reader (folder.py, image_cache.py, folder.Folder) on tiny synthetic image folders: layout, decoding,
 resizing, the cache, and every bad input in one line with nothing half-written."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cutmix_pl import folder, image_cache, memory
 from cutmix_pl.augment import CutMix
 from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.dataset import DataError
-from cutmix_pl.readers import Folder
+from cutmix_pl.folder import Folder
 
 CLASSES = ("cat", "ant", "bee")  # written unsorted: the reader sorts them
 
@@ -88,9 +88,11 @@ def test_training_batches_mix_with_the_datasets_classes(tmp_path):
     module.setup("fit")
     images, labels = next(iter(module.train_dataloader()))
     assert module.transform(images, labels, 0, torch.Generator().manual_seed(0)).targets.shape == (4, 3)
+    assert dm(tmp_path / "d", mixer=CutMix()).mixer.num_classes == 3  # null: the data's
     with pytest.raises(ValueError, match=r"^data.mixer.num_classes=10 does not match the 3 classes of folder \(3 "
-                                         r"classes: ant, bee, cat\); fix: data.mixer.init_args.num_classes 3$"):
-        dm(tmp_path / "d", mixer=CutMix())
+                                         r"classes: ant, bee, cat\); fix: data.mixer.init_args.num_classes 3, or "
+                                         r"leave it null \(the data's\)$"):
+        dm(tmp_path / "d", mixer=CutMix(num_classes=10))
 
 
 def test_the_second_start_reads_the_cache_without_decoding(tmp_path, monkeypatch):

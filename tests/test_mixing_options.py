@@ -16,6 +16,8 @@ from cutmix_pl.resnet import ResNet
 from cutmix_pl.transform import TrainTransform
 from ranks import as_rank
 
+K = 10  # classes of the labels here: a mixer used on its own is told them
+
 
 def _batch(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -66,11 +68,45 @@ def test_bad_arguments_raise_naming_argument_and_range(make, pattern):
     (torch.rand(4, 3, 8, 8), torch.rand(4, 9), r"soft labels must have shape \[B, K\] = \[4, 10\]"),
     (torch.rand(4, 3, 8, 8), [0, 1, 2, 3], r"labels must be a tensor"),
 ])
-@pytest.mark.parametrize("mixer", [CutMix(), MixUp(), CutMixUp(), Cutout()],
-                         ids=["cutmix", "mixup", "cutmixup", "cutout"])
+@pytest.mark.parametrize("mixer", [CutMix(num_classes=K), MixUp(num_classes=K), CutMixUp(CutMix(num_classes=K)),
+                                   Cutout(num_classes=K)], ids=["cutmix", "mixup", "cutmixup", "cutout"])
 def test_bad_inputs_raise_clear_errors(mixer, images, labels, pattern):
     with pytest.raises(ValueError, match=pattern):
         mixer(images, labels)
+
+
+# -- num_classes: the data's unless given ------------------------------------------------------------------
+@pytest.mark.parametrize("mixer", [CutMix(), MixUp(), CutMixUp(), Cutout()],
+                         ids=["cutmix", "mixup", "cutmixup", "cutout"])
+def test_a_mixer_without_num_classes_used_on_its_own_raises(mixer):
+    images, labels = _batch(4)
+    unset = r"num_classes is not set: pass num_classes=K, or let the DataModule set it from the data$"
+    for call in (mixer, mixer.mix):
+        with pytest.raises(ValueError, match=unset) as err:
+            call(images, labels)
+        assert "\n" not in str(err.value)
+    bound = mixer.bind_classes(K)  # what the DataModule does: a copy, the mixer itself stays unset
+    assert bound.num_classes == K and mixer.num_classes is None
+    assert bound(images, labels)[1].shape == (4, K)
+
+
+def test_bind_classes_fills_a_null_num_classes_and_refuses_another():
+    given = CutMix(num_classes=10)
+    assert given.bind_classes(10) is given
+    with pytest.raises(ValueError, match=r"^data.mixer.num_classes=10 does not match the 100 classes of the data; fix: "
+                                         r"data.mixer.init_args.num_classes 100, or leave it null \(the data's\)$"):
+        given.bind_classes(100)
+    with pytest.raises(ValueError, match=r"^num_classes=1 .*>= 2"):
+        CutMix().bind_classes(1)
+    both = CutMixUp().bind_classes(100)  # the halves too
+    assert (both.num_classes, both.cutmix.num_classes, both.mixup.num_classes) == (100, 100, 100)
+    # CutMixUp's halves agree where both are set; a null half takes the other's
+    half = CutMixUp(CutMix(num_classes=7), MixUp())
+    assert (half.num_classes, half.cutmix.num_classes, half.mixup.num_classes) == (7, 7, 7)
+    assert CutMixUp(mixup=MixUp(num_classes=7)).cutmix.num_classes == 7
+    with pytest.raises(ValueError, match=r"fix: data.mixer.init_args.cutmix.init_args.num_classes 10 and "
+                                         r"data.mixer.init_args.mixup.init_args.num_classes 10, or leave them null"):
+        half.bind_classes(10)
 
 
 # -- label smoothing: only in the loss --------------------------------------------------------------------
@@ -98,7 +134,8 @@ def test_smoothing_in_the_loss_equals_timms_smoothed_mixed_targets():
     eps, k = 0.1, 10
     images, labels = _batch(2)
     labels = torch.tensor([3, 7])
-    out = CutMix(mode="batch", pairing="roll").mix(images, labels, torch.Generator().manual_seed(4))
+    mixer = CutMix(mode="batch", pairing="roll", num_classes=K)
+    out = mixer.mix(images, labels, torch.Generator().manual_seed(4))
     lam = out.lam[0].item()
     assert 0 < lam < 1
     timm_targets = timm_mixup.mixup_target(labels, k, lam=lam, smoothing=eps)  # pairs i with flip(0): roll for 2
@@ -180,7 +217,7 @@ def test_mixing_on_schedule(tmp_path, mix_off_epoch, expected):
 
 
 def test_negative_mix_off_epoch_counts_from_the_end_of_training():
-    transform = TrainTransform(CutMix(), mix_off_epoch=-2)
+    transform = TrainTransform(CutMix(num_classes=K), mix_off_epoch=-2)
     with pytest.raises(ValueError, match=r"data.mix_off_epoch=-2 counts from the end .* fix: set trainer.max_epochs"):
         transform.mixing_on(0)  # no end to count from
     for max_epochs, first_off in ((15, 13), (30, 28), (2, 0)):
@@ -224,7 +261,8 @@ def _mix_all(mixer, images, labels):
     return [mixer.mix(images, labels) for _ in range(3)]  # generator=None: torch's global RNG
 
 
-@pytest.mark.parametrize("mixer", [CutMix(), CutMix(mode="batch"), MixUp(), CutMixUp(), Cutout(prob=0.5)],
+@pytest.mark.parametrize("mixer", [CutMix(num_classes=K), CutMix(mode="batch", num_classes=K), MixUp(num_classes=K),
+                                   CutMixUp(CutMix(num_classes=K)), Cutout(prob=0.5, num_classes=K)],
                          ids=["cutmix", "cutmix-batch", "mixup", "cutmixup", "cutout"])
 def test_seed_everything_makes_the_global_stream_reproducible(mixer):
     images, labels = _batch(32)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cutmix_pl import cifar
-from cutmix_pl.readers import Folder
+from cutmix_pl.folder import Folder
 
 from conftest import SHARED
 

@@ -85,6 +85,40 @@ def test_changed_settings_lists_what_a_resume_may_not_change():
     assert rules.changed_settings(CONFIG, changed(model__optimizer={"init_args": {"lr": 0.1 + 1e-12}})) == []
 
 
+def test_a_mixers_null_num_classes_matches_the_number_an_older_run_recorded():
+    """Runs started while a mixer's num_classes defaulted to 10 recorded it; today's commands carry null (the
+    data's)."""
+    def with_mixer(**init_args: object) -> dict:
+        return changed(data__mixer={"class_path": "cutmix_pl.augment.CutMixUp", "init_args": {
+            "cutmix": {"class_path": "cutmix_pl.augment.CutMix", "init_args": {"alpha": 1.0, **init_args}},
+            "mixup": {"class_path": "cutmix_pl.augment.MixUp", "init_args": dict(init_args)}, **init_args}})
+
+    assert rules.changed_settings(with_mixer(num_classes=10), with_mixer(num_classes=None)) == []
+    plain = changed(data__mixer={"class_path": "cutmix_pl.augment.CutMix", "init_args": {"num_classes": 10}})
+    assert rules.changed_settings(plain, changed(data__mixer={"init_args": {"num_classes": None}})) == [
+        ("data.mixer.class_path", "cutmix_pl.augment.CutMix", None)]  # the null matches; the class still counts
+    # another number, asked for, is a change; so is a null elsewhere
+    assert rules.changed_settings(with_mixer(num_classes=10), with_mixer(num_classes=100)) == [
+        (f"data.mixer.init_args.{k}num_classes", 10, 100)
+        for k in ("cutmix.init_args.", "mixup.init_args.", "")]
+    assert rules.changed_settings(with_mixer(prob=0.5), with_mixer(prob=None)) == [
+        (f"data.mixer.init_args.{k}prob", 0.5, None) for k in ("cutmix.init_args.", "mixup.init_args.", "")]
+
+
+def test_a_data_argument_newer_than_the_run_counts_as_unchanged_at_its_default():
+    """data.dataset, data.image_size, ... came after some runs: their config.yaml lacks them."""
+    new = changed(data__dataset="cifar10", data__image_size=None, data__cifar100_labels="fine", data__cache_dir=None)
+    assert rules.changed_settings(CONFIG, new) == []  # the DataModule's own defaults, read from its signature
+    assert rules.changed_settings(CONFIG, changed(data__dataset="cifar100", data__cifar100_labels="fine")) == [
+        ("data.dataset", None, "cifar100")]
+    assert rules.changed_settings(CONFIG, changed(data__dataset="x"), defaults={"dataset": "x"}) == []
+    # recorded by the run, the value is compared as always; outside data, or nested, absence is a change
+    assert rules.changed_settings(changed(data__dataset="cifar100"), new) == [("data.dataset", "cifar100", "cifar10")]
+    assert rules.changed_settings(CONFIG, changed(model__dataset="cifar10")) == [("model.dataset", None, "cifar10")]
+    assert rules.changed_settings(CONFIG, changed(data__mixer={"dataset": "cifar10"})) == [
+        ("data.mixer.dataset", None, "cifar10")]
+
+
 def test_flatten_keeps_list_positions():
     flat = rules.flatten({"trainer": {"callbacks": [{"a": 1}, {"b": {"c": 2}}]}, "x": [1, 2]})
     assert flat == {"trainer.callbacks.0.a": 1, "trainer.callbacks.1.b.c": 2, "x": [1, 2]}

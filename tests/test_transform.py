@@ -8,6 +8,8 @@ from cutmix_pl.augment import CutMix, crop_flip_draw, normalize, random_crop_fli
 from cutmix_pl.data import CIFAR10DataModule
 from cutmix_pl.transform import TrainTransform
 
+K = 10  # classes of the labels here: a mixer used on its own is told them
+
 
 def _batch(n=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -16,12 +18,12 @@ def _batch(n=32, seed=0):
 
 def test_one_call_is_crop_flip_then_normalise_then_mix():
     images, labels = _batch()
-    transform = TrainTransform(CutMix(prob=1.0))
+    transform = TrainTransform(CutMix(prob=1.0, num_classes=K))
     transform.seed(3)
     got = transform(images, labels, epoch=0)
     gen = torch.Generator().manual_seed(3)  # the same steps by hand, from the same stream
     x = normalize(random_crop_flip(images, 4, True, gen), cifar.MEAN, cifar.STD)
-    mixed = CutMix(prob=1.0).mix(x, labels, gen)
+    mixed = CutMix(prob=1.0, num_classes=K).mix(x, labels, gen)
     assert torch.equal(got.images, mixed.images) and torch.equal(got.targets, mixed.targets)
     assert torch.equal(got.partner, torch.where(mixed.lam < 1, labels[mixed.index], labels))
     assert torch.equal(got.lam, mixed.lam)
@@ -29,7 +31,7 @@ def test_one_call_is_crop_flip_then_normalise_then_mix():
 
 def test_its_stream_resumes_from_its_state():
     images, labels = _batch()
-    a, b = TrainTransform(CutMix(prob=0.5)), TrainTransform(CutMix(prob=0.5))
+    a, b = TrainTransform(CutMix(prob=0.5, num_classes=K)), TrainTransform(CutMix(prob=0.5, num_classes=K))
     a.seed(7)
     a(images, labels)
     b.seed(99)
@@ -41,7 +43,8 @@ def test_its_stream_resumes_from_its_state():
 
 def test_without_a_mixer_or_after_mix_off_the_targets_are_the_labels():
     images, labels = _batch()
-    for transform, epoch in ((TrainTransform(None), 0), (TrainTransform(CutMix(prob=1.0), mix_off_epoch=2), 2)):
+    mix_off = TrainTransform(CutMix(prob=1.0, num_classes=K), mix_off_epoch=2)
+    for transform, epoch in ((TrainTransform(None), 0), (mix_off, 2)):
         out = transform(images, labels, epoch)
         assert torch.equal(out.targets, labels) and (out.lam == 1).all() and out.images.dtype == torch.float32
     with pytest.raises(ValueError, match=r"data.crop_padding=-1 is out of range"):
@@ -75,14 +78,14 @@ def test_randaugment_runs_after_crop_flip_and_before_mixing_from_the_same_stream
 
     images, labels = _batch()
     ra = RandAugment(num_ops=2, magnitude=9)
-    transform = TrainTransform(CutMix(prob=1.0), randaugment=ra)
+    transform = TrainTransform(CutMix(prob=1.0, num_classes=K), randaugment=ra)
     transform.seed(4)
     got = transform(images, labels)
     gen = torch.Generator().manual_seed(4)
     x = ra(random_crop_flip(images, 4, True, gen), gen)
-    mixed = CutMix(prob=1.0).mix(normalize(x, cifar.MEAN, cifar.STD), labels, gen)
+    mixed = CutMix(prob=1.0, num_classes=K).mix(normalize(x, cifar.MEAN, cifar.STD), labels, gen)
     assert torch.equal(got.images, mixed.images) and torch.equal(got.targets, mixed.targets)
-    plain = TrainTransform(CutMix(prob=1.0))
+    plain = TrainTransform(CutMix(prob=1.0, num_classes=K))
     plain.seed(4)
     assert not torch.equal(plain(images, labels).images, got.images)
     with pytest.raises(ValueError, match="randaugment='ra' must be a cutmix_pl.randaugment.RandAugment"):
@@ -93,8 +96,8 @@ def test_compiled_transform_draws_the_same_batch_and_cutmix_stays_a_pixel_copy()
     """compile=True fuses the arithmetic; the draws, boxes, labels and lambdas are the eager ones exactly. Only the
     normalisation may round differently (a fused multiply-add), by at most one float32 ulp."""
     images, labels = _batch(64)
-    eager, fused = TrainTransform(CutMix(prob=0.5), mix_off_epoch=1), TrainTransform(CutMix(prob=0.5), mix_off_epoch=1,
-                                                                                      compile=True)
+    eager = TrainTransform(CutMix(prob=0.5, num_classes=K), mix_off_epoch=1)
+    fused = TrainTransform(CutMix(prob=0.5, num_classes=K), mix_off_epoch=1, compile=True)
     for t in (eager, fused):
         t.seed(5)
     want, got = eager(images, labels, epoch=0), fused(images, labels, epoch=0)
@@ -117,7 +120,7 @@ def test_compiled_transform_draws_the_same_batch_and_cutmix_stays_a_pixel_copy()
 
 
 def test_a_single_image_instead_of_a_batch_fails_in_one_line():
-    transform = TrainTransform(CutMix(prob=0.5))
+    transform = TrainTransform(CutMix(prob=0.5, num_classes=K))
     with pytest.raises(ValueError, match=r"images must be \[B, C, H, W\]; got shape \[3, 32, 32\]"):
         transform(torch.zeros(3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
 
@@ -148,7 +151,7 @@ def test_a_stream_saved_on_another_kind_of_device_is_replaced_by_a_reproducible_
 
 def test_an_unmixed_sample_names_its_own_label_as_partner():
     images, labels = _batch(n=256)
-    transform = TrainTransform(CutMix(prob=0.5))
+    transform = TrainTransform(CutMix(prob=0.5, num_classes=K))
     transform.seed(5)
     got = transform(images, labels)
     unmixed = got.lam == 1

@@ -12,8 +12,10 @@ runs with. Pure functions of the parsed config and of what ``disk.read`` saw; no
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
+from functools import cache
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,10 +46,14 @@ MAY_CHANGE = (
     # filled in from data.num_classes by the CLI's links, so not a setting of its own
     "model.num_classes", "model.net.init_args.num_classes",
 )
-# Null leaves these to the machine: a run found for a resume matches whatever it chose, and keeps that choice.
-CHOSEN_WHEN_NULL = ("trainer.precision",)
+# Null leaves these to the start (patterns over the flattened config): a run found for a resume matches whatever it
+# chose, and keeps that choice. The precision is the machine's; a mixer's num_classes (CutMixUp's halves' too) the
+# data's, which runs started before it could be null recorded as a number.
+CHOSEN_WHEN_NULL = ("trainer.precision", "data.mixer.init_args.num_classes", "data.mixer.init_args.*.num_classes")
 # DataModule arguments that say which training images were held out for validation: ``validate`` takes the run's.
 SPLIT_KEYS = ("val_size", "split_seed")
+# DataModule arguments that say which data a run trained on: an evaluation of the run reads that data.
+DATASET_KEYS = ("dataset", "cifar100_labels", "image_size")
 
 
 @dataclass
@@ -91,6 +97,8 @@ def decide(sub: str, cfg: Namespace, seen: Seen, base: Path | None) -> Decision:
         d.taken = checked_hparams(cfg, d.checkpoint, d.notes)
         if sub == "fit" and resumed is None:
             check_loose_checkpoint(cfg, d.taken, d.notes)
+        if sub != "fit":
+            dataset_from_checkpoint(cfg, d.checkpoint, d.notes)
         if sub == "validate":
             split_from_checkpoint(cfg, d.checkpoint, d.notes)
     _place(d, sub, cfg, resumed, run, logged=base is not None)
@@ -210,16 +218,38 @@ def same_value(a: Any, b: Any) -> bool:
     return a == b
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, this command's value)`` for every setting outside :data:`MAY_CHANGE` that differs."""
+@cache
+def data_defaults() -> dict[str, Any]:
+    """The DataModule's arguments with a default, by name; read when first needed (the DataModule imports
+    Lightning, which this module does not)."""
+    from ..data import CIFAR10DataModule
+
+    return {name: p.default for name, p in inspect.signature(CIFAR10DataModule.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any],
+                     defaults: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, this command's value)`` for every setting outside :data:`MAY_CHANGE` that differs.
+
+    A DataModule argument the run's config does not record (it predates the argument) and that this command leaves
+    at its default (``defaults``, by name; the DataModule's when None) is no change: the run ran as that default.
+    """
     old, new = flatten(saved), flatten(current)
 
     def chosen(k: str) -> bool:  # left to the start (null, or a seed of true): matches what the run recorded
-        return (k in CHOSEN_WHEN_NULL and new.get(k) is None) or (k == "seed_everything" and new.get(k) is True
-                                                                   and is_seed(old.get(k)))
+        return ((new.get(k) is None and any(fnmatchcase(k, pattern) for pattern in CHOSEN_WHEN_NULL))
+                or (k == "seed_everything" and new.get(k) is True and is_seed(old.get(k))))
+
+    def predates(k: str) -> bool:  # an argument added since the run started, at its default
+        if k in old or not k.startswith("data.") or "." in k[len("data."):]:
+            return False
+        known = data_defaults() if defaults is None else defaults
+        name = k[len("data."):]
+        return name in known and same_value(known[name], new.get(k))
 
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if not may_change(k) and not chosen(k) and not same_value(old.get(k), new.get(k))]
+            if not may_change(k) and not chosen(k) and not same_value(old.get(k), new.get(k)) and not predates(k)]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:
@@ -290,6 +320,23 @@ def check_loose_checkpoint(cfg: Namespace, taken: dict[str, Any], notes: list[st
                          f"command asks for others: {text}; fix: leave them out, or leave out --ckpt_path to start a "
                          "new run with them")
     notes.extend(f"model.{key}={saved[key]!r} from the checkpoint" for key in differ)
+
+
+def dataset_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any], notes: list[str]) -> None:
+    """An evaluation reads the data its run trained on: the dataset settings this command leaves at their defaults
+    are the checkpoint's (so ``test --ckpt_path RUN`` needs no data flags); another dataset named is refused."""
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    if not isinstance(saved, dict):
+        return
+    for key in DATASET_KEYS:
+        if key not in saved or key not in cfg.data or same_value(saved[key], cfg.data[key]):
+            continue
+        if not same_value(cfg.data[key], data_defaults().get(key)):
+            raise ValueError(f"data.{key}={cfg.data[key]!r}, but the checkpoint's run was trained with "
+                             f"data.{key}={saved[key]!r}; fix: leave data.{key} out (an evaluation reads the data of "
+                             "its run), or pass a checkpoint trained on that data")
+        notes.append(f"data.{key}={saved[key]!r} from the checkpoint: the data its run was trained on")
+        cfg.data[key] = saved[key]
 
 
 def split_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any], notes: list[str]) -> None:

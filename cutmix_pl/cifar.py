@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .dataset import DataError, ImageSet, Split
-from .pickles import CIFARReader, fetch_archive, unpickle
+from . import pickles
+from .pickles import CIFARReader, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -63,16 +64,8 @@ def download(root: str | Path) -> Path:
     """Fetch and md5-check the official archive into ``root``; raise DataError on one line when that fails."""
     check_root(root)
     root = Path(root)
-    try:
-        fetch_archive(URL, ARCHIVE_MD5, root, root / FOLDER)
-    except Exception as err:  # URLError, socket errors, md5 mismatch, permission: all end the same way
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({reason}); "
-                        f"fix: {_fix_hint(root / FOLDER, downloading=True)}") from None
-    folder = find(root)
-    if folder is None:
-        raise DataError(f"the archive from {URL} did not contain {FOLDER}/ with all batches; fix: {_fix_hint(root / FOLDER)}")
-    return folder
+    return pickles.download(URL, ARCHIVE_MD5, root, FOLDER, "CIFAR-10", "all batches", find,
+                            (_fix_hint(root / FOLDER, downloading=True), _fix_hint(root / FOLDER)))
 
 
 # Everything a CIFAR-10 batch pickle refers to is allowed by pickles.SAFE_GLOBALS; plain pickle.load would import and

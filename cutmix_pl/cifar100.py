@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .dataset import DataError, ImageSet, Split
-from .pickles import CIFARReader, fetch_archive, unpickle
+from . import pickles
+from .pickles import CIFARReader, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # torchvision's CIFAR100.tgz_md5
@@ -50,17 +51,8 @@ def download(root: str | Path, url: str = URL) -> Path:
     fails, leaving nothing behind. ``url``: another copy of the same archive (the tests serve one locally)."""
     find(root)
     root = Path(root)
-    try:
-        fetch_archive(url, ARCHIVE_MD5, root, root / FOLDER)
-    except Exception as err:  # URLError, socket errors, md5 mismatch, permission: all end the same way
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"CIFAR-100 is not in {root / FOLDER} and downloading it failed ({reason}); "
-                        f"fix: {_fix_hint(root / FOLDER)}") from None
-    folder = find(root)
-    if folder is None:
-        raise DataError(f"the archive from {url} did not contain {FOLDER}/ with train, test and meta; "
-                        f"fix: {_fix_hint(root / FOLDER)}")
-    return folder
+    fix = _fix_hint(root / FOLDER)
+    return pickles.download(url, ARCHIVE_MD5, root, FOLDER, "CIFAR-100", "train, test and meta", find, (fix, fix))
 
 
 def _read(path: Path) -> dict:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .dataset import DataError, Reader
 
-__all__ = ["CIFARReader", "ForbiddenGlobal", "SafeUnpickler", "fetch_archive", "unpickle"]
+__all__ = ["CIFARReader", "ForbiddenGlobal", "SafeUnpickler", "download", "fetch_archive", "unpickle"]
 
 # Everything a CIFAR batch pickle refers to by name: numpy's array reconstruction (old and new module paths) and the
 # codec that protocol-2 pickles use for bytes.
@@ -70,6 +71,22 @@ def fetch_archive(url: str, md5: str, root: Path, folder: Path) -> None:
             elif p.exists():
                 p.unlink()
         raise
+
+
+def download(url: str, md5: str, root: Path, folder: str, dataset: str, holds: str,
+             find: Callable[[Path], Path | None], fixes: tuple[str, str]) -> Path:
+    """:func:`fetch_archive` with a CIFAR reader's one-line errors: the download failed (``fixes[0]``), or the
+    archive did not hold ``folder``/ with ``holds`` (``fixes[1]``). Returns the folder ``find`` finds."""
+    try:
+        fetch_archive(url, md5, root, root / folder)
+    except Exception as err:  # URLError, socket errors, md5 mismatch, permission: all end the same way
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{dataset} is not in {root / folder} and downloading it failed ({reason}); "
+                        f"fix: {fixes[0]}") from None
+    found = find(root)
+    if found is None:
+        raise DataError(f"the archive from {url} did not contain {folder}/ with {holds}; fix: {fixes[1]}")
+    return found
 
 
 class CIFARReader(Reader):

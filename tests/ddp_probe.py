@@ -32,7 +32,7 @@ class DDPProbe(L.Callback):
         (path / f"rank{trainer.global_rank}.json").write_text(json.dumps(rec))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sampler = trainer.datamodule._train_sampler
+        sampler = trainer.datamodule._state.sampler  # the training loader's, kept with the resume position
         self.record["shards"][str(trainer.current_epoch)] = {
             "sampler_epoch": sampler.epoch, "indices": sampler.shard().tolist(), "split_size": sampler.size}
 

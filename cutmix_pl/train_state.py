@@ -1,7 +1,7 @@
 """Where a training epoch stands and the augmentation stream: the DataModule's part of a checkpoint.
 
 A resumed run skips the batches its epoch had done and continues each rank's augmentation stream, so that it ends
-as the uninterrupted run would (``tests/test_resume.py``). There is no Lightning import here: the DataModule passes
+as the uninterrupted run would (``tests/runs/test_resume.py``). There is no Lightning import here: the DataModule passes
 in the rank, the number of processes and a gather of every rank's stream.
 """
 

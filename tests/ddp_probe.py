@@ -1,6 +1,6 @@
 """A test-only callback that records what each DDP rank saw, into ``<out>/rank<r>.json``.
 
-Used by tests/test_ddp.py through the CLI (``--trainer.callbacks+=ddp_probe.DDPProbe`` with this folder on
+Used by tests/runs/test_ddp.py through the CLI (``--trainer.callbacks+=ddp_probe.DDPProbe`` with this folder on
 PYTHONPATH). Per rank it writes: the world size, each epoch's shard (the training split's indices), the labels,
 lam of every training batch, a draw from the global torch stream, the global step and epoch at every training batch, and the
 callback metrics after each validation epoch (fit and validate) and at the end.

@@ -19,7 +19,7 @@ from cutmix_pl.augment import normalize
 from cutmix_pl.cli import main as cli_main
 from cutmix_pl.module import ImageClassifier
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import robustness  # noqa: E402
 
 SIZES = [0, 4, 8, 12, 16, 20, 24, 28]

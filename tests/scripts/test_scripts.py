@@ -15,7 +15,7 @@ from cutmix_pl.augment import CutMix
 from cutmix_pl.cli import main as cli_main
 from cutmix_pl.data import CIFAR10DataModule
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import bench_fit  # noqa: E402
 import bench_train  # noqa: E402

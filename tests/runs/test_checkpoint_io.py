@@ -60,7 +60,7 @@ KILL_HALF_WAY = textwrap.dedent("""
 
 
 def kill_during_save(path: Path, writer: str) -> int:
-    tests = str(Path(__file__).resolve().parent)
+    tests = str(Path(__file__).resolve().parents[1])
     proc = subprocess.run([sys.executable, "-c", KILL_HALF_WAY, str(path), writer, tests], capture_output=True,
                           timeout=120)
     return proc.returncode

@@ -19,7 +19,7 @@ from cutmix_pl.dataset import Reader
 from cutmix_pl.readers import find_reader
 from cutmix_pl.viz import _text_width, captioned_grid, confusion_image, mix_captions
 
-PACKAGE = Path(__file__).resolve().parents[1] / "cutmix_pl"
+PACKAGE = Path(__file__).resolve().parents[2] / "cutmix_pl"
 
 
 # -- no CIFAR-10 literal outside its reader -------------------------------------------------------------------------

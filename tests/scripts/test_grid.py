@@ -21,7 +21,7 @@ from cutmix_pl.cli import CONFIG_DIR
 from cutmix_pl.cli import main as cli_main
 from cutmix_pl.module import ImageClassifier
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import grid  # noqa: E402
 

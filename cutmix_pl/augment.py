@@ -125,6 +125,33 @@ def _uniform_centres(m: int, height: int, width: int, sizes: Tensor, device: tor
     return torch.rand(2, m, device=device, generator=generator).mul_(sizes).floor_()
 
 
+def _check_label_batch(labels: Tensor, batch: int, device: torch.device, k: int | None, who: str) -> None:
+    """Labels for a batch of ``batch`` images on ``device``: integer [B] in [0, K) or float [B, K] (``k``: K; None
+    when the mixer ``who`` has no num_classes yet)."""
+    if batch < 1:
+        raise ValueError("images must hold at least one sample; got an empty batch")
+    if k is None:
+        raise ValueError(f"{who}: num_classes is not set: pass num_classes=K, or let the "
+                         "DataModule set it from the data")
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a tensor, integer [B] or float [B, K]; got {type(labels).__name__}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but images on {device}: put both on one device")
+    if labels.is_floating_point():
+        if labels.shape != (batch, k):
+            raise ValueError(f"soft labels must have shape [B, K] = [{batch}, {k}]; got {list(labels.shape)}")
+        return
+    if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+        raise ValueError(f"labels must be integer [B] = [{batch}] or float [B, K]; "
+                         f"got {list(labels.shape)} {labels.dtype}")
+    if labels.device.type == "cpu":
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= k:
+            raise ValueError(f"labels must lie in [0, {k - 1}] (num_classes={k}); got values in [{lo}, {hi}]")
+    else:  # a host-side check would stall the GPU queue every step; assert on the device instead
+        torch._assert_async(((labels >= 0) & (labels < k)).all(), f"labels must lie in [0, {k - 1}]")
+
+
 class Mixer:
     """Shared machinery: argument checks, pairing, target mixing. Subclasses supply the pixel weights (Cutout, which
     takes nothing from another image, shares the checks and the draw/apply contract only).
@@ -198,29 +225,7 @@ class Mixer:
 
     def check_labels(self, labels: Tensor, batch: int, device: torch.device) -> None:
         """Labels for a batch of ``batch`` images on ``device``: integer [B] in [0, K) or float [B, K]."""
-        if batch < 1:
-            raise ValueError("images must hold at least one sample; got an empty batch")
-        k = self.num_classes
-        if k is None:
-            raise ValueError(f"{type(self).__name__}: num_classes is not set: pass num_classes=K, or let the "
-                             "DataModule set it from the data")
-        if not isinstance(labels, Tensor):
-            raise ValueError(f"labels must be a tensor, integer [B] or float [B, K]; got {type(labels).__name__}")
-        if labels.device != device:
-            raise ValueError(f"labels are on {labels.device} but images on {device}: put both on one device")
-        if labels.is_floating_point():
-            if labels.shape != (batch, k):
-                raise ValueError(f"soft labels must have shape [B, K] = [{batch}, {k}]; got {list(labels.shape)}")
-            return
-        if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-            raise ValueError(f"labels must be integer [B] = [{batch}] or float [B, K]; "
-                             f"got {list(labels.shape)} {labels.dtype}")
-        if labels.device.type == "cpu":
-            lo, hi = (int(v) for v in torch.aminmax(labels))
-            if lo < 0 or hi >= k:
-                raise ValueError(f"labels must lie in [0, {k - 1}] (num_classes={k}); got values in [{lo}, {hi}]")
-        else:  # a host-side check would stall the GPU queue every step; assert on the device instead
-            torch._assert_async(((labels >= 0) & (labels < k)).all(), f"labels must lie in [0, {k - 1}]")
+        _check_label_batch(labels, batch, device, self.num_classes, type(self).__name__)
 
     # -- pieces subclasses share --------------------------------------------------------------------
     def _draws(self, n: int) -> int:

@@ -11,8 +11,8 @@ that did not draw one of its operations, so no Python loop over images and no ho
 
 The operations and magnitudes are torchvision's ``v2.RandAugment`` (31 bins, magnitude 9 by default), and each
 operation matches ``torchvision.transforms.v2.functional`` on the same image and magnitude, to the bit on a CPU
-(``tests/training/test_randaugment.py``). uint8 batches are augmented as they are; float batches in [0, 1] are quantised to 8 bits for
-the operations and returned as float. There is no Lightning import here.
+(``tests/training/test_randaugment.py``). uint8 batches are augmented as they are; float batches in [0, 1] are
+quantised to 8 bits for the operations and returned as float. There is no Lightning import here.
 """
 
 from __future__ import annotations

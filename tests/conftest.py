@@ -122,7 +122,7 @@ def reference_run(tiny_cifar: Path, steps_config: Path, tmp_path_factory: pytest
     return cwd
 
 
-# -- reads from the device (tests/training/test_host_sync.py) ----------------------------------------------------
+# -- reads from the device (tests/training/test_host_sync.py) -------------------------------------------
 READS = {"_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select",
          "bincount", "equal", "lift_fresh", "lift_fresh_copy"}
 # Tensor methods that read values back without an aten op on a CPU tensor: watched by patching them.

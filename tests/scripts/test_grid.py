@@ -48,7 +48,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("argv, says", [
     (["--arm", "cutmix"], "--arm cutmix: give NAME=RECIPE[,RECIPE...]"),
-    (["--arm", "a=smoke,nosuch"], "recipe 'nosuch' is neither a file nor a packaged recipe (baseline, cifar100, cutmix,"),
+    (["--arm", "a=smoke,nosuch"],
+     "recipe 'nosuch' is neither a file nor a packaged recipe (baseline, cifar100, cutmix,"),
     (["--arm", "a=smoke", "--arm", "a=short"], "--arm a is given twice; fix:"),
     (["--arm", "a=smoke", "--seeds", "0", "1", "0"], "--seeds 0 1 0 repeats a seed; fix:"),
     (["--arm", "a=smoke", "--parallel", "0"], "--parallel 0 / --threads None: both must be >= 1; fix:"),

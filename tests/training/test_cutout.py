@@ -1,12 +1,12 @@
 """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): against the paper's code, and as a batch augmentation in the
 ``data.mixer`` slot.
 
-The statistics follow tests/training/test_augment_stats.py: our samples are read off the pixels of ``.mix()`` (a pixel is in
-the hole when it became 0; no input pixel is 0); the reference is an independent NumPy re-implementation of the
-authors' ``Cutout.__call__`` (uoguelph-mlrg/Cutout, ``util/cutout.py``), written from that code, not from ours. Fixed
-seeds make every test deterministic; ``P_MIN`` = 1e-3 would flag a correct implementation one time in a thousand if
-the seeds were random. The hole's area is discrete, for which the KS test is conservative (ties make p larger). The
-negative controls show the same tests rejecting plausible wrong implementations, so they can fail.
+The statistics follow tests/training/test_augment_stats.py: our samples are read off the pixels of ``.mix()`` (a
+pixel is in the hole when it became 0; no input pixel is 0); the reference is an independent NumPy re-implementation of
+the authors' ``Cutout.__call__`` (uoguelph-mlrg/Cutout, ``util/cutout.py``), written from that code, not from ours.
+Fixed seeds make every test deterministic; ``P_MIN`` = 1e-3 would flag a correct implementation one time in a
+thousand if the seeds were random. The hole's area is discrete, for which the KS test is conservative (ties make p
+larger). The negative controls show the same tests rejecting plausible wrong implementations, so they can fail.
 """
 
 from __future__ import annotations

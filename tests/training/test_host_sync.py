@@ -3,7 +3,8 @@
 On a GPU, reading a value (``item``, ``bool(t)``, ``tolist``, ``unique``, a boolean mask) or building a tensor
 from host data makes the host wait until the device has finished all queued work, so Python can no longer run
 ahead of the GPU. Those operations are visible on a CPU too, as aten ops: ``HostReads`` (conftest.py) records them
-while a real Lightning fit runs its training steps, so this runs without a GPU (tests/training/test_module.py has the CUDA check).
+while a real Lightning fit runs its training steps, so this runs without a GPU (tests/training/test_module.py has the
+CUDA check).
 """
 
 from __future__ import annotations

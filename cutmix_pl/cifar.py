@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from .dataset import DataError, ImageSet, Split
 from . import pickles
@@ -82,30 +81,8 @@ def _read_batch(path: Path) -> Split:
     if not isinstance(entry, dict) or "data" not in entry:
         raise DataError(f"{path} holds a {type(entry).__name__} without 'data'; CIFAR-10 batches are dicts with "
                         f"'data' and 'labels'; fix: delete {path.parent} and fetch or rebuild it")
-    data, labels = np.asarray(entry["data"]), entry.get("labels")
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; CIFAR-10 batches "
-                        f"hold uint8 [N, 3072]; fix: delete {path.parent} and fetch or rebuild it")
-    if data.shape[0] == 0:  # caught here, not as a division by zero or an empty loader deep inside training
-        raise DataError(f"{path} holds no images; fix: delete {path.parent} and fetch or rebuild it")
-    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), _labels(path, labels, data.shape[0]))
-
-
-def _labels(path: Path, labels: object, count: int) -> Tensor:
-    """The labels as int64, refusing what is not an integer class index (3.7, 3.0, "3", True)."""
-    values = labels.tolist() if isinstance(labels, np.ndarray) else labels
-    if not isinstance(values, (list, tuple)) or len(values) != count:
-        n = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-        raise DataError(f"{path} has {n} labels for {count} images; fix: delete {path.parent} and fetch or rebuild it")
-    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
-    if bad is not None:
-        raise DataError(f"{path} has a label {bad!r} of type {type(bad).__name__}: labels are integer class indices; "
-                        f"fix: delete {path.parent} and fetch or rebuild it")
-    out = torch.tensor(values, dtype=torch.int64)
-    if out.min() < 0 or out.max() >= len(CLASSES):
-        raise DataError(f"{path} has labels outside [0, {len(CLASSES) - 1}]; fix: delete {path.parent} and fetch or "
-                        "rebuild it")
-    return out
+    return pickles.to_split(path, entry["data"], entry.get("labels"), "labels", len(CLASSES), "CIFAR-10 batches",
+                            f"fix: delete {path.parent} and fetch or rebuild it")
 
 
 def load(root: str | Path, download_if_missing: bool = False) -> tuple[Split, Split]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from .dataset import DataError, ImageSet, Split
 from . import pickles
@@ -78,23 +77,8 @@ def class_names(folder: Path, labels: Labels) -> tuple[str, ...]:
 def read_split(path: Path, labels: Labels) -> Split:
     """``train`` or ``test`` as uint8 images [N, 3, 32, 32] and the fine or coarse labels as int64."""
     entry, key, k = _read(path), f"{labels}_labels", NUM_CLASSES[labels]
-    fix = f"fix: delete {path.parent} and fetch it again"
-    data = np.asarray(entry.get("data", np.zeros((0, 0))))
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] == 0:
-        raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; CIFAR-100 files hold "
-                        f"uint8 [N, 3072] with N >= 1 under 'data'; {fix}")
-    values = entry.get(key)
-    values = values.tolist() if isinstance(values, np.ndarray) else values
-    if not isinstance(values, (list, tuple)) or len(values) != data.shape[0]:
-        raise DataError(f"{path} has no {data.shape[0]} labels under {key!r}; {fix}")
-    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
-    if bad is not None:
-        raise DataError(f"{path} has a label {bad!r} of type {type(bad).__name__} under {key!r}: labels are integer "
-                        f"class indices; {fix}")
-    out = torch.tensor(values, dtype=torch.int64)
-    if out.min() < 0 or out.max() >= k:
-        raise DataError(f"{path} has {key} outside [0, {k - 1}]; {fix}")
-    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), out)
+    return pickles.to_split(path, entry.get("data", np.zeros((0, 0))), entry.get(key), key, k, "CIFAR-100 files",
+                            f"fix: delete {path.parent} and fetch it again")
 
 
 def load(root: str | Path, labels: Labels = "fine") -> tuple[Split, Split, tuple[str, ...]]:

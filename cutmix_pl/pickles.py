@@ -1,5 +1,5 @@
-"""The two things the CIFAR-10 and CIFAR-100 readers share: a pickle reader that cannot run code, and the fetch of an
-official archive that leaves nothing behind when it fails.
+"""What the CIFAR-10 and CIFAR-100 readers share: a pickle reader that cannot run code, the checks that turn a
+pickle's arrays into a split, and the fetch of an official archive that leaves nothing behind when it fails.
 
 Both datasets ship as pickles of numpy arrays (python-version archives). Plain ``pickle.load`` imports and calls
 whatever a file names, so a crafted file would run code: :func:`unpickle` allows only what these files contain.
@@ -12,9 +12,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .dataset import DataError, Reader
+import numpy as np
+import torch
 
-__all__ = ["CIFARReader", "ForbiddenGlobal", "SafeUnpickler", "download", "fetch_archive", "unpickle"]
+from .dataset import DataError, Reader, Split
+
+__all__ = ["CIFARReader", "ForbiddenGlobal", "SafeUnpickler", "download", "fetch_archive", "to_split", "unpickle"]
 
 # Everything a CIFAR batch pickle refers to by name: numpy's array reconstruction (old and new module paths) and the
 # codec that protocol-2 pickles use for bytes.
@@ -52,6 +55,30 @@ def unpickle(path: Path, what: str, plural: str, refetch: str) -> object:
     except Exception as err:  # truncated, garbage, unreadable: all end the same way
         raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {' '.join(str(err).split())}); "
                         f"{refetch}") from None
+
+
+def to_split(path: Path, data: object, labels: object, key: str, num_classes: int, layout: str, fix: str) -> Split:
+    """A pickle's ``data`` and its labels (found under ``key``) as uint8 images [N, 3, 32, 32] and int64 labels;
+    DataError naming ``path`` when they are not ``layout``'s uint8 [N, 3072] or not integer class indices in
+    [0, num_classes) (3.7, 3.0, "3" and True are refused). Every message ends with ``fix``."""
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path} holds data of shape {list(data.shape)} and dtype {data.dtype}; {layout} hold uint8 "
+                        f"[N, 3072] under 'data'; {fix}")
+    if data.shape[0] == 0:  # caught here, not as a division by zero or an empty loader deep inside training
+        raise DataError(f"{path} holds no images; {fix}")
+    values = labels.tolist() if isinstance(labels, np.ndarray) else labels
+    if not isinstance(values, (list, tuple)) or len(values) != data.shape[0]:
+        n = len(values) if isinstance(values, (list, tuple)) else "no"
+        raise DataError(f"{path} has {n} labels under {key!r}, not one for each of its {data.shape[0]} images; {fix}")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+    if bad is not None:
+        raise DataError(f"{path} has a label {bad!r} of type {type(bad).__name__}: labels are integer class indices "
+                        f"(under {key!r}); {fix}")
+    out = torch.tensor(values, dtype=torch.int64)
+    if out.min() < 0 or out.max() >= num_classes:
+        raise DataError(f"{path} has {key} outside [0, {num_classes - 1}]; {fix}")
+    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), out)
 
 
 def fetch_archive(url: str, md5: str, root: Path, folder: Path) -> None:

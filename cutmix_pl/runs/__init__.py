@@ -53,6 +53,8 @@ class Command:
         self.decision = rules.decide(sub, cfg, seen, base)
         for text in self.decision.notes:
             NOTES.note(text)
+        if cfg.trainer.get("fast_dev_run"):  # Lightning then logs and saves nothing: no folder to claim or report
+            return self.decision.taken
         first = _first_logger(cfg.trainer)
         tensorboard = first is not None and str(first.get("class_path", "")).endswith("TensorBoardLogger")
         self.claim = folder.act(self.decision, logger, base, tensorboard)

@@ -131,6 +131,18 @@ def test_validate_test_and_predict_a_checkpoint(trained, tiny_cifar, in_tmp, cap
     assert (probs.argmax(-1) == labels).float().mean().item() == pytest.approx(acc, abs=1e-6)
 
 
+def test_a_fast_dev_run_writes_and_claims_nothing(trained, tiny_cifar, in_tmp, capsys):
+    # Lightning's debug mode logs and saves nothing, so no run folder is claimed, left behind or reported
+    run = Path(trained[1].trainer.log_dir).resolve()
+    before = sorted(run.rglob("*"))
+    for sub, extra in (("fit", []), ("test", ["--ckpt_path", str(run)])):
+        capsys.readouterr()
+        main([sub, *small(tiny_cifar, trainer__fast_dev_run=2), *extra])
+        err = capsys.readouterr().err
+        assert "cutmix-pl: run " not in err and " wrote " not in err
+        assert not (in_tmp / "runs").exists() and sorted(run.rglob("*")) == before
+
+
 def test_no_mixing_mixup_and_randaugment_configs_train(tiny_cifar, in_tmp):
     for cfg, mixer in (("baseline.yaml", "none"), ("mixup.yaml", "MixUp(alpha=1.0"), ("randaugment.yaml", "CutMix(")):
         args = small(tiny_cifar, trainer__max_epochs=1, trainer__limit_train_batches=2)

@@ -24,7 +24,7 @@ from .module import ImageClassifier
 from .predictions import PredictionWriter
 from .runs import Command, console
 from .runs.callbacks import ResumedEpochBar, SaveConfigNoOverwrite
-from .runs.recipes import CONFIG_DIR, DEFAULT_CONFIG, config_args
+from .runs.recipes import CONFIG_DIR, DEFAULT_CONFIG, config_args, kept_on_class_change
 from .runs.stop import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_signals
 
 __all__ = ["CONFIG_DIR", "CutMixCLI", "main"]
@@ -58,6 +58,9 @@ class CutMixCLI(LightningCLI):
         sub = self.config.get("subcommand")
         if not sub:
             return
+        kept = kept_on_class_change(list(args if isinstance(args, list) else sys.argv[1:]), self.config[sub].data.mixer)
+        if kept:
+            console.NOTES.note(kept)
         taken = self.command.prepare(sub, self.config[sub])
         if taken:
             try:

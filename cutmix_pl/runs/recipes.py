@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import Namespace
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cutmix.yaml"
@@ -46,3 +49,27 @@ def config_args(args: list[str]) -> list[str]:
             raise ValueError(f"{path} is not valid YAML ({where}{problem}); fix: correct the file (keys as in "
                              "configs/cutmix.yaml)") from None
     return args
+
+
+def kept_on_class_change(args: list[str], mixer: Any) -> str | None:
+    """A note when the command line changes ``data.mixer``'s class by name (``--data.mixer MixUp``): the CLI
+    (jsonargparse) then keeps the values of the arguments the earlier class shares with the new one, so MixUp would
+    run with CutMix's alpha and prob unannounced. Names those that differ from the class's own defaults and that
+    the command line does not set itself."""
+    named = [args[i + 1] if a == "--data.mixer" else a.partition("=")[2] for i, a in enumerate(args)
+             if (a == "--data.mixer" and i + 1 < len(args)) or a.startswith("--data.mixer=")]
+    if not named or named[-1].lstrip().startswith(("{", "null")) or not isinstance(mixer, Namespace):
+        return None
+    given = {a.partition("=")[0].rpartition(".")[2] for a in args if a.startswith("--data.mixer.")}
+    module, _, name = str(mixer.get("class_path")).rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters  # resolved by the CLI
+    values = mixer.get("init_args") or Namespace()
+    kept = [k for k, v in values.items() if k in params and k not in given and not isinstance(v, Namespace)
+            and params[k].default is not inspect.Parameter.empty and params[k].default != v]
+    if not kept:
+        return None
+    return (f"data.mixer {name} runs with {', '.join(f'{k}={values[k]!r}' for k in kept)} from the config before "
+            f"--data.mixer (a new class keeps the arguments the two share); {name}'s own defaults are "
+            f"{', '.join(f'{k}={params[k].default!r}' for k in kept)}: pass "
+            f"{' and '.join(f'--data.mixer.init_args.{k}' for k in kept)} to choose, or use a recipe (--config "
+            "mixup, --config cutout)")

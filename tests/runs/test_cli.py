@@ -143,6 +143,18 @@ def test_a_fast_dev_run_writes_and_claims_nothing(trained, tiny_cifar, in_tmp, c
         assert not (in_tmp / "runs").exists() and sorted(run.rglob("*")) == before
 
 
+def test_a_mixer_class_changed_by_name_names_the_values_it_keeps(tiny_cifar, in_tmp, capsys):
+    # jsonargparse keeps the arguments two classes share: MixUp would run with CutMix's alpha and prob unannounced
+    cases = ((["--data.mixer", "MixUp"], "data.mixer MixUp runs with alpha=1.0, prob=0.5 from the config before"),
+             (["--data.mixer=MixUp", "--data.mixer.init_args.alpha", "0.4"], "data.mixer MixUp runs with prob=0.5 "),
+             (["--config", "mixup"], None), (["--data.mixer", "null"], None))
+    for flags, note in cases:
+        capsys.readouterr()
+        main(["fit", *small(tiny_cifar, trainer__fast_dev_run=1), *flags])
+        err = capsys.readouterr().err
+        assert (note in err and "own defaults are" in err) if note else "data.mixer" not in err
+
+
 def test_no_mixing_mixup_and_randaugment_configs_train(tiny_cifar, in_tmp):
     for cfg, mixer in (("baseline.yaml", "none"), ("mixup.yaml", "MixUp(alpha=1.0"), ("randaugment.yaml", "CutMix(")):
         args = small(tiny_cifar, trainer__max_epochs=1, trainer__limit_train_batches=2)

@@ -36,16 +36,24 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self) -> None:
+        # saved after each validation, and by on_train_epoch_end at an epoch's end that no validation ended: left to
+        # Lightning, check_val_every_n_epoch > 1 or a val_check_interval would save only after validations, and
+        # the last epochs' state would never reach last.ckpt
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
-                         enable_version_counter=False)
+                         enable_version_counter=False, save_on_train_epoch_end=False)
         self.follow_up = _LastFollowUp(self)
+        self._validated_at: int | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        if self._validated_at != trainer.global_step and not (trainer.sanity_checking or trainer.fast_dev_run):
+            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
         self.follow_up.mark(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_at = trainer.global_step  # saved there (ModelCheckpoint's every_n_epochs is 1)
         self.follow_up.mark(trainer)
 
 

@@ -246,6 +246,20 @@ def test_last_ckpt_is_the_last_epoch_when_an_earlier_one_was_best(tiny_cifar, in
     assert ckpt(folder / "best-epoch000.ckpt")["global_step"] == 2
 
 
+@pytest.mark.parametrize("schedule,steps", [
+    (["--trainer.check_val_every_n_epoch", "2"], 2),  # epochs 0 and 2 end without a validation
+    (["--trainer.check_val_every_n_epoch", "5"], 2),  # no validation at all
+    (["--trainer.val_check_interval", "2", "--trainer.limit_train_batches", "3"], 3),  # mid-epoch validations only
+])
+def test_last_ckpt_is_the_final_state_whatever_the_validation_schedule(schedule, steps, tiny_cifar, in_tmp):
+    cli = main(quick(tiny_cifar, "--trainer.max_epochs", "3", *schedule))
+    run = Path(cli.trainer.log_dir)
+    last = ckpt(run / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 3 * steps) == (cli.trainer.current_epoch - 1,
+                                                                      cli.trainer.global_step)
+    assert runs.is_finished(run)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation writes into the checkpoint's run; predict writes its file
 # ----------------------------------------------------------------------------------------------------------------

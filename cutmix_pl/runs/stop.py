@@ -118,6 +118,8 @@ class StopOnSignal(Checkpoint):
                            batch_idx: int) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last batch: its validation and epoch-end checkpoint come first (on_train_epoch_end)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return  # inside a gradient accumulation window: the gradients summed so far are in no checkpoint
         if trainer.world_size > 1 and (trainer.global_step % self.check_every) != 0:
             return
         if self._agreed(trainer):

@@ -402,6 +402,23 @@ def test_a_kill_between_an_epochs_checkpoint_and_its_logged_means_loses_none(ref
     assert event_steps(run)["train/loss_epoch"] == event_steps(ref)["train/loss_epoch"]
 
 
+def test_a_signal_inside_a_gradient_accumulation_window_stops_at_its_end(tiny_cifar, tmp_path):
+    # the gradients summed so far in a window are in no checkpoint: the stop waits for the window's optimizer step
+    args = ["fit", *small(tiny_cifar), "--trainer.accumulate_grad_batches", "2"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    ref.mkdir(), cut.mkdir()
+    reference = spawn(ref, args)
+    proc = spawn(cut, args, pause_at=1)  # held after batch 1, the first window's end: the signal lands in batch 2
+    wait_paused(proc, cut)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after global step 2 (epoch 0, batch 3)" in (cut / "run.err").read_text()
+    assert finish(spawn(cut, [*args, "--ckpt_path", "last"], tag="resume")) == 0, (cut / "resume.err").read_text()
+    assert finish(reference) == 0
+    last = Path("runs", "smoke", "version_0", "checkpoints", "last.ckpt")
+    assert_same_training_state(ref / last, cut / last)
+
+
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(reference_run, tiny_cifar, steps_config, tmp_path):
     args = ["fit", *small(tiny_cifar), "--config", str(steps_config)]
     run = tmp_path / "runs" / "smoke" / "version_0"

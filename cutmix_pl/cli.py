@@ -38,7 +38,7 @@ class CutMixCLI(LightningCLI):
         self.command, failure = Command(), None
         try:
             super().__init__(*args, **kwargs)
-        except (Exception, StoppedEarly) as err:
+        except (Exception, StoppedEarly, Interrupted) as err:  # a stop that saved a last.ckpt keeps the run
             failure = err
             raise
         finally:

@@ -25,6 +25,7 @@ from . import disk, folder, rules
 from .callbacks import LastCheckpoint
 from .console import NOTES, shown
 from .folder import AtomicCheckpointIO, Claim, blocked
+from .stop import Interrupted
 
 __all__ = ["Command", "is_finished"]
 
@@ -119,6 +120,8 @@ class Command:
         if isinstance(err, WriteError) and not kept:  # the run it claimed is gone: nothing to resume
             return WriteError(str(err).replace("then resume with --ckpt_path last", "then run the command again (no "
                                                "state had been saved)"))
+        if isinstance(err, Interrupted) and err.checkpoint is None and self.claim is not None and not kept:
+            return Interrupted(err.signum, None, err.step, err.epoch, err.batch, resume=None)
         return None
 
 

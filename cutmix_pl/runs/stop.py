@@ -29,12 +29,14 @@ class Interrupted(BaseException):
     """A fit stopped by a signal after saving a checkpoint (a BaseException, like KeyboardInterrupt)."""
 
     def __init__(self, signum: int, checkpoint: str | None, step: int, epoch: int, batch: int,
-                 resume: str = "last") -> None:
+                 resume: str | None = "last") -> None:
+        """``resume``: what ``--ckpt_path`` continues the run; None when nothing is left to continue."""
         self.signum, self.checkpoint, self.step, self.epoch, self.batch = signum, checkpoint, step, epoch, batch
         name = signal.Signals(signum).name
         saved = f"saved {checkpoint}" if checkpoint else "nothing saved (stopped at once by a second signal)"
-        super().__init__(f"stopped by {name} after global step {step} (epoch {epoch}, batch {batch}); {saved}; "
-                         f"resume: run the same command with --ckpt_path {resume}")
+        then = (f"resume: run the same command with --ckpt_path {resume}" if resume else
+                "no state had been saved, and the run was removed: run the command again")
+        super().__init__(f"stopped by {name} after global step {step} (epoch {epoch}, batch {batch}); {saved}; {then}")
 
 
 class StoppedEarly(BaseException):

@@ -336,6 +336,9 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_of_its_own(tiny_cifar, in_tmp
     lines = [ln for ln in text.replace("\r", "\n").splitlines() if "cutmix-pl: stopped" in ln]
     assert len(lines) == 1 and lines[0].startswith("cutmix-pl: stopped by SIGINT after global step 2"), text[-2000:]
     assert "nothing saved (stopped at once by a second signal)" in lines[0]
+    # before any checkpoint: nothing to resume, so no half run is left and the advice is to run it again
+    assert lines[0].endswith("the run was removed: run the command again") and "--ckpt_path" not in lines[0]
+    assert not (in_tmp / "runs").exists()
 
 
 # -- F10 and low: values with no finite meaning name their key and a fix ------------------------------------------------

@@ -230,7 +230,9 @@ def remove_failed(run: Path, before: dict[Path, int] | None, top: Path | None = 
     if before is None and only is None:
         shutil.rmtree(run, ignore_errors=True)
     else:
-        new = [p for p in _entries(run, only) if p not in (before or {}) and p.name != LOCK]
+        others = {lock.parent for lock in run.glob(f"*/{LOCK}")}  # an evaluation's folder: another command's claim
+        new = [p for p in _entries(run, only) if p not in (before or {}) and p.name != LOCK
+               and not others.intersection((p, *p.parents))]
         for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         if run / LOCK not in (before or {}):

@@ -200,6 +200,19 @@ def test_remove_failed_keeps_runs_that_saved_a_last_ckpt(tmp_path):
     assert folder.remove_failed(run, before, top) is True and (run / "config.resume1.yaml").is_file()
 
 
+def test_a_failed_resume_leaves_an_evaluation_written_beside_it(tmp_path):
+    # test/validate/predict of a run write into <run>/<command>/ under a lock of their own, while a resume may run
+    run = tmp_path / "runs" / "x" / "version_0"
+    write_progress(run / "checkpoints" / "last.ckpt", 1, 6)
+    before = folder.snapshot(run)
+    (run / "config.resume1.yaml").write_text("a: 2")
+    (run / "test").mkdir()
+    (run / "test" / folder.LOCK).write_text("123")
+    (run / "test" / "config.yaml").write_text("b: 1")
+    assert folder.remove_failed(run, before) is True
+    assert not (run / "config.resume1.yaml").exists() and (run / "test" / "config.yaml").is_file()
+
+
 def test_finished_is_read_from_last_ckpt_and_the_newest_config(tmp_path):
     run = make_run(tmp_path / "v", CONFIG, finished=True)
     assert runs.is_finished(run)

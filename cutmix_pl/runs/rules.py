@@ -84,9 +84,10 @@ def decide(sub: str, cfg: Namespace, seen: Seen, base: Path | None) -> Decision:
                                               found.config, found.folder.absolute())
     if seen.newest:
         d.notes.append(f"--ckpt_path last is {shown(Path(d.ckpt))}")
-    if d.checkpoint is not None and (not isinstance(d.checkpoint, dict) or "state_dict" not in d.checkpoint):
-        raise ValueError(f"--ckpt_path {d.ckpt} is not a Lightning checkpoint (no state_dict); fix: pass a .ckpt "
-                         "file written by this project")
+    if d.checkpoint is not None and (not isinstance(d.checkpoint, dict)
+                                     or not {"state_dict", "pytorch-lightning_version"} <= d.checkpoint.keys()):
+        raise ValueError(f"--ckpt_path {d.ckpt} is not a Lightning checkpoint (no state_dict, or no "
+                         "pytorch-lightning_version); fix: pass a .ckpt file written by this project")
     if d.checkpoint is not None:
         cfg.ckpt_path = d.ckpt
     resumed = resumed if sub == "fit" and d.checkpoint is not None else None

@@ -258,6 +258,17 @@ def test_corrupt_checkpoint(small_ckpt, tiny_cifar, in_tmp, capsys):
     assert not (in_tmp / "runs").exists()
 
 
+@pytest.mark.parametrize("sub", ["fit", "test"])
+@pytest.mark.parametrize("content", ["tensor", "dict", "weights", "weights and hparams"])
+def test_a_file_that_is_not_a_lightning_checkpoint_is_one_line(sub, content, small_ckpt, tiny_cifar, in_tmp, capsys):
+    full = torch.load(small_ckpt, weights_only=True)
+    torch.save({"tensor": torch.zeros(3), "dict": {"a": 1}, "weights": full["state_dict"],
+                "weights and hparams": {k: full[k] for k in ("state_dict", "hyper_parameters")}}[content], "x.pt")
+    line = fails(capsys, sub, *small(tiny_cifar), "--ckpt_path", "x.pt")
+    assert "x.pt is not a Lightning checkpoint" in line and "fix: pass a .ckpt file" in line
+    assert not (in_tmp / "runs").exists()
+
+
 @pytest.mark.parametrize("sub", ["validate", "test", "predict"])
 def test_evaluation_without_a_checkpoint(sub, tiny_cifar, in_tmp, capsys):
     line = fails(capsys, sub, *small(tiny_cifar))

@@ -28,10 +28,11 @@ MEAN = (0.5071, 0.4865, 0.4409)
 STD = (0.2673, 0.2564, 0.2762)
 
 
-def _fix_hint(folder: Path) -> str:
-    return (f"pass --data.download true where the internet is reachable, put the python-version files (train, test, "
-            f"meta) in {folder} (offline: copy them from a machine that has them), or pass --data.data_dir with the "
-            f"folder that holds a {FOLDER}/")
+def _fix_hint(folder: Path, downloading: bool = False) -> str:
+    fetch = "run again where the internet is reachable" if downloading else \
+        "pass --data.download true where the internet is reachable"
+    return (f"{fetch}, put the python-version files (train, test, meta) in {folder} (offline: copy them from a "
+            f"machine that has them), or pass --data.data_dir with the folder that holds a {FOLDER}/")
 
 
 def find(root: str | Path) -> Path | None:
@@ -50,8 +51,8 @@ def download(root: str | Path, url: str = URL) -> Path:
     fails, leaving nothing behind. ``url``: another copy of the same archive (the tests serve one locally)."""
     find(root)
     root = Path(root)
-    fix = _fix_hint(root / FOLDER)
-    return pickles.download(url, ARCHIVE_MD5, root, FOLDER, "CIFAR-100", "train, test and meta", find, (fix, fix))
+    return pickles.download(url, ARCHIVE_MD5, root, FOLDER, "CIFAR-100", "train, test and meta", find,
+                            (_fix_hint(root / FOLDER, downloading=True), _fix_hint(root / FOLDER)))
 
 
 def _read(path: Path) -> dict:

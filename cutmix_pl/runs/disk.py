@@ -39,6 +39,7 @@ class Seen:
     run: Path | None = None  # the checkpoint's run folder
     run_config: dict[str, Any] | None = None  # the run's newest config (fit only)
     newest: bool = False  # ``last`` of an evaluation: the newest run's last.ckpt
+    data_dir: str | None = None  # an evaluation's: the data folder the checkpoint's run read, when it is there
     candidates: list[RunOnDisk] = field(default_factory=list)  # ``last`` of a fit: every run with a last.ckpt
 
 
@@ -63,6 +64,10 @@ def read(sub: str, ckpt: str | None, base: Path | None, weights_only: bool | Non
         return Seen(candidates=found)
     path = newest_last(base) if ckpt == "last" else _checkpoint_file(ckpt)
     seen = Seen(str(path), read_checkpoint(path, weights_only), run_of_checkpoint(path), newest=ckpt == "last")
+    data = seen.checkpoint.get("datamodule_hyper_parameters") if isinstance(seen.checkpoint, dict) else None
+    where = data.get("data_dir") if isinstance(data, dict) else None
+    if sub != "fit" and isinstance(where, str) and Path(where).is_dir():
+        seen.data_dir = where
     if sub == "fit":
         try:
             seen.run_config = saved_config(seen.run)

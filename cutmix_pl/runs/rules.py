@@ -99,7 +99,7 @@ def decide(sub: str, cfg: Namespace, seen: Seen, base: Path | None) -> Decision:
         if sub == "fit" and resumed is None:
             check_loose_checkpoint(cfg, d.taken, d.notes)
         if sub != "fit":
-            dataset_from_checkpoint(cfg, d.checkpoint, d.notes)
+            dataset_from_checkpoint(cfg, d.checkpoint, d.notes, seen.data_dir)
         if sub == "validate":
             split_from_checkpoint(cfg, d.checkpoint, d.notes)
     _place(d, sub, cfg, resumed, run, logged=base is not None)
@@ -323,12 +323,18 @@ def check_loose_checkpoint(cfg: Namespace, taken: dict[str, Any], notes: list[st
     notes.extend(f"model.{key}={saved[key]!r} from the checkpoint" for key in differ)
 
 
-def dataset_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any], notes: list[str]) -> None:
+def dataset_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any], notes: list[str],
+                            data_dir: str | None = None) -> None:
     """An evaluation reads the data its run trained on: the dataset settings this command leaves at their defaults
-    are the checkpoint's (so ``test --ckpt_path RUN`` needs no data flags); another dataset named is refused."""
+    are the checkpoint's (so ``test --ckpt_path RUN`` needs no data flags), and so is the data folder (``data_dir``:
+    the run's, where it is still there); another dataset named is refused."""
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
     if not isinstance(saved, dict):
         return
+    if data_dir is not None and data_dir != cfg.data.get("data_dir") and same_value(cfg.data.get("data_dir"),
+                                                                                     data_defaults().get("data_dir")):
+        notes.append(f"data.data_dir={data_dir!r} from the checkpoint: the folder its run read")
+        cfg.data.data_dir = data_dir
     for key in DATASET_KEYS:
         if key not in saved or key not in cfg.data or same_value(saved[key], cfg.data[key]):
             continue

@@ -294,6 +294,17 @@ def test_evaluation_writes_into_the_checkpoints_run(tiny_cifar, in_tmp, capsys):
     assert recount == pytest.approx(acc), "the file's predictions give the test command's accuracy"
 
 
+def test_an_evaluation_reads_the_data_folder_its_run_read(tiny_cifar, in_tmp, capsys):
+    run = Path(main(quick(tiny_cifar)).trainer.log_dir)
+    args = small(tiny_cifar)
+    assert args[2:4] == ["--data.data_dir", str(tiny_cifar)]
+    del args[2:4]  # data.data_dir left at its default, data/, which is not here
+    capsys.readouterr()
+    main(["test", *args, "--ckpt_path", str(run)])
+    assert f"data.data_dir={str(tiny_cifar)!r} from the checkpoint" in capsys.readouterr().err
+    assert yaml.safe_load((run / "test" / "config.yaml").read_text())["data"]["data_dir"] == str(tiny_cifar)
+
+
 def test_evaluation_validates_on_the_runs_held_out_split(tiny_cifar, in_tmp, capsys):
     run = Path(main(quick(tiny_cifar, "--data.split_seed", "3")).trainer.log_dir).absolute()
     capsys.readouterr()

@@ -178,6 +178,7 @@ def test_an_archive_with_another_md5_is_refused_and_removed(served, tmp_path):
         cifar100.download(tmp_path / "fresh", url=url)
     msg = str(err.value)
     assert "downloading it failed" in msg and "fix:" in msg and "\n" not in msg
+    assert "run again where the internet is reachable" in msg and "--data.download true" not in msg  # it was true
     assert not (tmp_path / "fresh").exists(), "a failed download must leave no partial archive or folder"
 
 

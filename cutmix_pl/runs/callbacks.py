@@ -18,16 +18,14 @@ __all__ = ["LastCheckpoint", "ResumedEpochBar", "SaveConfigNoOverwrite", "last_c
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Writes ``<run>/checkpoints/last.ckpt`` at every point where Lightning checkpoints an epoch (after each
-    validation, or each epoch when there is none), so that it is the newest state, whatever other checkpoints a
-    config keeps. A config's checkpoint every N steps keeps it current between those points with its own
+    """Writes ``<run>/checkpoints/last.ckpt`` at every epoch's end (after the epoch's validation, if it has one),
+    so that it is the newest state, whatever other checkpoints a config keeps and whatever the validation schedule. A config's checkpoint every N steps keeps it current between those points with its own
     ``save_last: true`` (it writes the same file).
 
     ``ModelCheckpoint(save_last=True)`` does not promise that: since Lightning 2.6 it writes ``last.ckpt`` only at a
     step where it also wrote a top-k checkpoint, so with ``monitor: val/acc, save_top_k: 1`` its ``last.ckpt`` is the
     best epoch's state, not the last one's. Here the one kept "top-k" file is itself named ``last``: one file,
     rewritten (atomically, folder.AtomicCheckpointIO) at every save.
-
 
     It runs before the config's checkpoints (the CLI puts it first), so that the resume point is on disk before any
     best copy: with room for one file, the run keeps the state it can resume from. The records of the checkpoints
@@ -36,24 +34,18 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self) -> None:
-        # saved after each validation, and by on_train_epoch_end at an epoch's end that no validation ended: left to
-        # Lightning, check_val_every_n_epoch > 1 or a val_check_interval would save only after validations, and
-        # the last epochs' state would never reach last.ckpt
+        # at every epoch's end, after its validation: left to Lightning, check_val_every_n_epoch > 1 or a
+        # val_check_interval would save only after validations, and the last epochs would never reach last.ckpt
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
-                         enable_version_counter=False, save_on_train_epoch_end=False)
+                         enable_version_counter=False, save_on_train_epoch_end=True)
         self.follow_up = _LastFollowUp(self)
-        self._validated_at: int | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._validated_at != trainer.global_step and not (trainer.sanity_checking or trainer.fast_dev_run):
-            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
         self.follow_up.mark(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._validated_at = trainer.global_step  # saved there (ModelCheckpoint's every_n_epochs is 1)
         self.follow_up.mark(trainer)
 
 

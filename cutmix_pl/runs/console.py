@@ -118,6 +118,9 @@ def concise(err: BaseException, cfg: Namespace | None = None) -> str:
         if causes and len(keys) == 1:  # "alpha=0.0 is out of range" -> "data.mixer.init_args.alpha=0.0 is ..."
             causes = [f"{keys[0]}.init_args.{c}" if re.match(r"\w+[=:]", c) else f"{keys[0]}: {c}" for c in causes]
             text = "; ".join(causes) + f"; fix: change {keys[0]}.init_args"
+        elif causes and outer and not cls:  # a plain value of the wrong type: name the key and the value
+            given = re.search(r"Given value: (.*)", text)
+            text = f"{outer.group(1)}={given.group(1).strip() if given else '?'}: {'; '.join(causes)}"
         elif causes:
             text = f"{cls.group(1) + ': ' if cls else ''}{'; '.join(causes)}"
     text = " ".join(text.split())

@@ -72,6 +72,8 @@ CONFIG_CASES = {
     "unknown key": (["--model.dpth", "20"], ["model.dpth", "--help"]),
     "a key cut short": (["--trainer.max_epoch", "3"], ["unrecognized arguments: --trainer.max_epoch", "--help"]),
     "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
+    "wrong type where null is allowed": (["--trainer.max_epochs", "two"], ["trainer.max_epochs=two", "int", "--help"]),
+    "no such mixer class": (["--data.mixer", "MixUpp"], ["data.mixer=MixUpp", "--help"]),
     "data missing offline": (["--data.data_dir", "nowhere"], ["nowhere/cifar-10-batches-py", "--data.download true",
                                                               "--data.data_dir with the folder"]),
     "checkpoint path missing": (["--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist", "--ckpt_path last"]),

@@ -124,6 +124,8 @@ class ImageClassifier(L.LightningModule):
         return callbacks
 
     def configure_model(self) -> None:
+        size = getattr(self._trainer and self.trainer.datamodule, "image_size", None) or (32, 32)  # set up by now
+        self.example_input_array = torch.zeros(1, 3, *size, dtype=torch.uint8)  # the summary's: a folder's 64x64
         if self.hparams.channels_last:  # None (not chosen) is NCHW
             self.net.to(memory_format=torch.channels_last)
         # Module.compile() compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the

@@ -115,3 +115,14 @@ def test_a_resume_or_evaluation_on_another_dataset_is_refused_in_one_line(tiny_c
                        "--data.data_dir", str(other), "--data.download", "false")
     assert "cifar100" in evaluation and "cifar10" in evaluation
     assert not (run / "test").exists()  # nothing half-written
+
+
+def test_the_model_summary_sizes_the_datas_images(tmp_path, monkeypatch):
+    # a folder resized to 16x16: the summary's example input (its sizes and FLOPs) is one such image, not CIFAR's
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    args = dataset_args("folder", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    assert tuple(cli.model.example_input_array.shape) == (1, 3, 16, 16)
+    assert ModelSummary(cli.model).in_sizes[0] == [1, 3, 16, 16]

@@ -165,8 +165,9 @@ def _checkpoint_file(ckpt: str) -> Path:
     if path.is_dir():  # a run folder
         path = path / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            raise ValueError(f"--ckpt_path {ckpt} is a folder without checkpoints/last.ckpt; fix: pass a run folder "
-                             "(runs/<name>/version_N) or a .ckpt file")
+            raise ValueError(f"--ckpt_path {ckpt} is a folder without checkpoints/last.ckpt (no run, or one that "
+                             "saved nothing); fix: pass the folder of a run that saved a checkpoint, a .ckpt file, or "
+                             "--ckpt_path last")
     elif not path.is_file():
         raise ValueError(f"--ckpt_path {ckpt} does not exist; fix: pass the path of a .ckpt file (e.g. "
                          "runs/<name>/version_N/checkpoints/last.ckpt), a run folder, or --ckpt_path last")

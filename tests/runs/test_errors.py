@@ -77,6 +77,8 @@ CONFIG_CASES = {
     "data missing offline": (["--data.data_dir", "nowhere"], ["nowhere/cifar-10-batches-py", "--data.download true",
                                                               "--data.data_dir with the folder"]),
     "checkpoint path missing": (["--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist", "--ckpt_path last"]),
+    "checkpoint folder without a checkpoint": (["--ckpt_path", "."], ["folder without checkpoints/last.ckpt",
+                                                                      "a run that saved a checkpoint"]),
     "checkpoint best": (["--ckpt_path", "best"], ["--ckpt_path best", "same Python process", "best-epochNNN.ckpt"]),
     "grid_size 0": (["--model.grid_size", "0"], ["model.grid_size=0", "integer >= 1", "fix:"]),
     "grid_size negative": (["--model.grid_size", "-3"], ["model.grid_size=-3", "integer >= 1", "fix:"]),

@@ -89,9 +89,7 @@ def _as_input(trainer: L.Trainer | None, images: Tensor) -> Tensor:
 # The class keeps its name for every dataset: Lightning files the DataModule's state under the class's __qualname__
 # in a checkpoint, so a renamed class would silently drop every existing run's position and stream on resume.
 class CIFAR10DataModule(L.LightningDataModule):
-    """Splits and loaders of one dataset (CIFAR-10 by default), training batches transformed on their device.
-
-    The transform is a :class:`TrainTransform`: crop, flip, normalise and mix as batched ops (``transform.py``).
+    """Splits and loaders of one dataset (CIFAR-10 by default); a TrainTransform augments batches on their device.
 
     Args:
         data_dir: cifar10: the folder that holds (or will hold) ``cifar-10-batches-py/``; cifar100: the same for

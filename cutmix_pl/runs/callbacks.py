@@ -19,8 +19,9 @@ __all__ = ["LastCheckpoint", "ResumedEpochBar", "SaveConfigNoOverwrite", "last_c
 
 class LastCheckpoint(ModelCheckpoint):
     """Writes ``<run>/checkpoints/last.ckpt`` at every epoch's end (after the epoch's validation, if it has one),
-    so that it is the newest state, whatever other checkpoints a config keeps and whatever the validation schedule. A config's checkpoint every N steps keeps it current between those points with its own
-    ``save_last: true`` (it writes the same file).
+    so that it is the newest state, whatever other checkpoints a config keeps and whatever the validation schedule.
+    A config's checkpoint every N steps keeps it current between those points with its own ``save_last: true`` (it
+    writes the same file).
 
     ``ModelCheckpoint(save_last=True)`` does not promise that: since Lightning 2.6 it writes ``last.ckpt`` only at a
     step where it also wrote a top-k checkpoint, so with ``monitor: val/acc, save_top_k: 1`` its ``last.ckpt`` is the

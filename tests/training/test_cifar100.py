@@ -124,7 +124,8 @@ def test_a_crafted_pickle_runs_no_code(data, tmp_path):
 @pytest.mark.parametrize("entry,shown", [
     ({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 100]}, "fine_labels outside [0, 99]"),
     ({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0.0, 1.0]}, "a label 0.0 of type float"),
-    ({"data": np.zeros((2, 3072), np.uint8), "coarse_labels": [0, 1]}, "no labels under 'fine_labels', not one for each of its 2 images"),
+    ({"data": np.zeros((2, 3072), np.uint8), "coarse_labels": [0, 1]},
+     "no labels under 'fine_labels', not one for each of its 2 images"),
     ({"data": np.zeros((2, 1024), np.uint8), "fine_labels": [0, 1]}, "shape [2, 1024]"),
     ([1, 2], "holds a list"),
 ])

@@ -1,7 +1,7 @@
 """Callbacks the model brings with it (``ImageClassifier.configure_callbacks``): what a run reports besides its
-metrics (``hp_metric``, the mixed-image grid, the confusion matrix, the summary's input), the stop on a non-finite
-loss, and what a resume needs beside the weights (the global random state, the epoch's training means so far). None
-of them changes what is trained."""
+metrics (``hp_metric``, the mixed-image grid, the confusion matrix), the stop on a non-finite loss, and what a
+resume needs beside the weights (the global random state, the epoch's training means so far). None of them changes
+what is trained."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from .viz import captioned_grid, confusion_image, denormalize, mix_captions
 
-__all__ = ["BestValAccuracy", "GlobalRNGState", "MixedImageGrid", "NonFiniteLossWatch", "SummaryInput",
-           "TrainMeansResume", "ValConfusionMatrix"]
+__all__ = ["BestValAccuracy", "GlobalRNGState", "MixedImageGrid", "NonFiniteLossWatch", "TrainMeansResume",
+           "ValConfusionMatrix"]
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -32,16 +32,6 @@ def _classes(trainer: L.Trainer, k: int) -> list[str]:
     """The data's class names (index order), or the indices where the data names none."""
     names = getattr(trainer.datamodule, "classes", None)
     return list(names) if names is not None and len(names) == k else [str(i) for i in range(k)]
-
-
-class SummaryInput(Callback):
-    """The model summary's example input made one image of the data's size (a folder's may be 64x64, not CIFAR's
-    32x32), so that its sizes and FLOPs are the run's. Known once the data is set up, which Lightning does first."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        size = getattr(trainer.datamodule, "image_size", None)
-        if size:
-            pl_module.example_input_array = torch.zeros(1, 3, *size, dtype=torch.uint8)
 
 
 class MixedImageGrid(Callback):

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from . import cifar
 from .checks import check_optimizer, check_settings, require
 from .metrics import WeightedMean, stage_metrics
-from .model_callbacks import (BestValAccuracy, GlobalRNGState, MixedImageGrid, NonFiniteLossWatch, SummaryInput,
-                              TrainMeansResume, ValConfusionMatrix)
+from .model_callbacks import (BestValAccuracy, GlobalRNGState, MixedImageGrid, NonFiniteLossWatch, TrainMeansResume,
+                              ValConfusionMatrix)
 from .nets import check_compatible, describe, make_network
 from .schedules import Schedule, lr_factor, steps_per_epoch
 
@@ -117,13 +117,15 @@ class ImageClassifier(L.LightningModule):
         self.eval_metrics = nn.ModuleDict({stage: stage_metrics(stage, num_classes) for stage in ("val", "test")})
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [GlobalRNGState(), NonFiniteLossWatch(), TrainMeansResume(), SummaryInput(),
+        callbacks: list[Callback] = [GlobalRNGState(), NonFiniteLossWatch(), TrainMeansResume(),
                                      ValConfusionMatrix(self.hparams.num_classes), BestValAccuracy()]
         if self.hparams.log_images:
             callbacks.append(MixedImageGrid(self.hparams.grid_size))
         return callbacks
 
     def configure_model(self) -> None:
+        size = getattr(self._trainer and self.trainer.datamodule, "image_size", None) or (32, 32)  # set up by now
+        self.example_input_array = torch.zeros(1, 3, *size, dtype=torch.uint8)  # the summary's: a folder's 64x64
         if self.hparams.channels_last:  # None (not chosen) is NCHW
             self.net.to(memory_format=torch.channels_last)
         # Module.compile() compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the

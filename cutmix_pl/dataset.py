@@ -81,6 +81,11 @@ class Reader(ABC):
     def read(self) -> ImageSet:
         """All splits as uint8 tensors; DataError (one line) when the files are missing or damaged."""
 
+    def files(self, split: str) -> list[str] | None:
+        """The image file of each image of ``split`` (``train``, ``val``, ``test``), in the split's order, for a
+        dataset read from files (a folder); None for one without file names (CIFAR's pickles)."""
+        return None
+
     def describe(self) -> str:
         """What a checkpoint records about the data, to refuse resuming or evaluating a run on another dataset."""
         return self.name

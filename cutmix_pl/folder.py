@@ -250,5 +250,10 @@ class Folder(Reader):
 
         return ImageSet(split("train"), split("test"), split("val"), tuple(meta["mean"]), tuple(meta["std"]))
 
+    def files(self, split: str) -> list[str] | None:
+        # the cache holds the images in the listing's order (_build decodes listing.files as they are)
+        found = self.listing.files.get(split)
+        return None if found is None else [p.relative_to(self.listing.root).as_posix() for p, _ in found]
+
     def describe(self) -> str:
         return f"folder ({len(self.classes)} classes: {', '.join(self.classes)})"

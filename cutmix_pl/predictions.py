@@ -20,8 +20,9 @@ __all__ = ["PredictionWriter"]
 class PredictionWriter(Callback):
     """Writes ``predict``'s output to ``<log_dir>/predictions.csv`` and prints the path.
 
-    One row per image: ``index`` (its position in the predicted split), ``label`` (the true class, empty when
-    unknown), ``pred`` (the predicted class) and one probability column per class. Under DDP every rank writes its
+    One row per image: ``index`` (its position in the predicted split), ``file`` (the image file under the data
+    folder, for a dataset read from files), ``label`` (the true class, empty when unknown), ``pred`` (the predicted
+    class) and one probability column per class. Under DDP every rank writes its
     shard to a part file; rank 0 joins them in index order.
 
     Args:
@@ -46,11 +47,14 @@ class PredictionWriter(Callback):
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self._folder(trainer)
         target = folder / self.filename
+        reader = getattr(trainer.datamodule, "reader", None)
+        files = reader.files("test") if reader is not None else None  # predict reads the test split (splits.py)
+        classes = getattr(trainer.datamodule, "classes", None)
         if trainer.world_size == 1:
-            self._write(target, self._rows, getattr(trainer.datamodule, "classes", None))
+            self._write(target, self._rows, classes, files)
         else:
             part = folder / f".{self.filename}.part{trainer.global_rank}"
-            self._write(part, self._rows, getattr(trainer.datamodule, "classes", None))
+            self._write(part, self._rows, classes, files)
             trainer.strategy.barrier("predictions")
             if trainer.is_global_zero:
                 self._join([folder / f".{self.filename}.part{r}" for r in range(trainer.world_size)], target)
@@ -60,18 +64,20 @@ class PredictionWriter(Callback):
             print(f"cutmix-pl: wrote the predictions to {target}", file=sys.stderr)
 
     @staticmethod
-    def _write(path: Path, rows: list[dict[str, torch.Tensor]], classes: Any) -> None:
+    def _write(path: Path, rows: list[dict[str, torch.Tensor]], classes: Any, files: list[str] | None) -> None:
         k = rows[0]["prob"].shape[1] if rows else 0
         names = list(classes) if classes is not None and len(classes) == k else [str(i) for i in range(k)]
         text = io.StringIO(newline="")
         out = csv.writer(text)
-        out.writerow(["index", "label", "pred", *(f"prob_{n}" for n in names)])
+        file_column = ["file"] if files is not None else []
+        out.writerow(["index", *file_column, "label", "pred", *(f"prob_{n}" for n in names)])
         for part in rows:
             n = len(part["prob"])
             index = part.get("index", torch.full((n,), -1)).tolist()
             label = part["label"].tolist() if "label" in part else [""] * n
             for i, y, p, probs in zip(index, label, part["pred"].tolist(), part["prob"].tolist()):
-                out.writerow([i, y, p, *(f"{q:.6g}" for q in probs)])
+                file = [files[i] if 0 <= i < len(files) else ""] if files is not None else []
+                out.writerow([i, *file, y, p, *(f"{q:.6g}" for q in probs)])
         atomic_write(path, text.getvalue().encode(), "the predictions")
 
     @staticmethod

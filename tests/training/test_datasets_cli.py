@@ -70,8 +70,15 @@ def test_fit_resumes_exactly_then_tests_and_predicts(dataset, steps_config, tmp_
     assert (run / "test").is_dir()
     main(["predict", "--ckpt_path", str(run), *dataset_args_flags(args)])
     with open(run / "predict" / "predictions.csv", newline="") as f:
-        header = next(csv.reader(f))
-    assert header[3:] == [f"prob_{n}" for n in names(dataset)]
+        header, *rows = list(csv.reader(f))
+    assert header[header.index("pred") + 1:] == [f"prob_{n}" for n in names(dataset)]
+    if dataset == "folder":  # each row names its image file, whose class folder is the row's label
+        assert header[:4] == ["index", "file", "label", "pred"] and len(rows) == 3 * 60
+        files = [r[1] for r in rows]
+        assert len(set(files)) == len(files) and all((tmp_path / "data" / f).is_file() for f in files)
+        assert all(f.split("/")[:2] == ["test", SORTED[int(r[2])]] for f, r in zip(files, rows))
+    else:
+        assert "file" not in header
 
 
 def dataset_args_flags(args: list[str]) -> list[str]:

@@ -46,6 +46,19 @@ def dm(root: Path, **kw) -> CIFAR10DataModule:
     return CIFAR10DataModule(root, **kw)
 
 
+def test_files_name_each_image_of_a_split_in_its_order(tmp_path):
+    root = make_folder(tmp_path / "d", n=4)
+    module = dm(root)
+    module.setup("test")
+    test, files = module.split("test"), module.reader.files("test")
+    assert len(files) == len(test.labels) == 12 and module.reader.files("val") is None
+    for i, name in enumerate(files):  # the file's pixels are the image at its position, its folder the label
+        pixels = np.asarray(Image.open(root / name)).transpose(2, 0, 1).copy()
+        assert torch.equal(test.images[i], torch.from_numpy(pixels))
+        assert name.split("/")[1] == module.classes[test.labels[i]]
+    assert CIFAR10DataModule(tmp_path / "none", download=False).reader.files("test") is None
+
+
 def test_classes_sorted_labels_and_pixels(tmp_path):
     root = make_folder(tmp_path / "d")
     module = dm(root)

@@ -92,10 +92,9 @@ class ImageClassifier(L.LightningModule):
         self.net = make_network(net, num_classes)
         self.optimizer_factory = optimizer or _default_sgd
         check_optimizer(self.optimizer_factory)
-        # From the CLI, the network and the optimiser arrive here built, and Lightning records them as the config
-        # gave them (class_path + init_args): what TensorBoard's HPARAMS tab shows and what a checkpoint rebuilds.
-        # Built in Python, the network is recorded in that same form instead of as an object (which would pickle
-        # code), and an optimiser factory (a function) is not recorded.
+        # From the CLI the network and optimiser arrive built, and Lightning records them as the config gave them
+        # (class_path + init_args): TensorBoard's HPARAMS tab and what a checkpoint rebuilds. A network built in Python
+        # is recorded in that form too, not as an object (which would pickle code); an optimiser factory is not.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
             self.save_hyperparameters()
@@ -110,9 +109,7 @@ class ImageClassifier(L.LightningModule):
         # val/test loss: plain cross-entropy, so that it compares across runs with any label_smoothing (as timm's)
         self.eval_criterion = SoftTargetCrossEntropy()
         # Training metrics are updated every step, so they must not make the host wait for a GPU (metrics.py).
-        self.train_acc = WeightedMean()
-        self.train_loss = WeightedMean()
-        # Evaluation: the loss weighted by images (synced exactly), and the classification metrics of each stage.
+        self.train_acc, self.train_loss = WeightedMean(), WeightedMean()
         self.eval_loss = nn.ModuleDict({stage: WeightedMean() for stage in ("val", "test")})
         self.eval_metrics = nn.ModuleDict({stage: stage_metrics(stage, num_classes) for stage in ("val", "test")})
 
@@ -123,9 +120,12 @@ class ImageClassifier(L.LightningModule):
             callbacks.append(MixedImageGrid(self.hparams.grid_size))
         return callbacks
 
+    def setup(self, stage: str) -> None:
+        # Lightning sets up the data first: the summary's input is then one of its images (a folder's 64x64)
+        size = getattr(self.trainer.datamodule, "image_size", None) or (32, 32)
+        self.example_input_array = torch.zeros(1, 3, *size, dtype=torch.uint8)
+
     def configure_model(self) -> None:
-        size = getattr(self._trainer and self.trainer.datamodule, "image_size", None) or (32, 32)  # set up by now
-        self.example_input_array = torch.zeros(1, 3, *size, dtype=torch.uint8)  # the summary's: a folder's 64x64
         if self.hparams.channels_last:  # None (not chosen) is NCHW
             self.net.to(memory_format=torch.channels_last)
         # Module.compile() compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the

@@ -52,23 +52,31 @@ class StoppedEarly(BaseException):
                          "--ckpt_path last, else run the command again")
 
 
+def _swap(handler: Any) -> dict[int, Any]:
+    """``handler`` for the stop signals (only the main thread may set one); returns the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in _SIGNALS}
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def stop_early_on_signals() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP raise :class:`StoppedEarly` while the block runs (StopOnSignal takes over during
     training), instead of killing the process where it stands or printing a KeyboardInterrupt traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def stop(signum: int, frame: Any) -> None:
         raise StoppedEarly(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in _SIGNALS}
+    previous = _swap(stop)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _restore(previous)
 
 
 class StopOnSignal(Checkpoint):
@@ -100,16 +108,11 @@ class StopOnSignal(Checkpoint):
         self.signum = signum
 
     def _install(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or self._previous:
-            return
-        for sig in _SIGNALS:
-            self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handle)
+        self._previous = self._previous or _swap(self._handle)
 
     def _uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
+        previous, self._previous = self._previous, {}
+        _restore(previous)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -130,10 +133,6 @@ class StopOnSignal(Checkpoint):
             # starts after this step and would never log them).
             self._pending = self._save(trainer, batch_idx, trainer.current_epoch)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._stop_if_saved()
-
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the epoch's validation, where ModelCheckpoint(save_on_train_epoch_end=True) saves: a checkpoint taken
         # at the last batch, before that validation, resumes without it (Lightning counts the epoch as done). The
@@ -141,14 +140,13 @@ class StopOnSignal(Checkpoint):
         if self._agreed(trainer):
             self._pending = self._save(trainer, max(0, trainer.num_training_batches - 1), trainer.current_epoch)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_if_saved()
-
-    def _stop_if_saved(self) -> None:
+    def _stop_if_saved(self, *hook_args: Any) -> None:
         """End the fit whose stop was saved at the previous hook (once Lightning has logged what came before)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             raise pending
+
+    on_train_batch_start = on_train_epoch_start = _stop_if_saved
 
     def _agreed(self, trainer: L.Trainer) -> bool:
         """Whether to stop now: this process's flag, or under DDP any rank's (a collective: all ranks call it)."""

@@ -185,6 +185,8 @@ class Folder(Reader):
                              "or null (the images' common size); fix: e.g. 32 or 64")
         self.listing = scan(data_dir)  # the layout is checked at construction, before anything is decoded
         self.classes, self.size = self.listing.classes, image_size
+        # data.val_size is checked at construction, before any decoding, unless a val/ folder makes it unused
+        self.train_images = None if "val" in self.listing.files else len(self.listing.files["train"])
         self.cache = image_cache.cache_path(Path(cache_dir) if cache_dir is not None else Path(data_dir), image_size)
         self.progress = progress
         self._shape: tuple[int, int] | None = (image_size, image_size) if image_size is not None else None

@@ -89,6 +89,14 @@ def test_mean_and_std_are_computed_once_stored_and_used(tmp_path):
     torch.testing.assert_close(x, (images.float() / 255 - mean) / std)
 
 
+def test_a_val_size_of_every_training_image_is_refused_before_any_decoding(tmp_path):
+    root = make_folder(tmp_path / "d", n=4)  # 12 training images
+    with pytest.raises(ValueError, match=r"^data.val_size=12 is out of range: it must lie in \[0, 11\] \(folder "):
+        dm(root, val_size=12)
+    assert leftovers(root) == []  # refused at construction: no cache decoded
+    assert len(dm(root, val_size=11).reader.listing.files["train"]) == 12
+
+
 def test_a_val_folder_is_the_validation_split(tmp_path):
     root = make_folder(tmp_path / "d", splits=("train", "val", "test"), n=4)
     module = dm(root, val_size=5000)  # not used: val/ is the validation split, and all of train/ trains

@@ -32,6 +32,7 @@ class PredictionWriter(Callback):
     def __init__(self, filename: str = "predictions.csv") -> None:
         self.filename = filename
         self._rows: list[dict[str, torch.Tensor]] = []
+        self._written: Path | None = None
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows = []
@@ -59,9 +60,13 @@ class PredictionWriter(Callback):
             if trainer.is_global_zero:
                 self._join([folder / f".{self.filename}.part{r}" for r in range(trainer.world_size)], target)
             trainer.strategy.barrier("predictions-joined")
-        self._rows = []
-        if trainer.is_global_zero:
-            print(f"cutmix-pl: wrote the predictions to {target}", file=sys.stderr)
+        self._rows, self._written = [], target if trainer.is_global_zero else None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # said once the progress bar has closed its line (at the loop's end), not glued to its end
+        if self._written is not None:
+            print(f"cutmix-pl: wrote the predictions to {self._written}", file=sys.stderr)
+            self._written = None
 
     @staticmethod
     def _write(path: Path, rows: list[dict[str, torch.Tensor]], classes: Any, files: list[str] | None) -> None:

@@ -8,6 +8,7 @@ import csv
 import os
 import signal
 import subprocess
+import sys
 import warnings
 from collections import Counter
 from unittest import mock
@@ -292,6 +293,17 @@ def test_evaluation_writes_into_the_checkpoints_run(tiny_cifar, in_tmp, capsys):
     assert [int(r["pred"]) for r in rows] == probs.argmax(1).tolist()
     recount = sum(int(r["pred"]) == int(r["label"]) for r in rows) / len(rows)
     assert recount == pytest.approx(acc), "the file's predictions give the test command's accuracy"
+
+
+def test_the_predictions_line_starts_a_line_of_its_own_after_the_progress_bar(tiny_cifar, in_tmp):
+    run = Path(main(quick(tiny_cifar)).trainer.log_dir).absolute()
+    args = [*small(tiny_cifar, trainer__enable_progress_bar=True), "--ckpt_path", str(run)]
+    # the bar (stdout) and our lines (stderr) in one stream, as a terminal shows them
+    out = subprocess.run([sys.executable, "-m", "cutmix_pl", "predict", *args], cwd=in_tmp, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=300).stdout
+    assert "Predicting DataLoader 0: 100%" in out, out[-2000:]
+    line = next(x for x in out.replace("\r", "\n").splitlines() if "wrote the predictions" in x)
+    assert line == f"cutmix-pl: wrote the predictions to {run / 'predict' / 'predictions.csv'}"
 
 
 def test_an_evaluation_reads_the_data_folder_its_run_read(tiny_cifar, in_tmp, capsys):

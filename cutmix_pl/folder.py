@@ -41,15 +41,17 @@ class Listing(NamedTuple):
     def count(self) -> int:
         return sum(len(f) for f in self.files.values())
 
-    def fingerprint(self, image_size: int | None) -> str:
-        """A digest of every file's path, size and modification time and the decode setting: what the cache was
-        made from. Stat only, no reading: a second start stays fast."""
-        h = hashlib.sha256(f"image_size={image_size}\n".encode())
+    def fingerprint(self, image_size: int | None) -> tuple[str, dict[str, str]]:
+        """A digest of every file's path, size and modification time and the decode setting (what the cache was
+        made from), and one per class folder (``train/cat``: where a change lies). Stat only: a start stays fast."""
+        whole, folders = hashlib.sha256(f"image_size={image_size}\n".encode()), {}
         for split, files in self.files.items():
             for path, label in files:
                 st = path.stat()
-                h.update(f"{path.relative_to(self.root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+                line = f"{path.relative_to(self.root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+                whole.update(line)
+                folders.setdefault(f"{split}/{self.classes[label]}", hashlib.sha256()).update(line)
+        return whole.hexdigest(), {name: h.hexdigest() for name, h in folders.items()}
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -215,10 +217,15 @@ class Folder(Reader):
             self._build()
 
     def _check(self, meta: dict) -> None:
-        if meta.get("fingerprint") != self.listing.fingerprint(self.size):
-            now = self.listing.count()
+        whole, folders = self.listing.fingerprint(self.size)
+        if meta.get("fingerprint") != whole:
+            now, then = self.listing.count(), meta.get("folders") or {}  # caches of earlier versions lack folders
             change = f"{meta.get('count')} files then, {now} now" if meta.get("count") != now else \
                 "as many files, but names, sizes or modification times differ"
+            changed = [name for name in sorted({*then, *folders}) if then.get(name) != folders.get(name)]
+            if then and changed:
+                more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+                change += f"; changed: {', '.join(changed[:4])}{more}"
             raise DataError(f"the image cache {self.cache} was made from other files than {self.listing.root} holds "
                             f"now ({change}); fix: delete it to decode the images again")
 
@@ -229,9 +236,10 @@ class Folder(Reader):
             images, labels = decode(files, self.size, shape, f"{self.listing.root / split}", self.progress)
             arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
         mean, std = channel_stats(arrays["train_images"])
+        whole, folders = self.listing.fingerprint(self.size)
         image_cache.write(self.cache, arrays, {
-            "fingerprint": self.listing.fingerprint(self.size), "count": self.listing.count(), "classes":
-            list(self.classes), "mean": mean, "std": std, "height": shape[0], "width": shape[1]})
+            "fingerprint": whole, "folders": folders, "count": self.listing.count(), "classes": list(self.classes),
+            "mean": mean, "std": std, "height": shape[0], "width": shape[1]})
         if self.progress:
             print(f"cutmix-pl: decoded {self.listing.count()} images of {self.listing.root} once into {self.cache}",
                   file=sys.stderr)

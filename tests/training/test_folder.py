@@ -240,13 +240,18 @@ def test_a_cache_from_other_files_is_refused(tmp_path):
     for call in (lambda: dm(root).prepare_data(), lambda: dm(root).setup("fit")):
         with pytest.raises(DataError) as err:
             call()
-        one_line(err, "was made from other files than", "(36 files then, 37 now)", "fix: delete it")
+        one_line(err, "was made from other files than", "(36 files then, 37 now; changed: train/ant)", "fix: delete it")
     (root / "train" / "ant" / "new.png").unlink()
     path = root / "train" / "ant" / "000.png"
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the same names, one file touched
     with pytest.raises(DataError) as err:
         dm(root).setup("fit")
-    one_line(err, "as many files, but names, sizes or modification times differ")
+    one_line(err, "as many files, but names, sizes or modification times differ; changed: train/ant)")
+    for split, c in (("train", "bee"), ("train", "cat"), ("test", "cat"), ("test", "bee")):  # 5 folders in all
+        write_image(root / split / c / "001.png", np.zeros((12, 12, 3), np.uint8))
+    with pytest.raises(DataError) as err:
+        dm(root).setup("fit")
+    one_line(err, "; changed: test/bee, test/cat, train/ant, train/bee and 1 more)")
 
 
 def test_a_damaged_cache(tmp_path):

@@ -22,8 +22,8 @@ class PredictionWriter(Callback):
 
     One row per image: ``index`` (its position in the predicted split), ``file`` (the image file under the data
     folder, for a dataset read from files), ``label`` (the true class, empty when unknown), ``pred`` (the predicted
-    class) and one probability column per class. Under DDP every rank writes its
-    shard to a part file; rank 0 joins them in index order.
+    class) and one probability column per class. Under DDP every rank writes its shard to a part file; rank 0 joins
+    them in index order.
 
     Args:
         filename: the file's name inside the log folder.

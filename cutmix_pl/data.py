@@ -39,7 +39,7 @@ def _check_arguments(reader: Reader, batch_size: int, eval_batch_size: int, val_
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"data.{name}={value!r} is out of range: it must be an integer >= {low}; fix: "
                              f"pass --data.{name} with such a value (the recipe's is in cutmix_pl/configs/cutmix.yaml)")
-    n = reader.train_images  # known before reading (CIFAR's 50,000, a folder's listing); None: checked at setup
+    n = reader.train_images  # known before reading (a reader's constant, a folder's listing); None: checked at setup
     if val_size < 0 or (n is not None and val_size >= n):
         top = n - 1 if n is not None else "the training images - 1"
         raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, {top}] ({reader.name} has "

@@ -1,8 +1,10 @@
 """``python -m cutmix_pl`` and the ``cutmix-pl`` command: the CLI (cli.py), with a stop while it imports torch and
-Lightning (seconds) ended in one line instead of a KeyboardInterrupt traceback or a silent kill."""
+Lightning (seconds) ended in one line instead of a KeyboardInterrupt traceback or a silent kill, and one after the
+command has succeeded ended with exit status 0."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -31,6 +33,9 @@ def main() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     run()
+    # Done and written: a stop during the interpreter's shutdown (seconds, torch's threads) ends it with its success.
+    for sig in _SIGNALS:
+        signal.signal(sig, lambda signum, frame: os._exit(0))
 
 
 if __name__ == "__main__":

@@ -420,6 +420,23 @@ def test_a_run_resumed_mid_epoch_shows_the_epoch_and_its_length(tiny_cifar, step
     assert seen[0] == ("Epoch 0: ", 6, 5), seen[:3]  # not "Training: 5/?"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_command_has_succeeded_keeps_its_exit_status_zero(sig, tiny_cifar, in_tmp):
+    """Low: a stop during the interpreter's shutdown after a finished fit ended it with 128 + the signal, silently."""
+    shutdown = "import atexit, sys, time; atexit.register(time.sleep, 30); from cutmix_pl.__main__ import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", shutdown, *quick(tiny_cifar)], cwd=in_tmp, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines = []
+    while not any(line.startswith("  TensorBoard:") for line in lines):  # the fit's last line: it has succeeded
+        lines.append(proc.stderr.readline())
+        assert lines[-1] or proc.poll() is None, "".join(lines)[-3000:]
+    time.sleep(0.5)  # in the atexit pause now, as in torch's shutdown
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == 0
+    assert proc.stderr.read() == "", "nothing after the fit's own lines (a KeyboardInterrupt traceback)"
+    assert (in_tmp / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to see the import under way")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_command_imports_torch_is_one_line(sig, in_tmp):

@@ -33,7 +33,10 @@ def main() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     run()
-    # Done and written: a stop during the interpreter's shutdown (seconds, torch's threads) ends it with its success.
+    # Done and written: a stop during the interpreter's shutdown (seconds, torch's threads) ends it with its success,
+    # its output flushed first (os._exit flushes nothing).
+    sys.stdout.flush()
+    sys.stderr.flush()
     for sig in _SIGNALS:
         signal.signal(sig, lambda signum, frame: os._exit(0))
 

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +30,7 @@ from .runs.stop import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_si
 
 __all__ = ["CONFIG_DIR", "CutMixCLI", "main"]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DIST_ERRORS = getattr(torch.distributed, "DistError", ())  # () where torch is built without distributed
 
 
 class CutMixCLI(LightningCLI):
@@ -150,6 +152,11 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
     except (Interrupted, StoppedEarly) as stop:
         print(f"cutmix-pl: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except DIST_ERRORS as err:  # e.g. another DDP process stopped while this one waited on it (no traceback)
+        print(f"cutmix-pl: error: the DDP processes could not connect or lost each other ({type(err).__name__}: "
+              f"{' '.join(str(err).split())[:200]}); fix: if another process stopped or failed first, its own line "
+              "says why; else check MASTER_ADDR and MASTER_PORT (docs/distributed.md)", file=sys.stderr)
+        raise SystemExit(1) from None
     except SIGTERMException:
         print("cutmix-pl: stopped by SIGTERM; the last finished batch is in last.ckpt if training had started; "
               "resume: run the same command with --ckpt_path last", file=sys.stderr)

@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,29 @@ def test_a_setting_the_processes_cannot_share_is_one_line_before_training(tiny_c
     assert f"cutmix-pl: error: {message}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "probe").exists(), "it trained first"
     assert not list(tmp_path.iterdir()), "it left a run folder behind"  # the README's promise for bad input
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_rank_whose_peer_is_gone_ends_in_one_line_not_a_traceback(tiny_cifar, tmp_path):
+    """Low: rank 1 waiting on rank 0 (connecting, here) when rank 0 stops printed a 54-line traceback. Rank 0 is
+    played by the test: a store that rank 1 joins, then closed."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, WORLD, True, wait_for_workers=False)
+    rank1 = {**env(), "CUTMIX_PL_TRACEBACK": "", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": str(WORLD)}
+    proc = subprocess.Popen([sys.executable, "-m", "cutmix_pl", "fit", *ddp_args(tiny_cifar)], cwd=tmp_path,
+                            env=rank1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while store.num_keys() < 2 and proc.poll() is None and time.monotonic() < deadline:  # rank 1 has joined
+        time.sleep(0.1)
+    time.sleep(1)
+    del store  # rank 0 gone
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("cutmix-pl: error: the DDP processes could not connect or lost "
+                                                   "each other (DistNetworkError: "), err[-3000:]

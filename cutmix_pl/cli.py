@@ -7,7 +7,9 @@ do there is the run machinery's (``runs/``), which this CLI calls through one do
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -37,7 +39,7 @@ class CutMixCLI(LightningCLI):
     """LightningCLI with the run machinery applied between parsing and instantiation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.command, failure = Command(), None
+        self.command, failure, self.parsers = Command(), None, []
         try:
             super().__init__(*args, **kwargs)
         except (Exception, StoppedEarly, Interrupted) as err:  # a stop that saved a last.ckpt keeps the run
@@ -49,6 +51,7 @@ class CutMixCLI(LightningCLI):
                 raise replaced from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self.parsers.append(parser)  # each subcommand's: the keys a misspelt one may have meant
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
 
@@ -56,7 +59,10 @@ class CutMixCLI(LightningCLI):
         """The command prepared; the checkpoint's model settings applied here, checked (LightningCLI's own reading of
         them would load every checkpoint and import any network class it names), so Lightning gets the checkpoint's
         path only at instantiation."""
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ArgumentError(None, f"{err}{self.did_you_mean(str(err))}") from None
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -72,6 +78,13 @@ class CutMixCLI(LightningCLI):
                                  f"cannot take ({console.concise(err)}); fix: pass a .ckpt file written by this "
                                  "project") from None
         self.command.ckpt_path, self.config[sub].ckpt_path = self.config[sub].ckpt_path, None
+
+    def did_you_mean(self, error: str) -> str:
+        """``; fix: did you mean --KEY?`` for the key, given as a flag or in a config file, that is not one."""
+        bad = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", error)
+        keys = {key for p in self.parsers for key in p.get_defaults().keys()} if bad else set()
+        close = difflib.get_close_matches(bad.group(1) or bad.group(2), keys, n=1, cutoff=0.75) if keys else []
+        return f"; fix: did you mean --{close[0]}? (--help lists every key)" if close else ""
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand:

@@ -70,7 +70,9 @@ CONFIG_CASES = {
     "batch larger than the training split": (["--data.batch_size", "50000"],  # refused before it fills the memory
                                              ["data.batch_size=50000", "training split (96 images)", "[2, 96]"]),
     "unknown key": (["--model.dpth", "20"], ["model.dpth", "--help"]),
-    "a key cut short": (["--trainer.max_epoch", "3"], ["unrecognized arguments: --trainer.max_epoch", "--help"]),
+    "a key cut short": (["--trainer.max_epoch", "3"], ["unrecognized arguments: --trainer.max_epoch", "--help",
+                                                       "fix: did you mean --trainer.max_epochs?"]),
+    "a misspelt key": (["--data.bach_size", "3"], ["--data.bach_size", "fix: did you mean --data.batch_size?"]),
     "wrong type": (["--data.batch_size", "abc"], ["data.batch_size", "abc", "--help"]),
     "wrong type where null is allowed": (["--trainer.max_epochs", "two"], ["trainer.max_epochs=two", "int", "--help"]),
     "no such mixer class": (["--data.mixer", "MixUpp"], ["data.mixer=MixUpp", "--help"]),
@@ -103,6 +105,18 @@ def fit_fails_cleanly(capsys, in_tmp, expected, *args):
 def test_bad_config_value(case, tiny_cifar, in_tmp, capsys):
     extra, expected = CONFIG_CASES[case]
     fit_fails_cleanly(capsys, in_tmp, expected, *small(tiny_cifar), *extra)
+
+
+def test_a_misspelt_key_is_named_with_the_key_it_may_mean_and_a_far_one_without(tiny_cifar, in_tmp, capsys):
+    config = in_tmp / "typo.yaml"
+    config.write_text("trainer:\n  max_epoch: 3\n")
+    line = fails(capsys, "fit", *small(tiny_cifar), "--config", str(config))
+    assert "'trainer.max_epoch'" in line and line.endswith("fix: did you mean --trainer.max_epochs? (--help lists "
+                                                               "every key)"), line
+    line = fails(capsys, "test", *small(tiny_cifar), "--model.tta", "true")
+    assert "fix: did you mean --model.tta_flip?" in line, line
+    line = fails(capsys, "fit", *small(tiny_cifar), "--nothing.like_it", "1")
+    assert "did you mean" not in line and "fix: check the key and its value" in line, line
 
 
 def test_a_runtime_error_lightning_did_not_raise_keeps_its_traceback(tiny_cifar, in_tmp, monkeypatch):

@@ -97,7 +97,9 @@ def act(d: Decision, logger: Namespace | None, base: Path | None, tensorboard: b
     if d.mode == "evaluate":
         return _take(d.folder, "the evaluation folder", "copy the checkpoint into a writable folder and pass that "
                      "path to --ckpt_path")
-    return _take(d.folder, "the run folder", "pass --trainer.logger.init_args.save_dir DIR with a writable folder")
+    # a resume continues in its own folder, wherever save_dir points
+    return _take(d.folder, "the run folder", "make it writable, or copy the run folder to a writable place and pass "
+                 "the copy to --ckpt_path")
 
 
 def _new_run(logger: Namespace, base: Path) -> Claim:

@@ -25,7 +25,7 @@ from cutmix_pl.cli import main
 from cutmix_pl.module import ImageClassifier, SoftTargetCrossEntropy
 from cutmix_pl.resnet import ResNet
 
-from cli_runs import STEPS_PER_EPOCH, fails, small
+from cli_runs import STEPS_PER_EPOCH, fails, files_under, small
 from conftest import REPO, make_tiny_cifar
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +214,25 @@ def test_log_folder_read_only(tiny_cifar, in_tmp, capsys, monkeypatch):
     finally:
         locked.chmod(0o755)
     assert "is not writable" in line and "--trainer.logger.init_args.save_dir" in line
+
+
+def test_a_read_only_run_is_not_resumed_and_the_fix_does_not_point_elsewhere(tiny_cifar, in_tmp, capsys,
+                                                                          monkeypatch):
+    run = Path(main(["fit", *small(tiny_cifar, trainer__max_epochs=1)]).trainer.log_dir).absolute()
+    before = files_under(run)
+    run.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anyway, so make os.access say what it says to other users
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p).absolute() == run
+                            else real(p, mode, *a, **k))
+    try:
+        line = fails(capsys, "fit", *small(tiny_cifar), "--trainer.max_epochs", "2", "--ckpt_path", str(run))
+    finally:
+        run.chmod(0o755)
+    assert f"cannot write the run folder {run}: {run} is not writable" in line, line
+    assert "copy the run folder to a writable place and pass the copy to --ckpt_path" in line
+    assert "save_dir" not in line, "a resume continues in its own folder: another save_dir cannot help"
+    assert files_under(run) == before
 
 
 def test_checkpoint_of_another_depth(small_ckpt, tiny_cifar, in_tmp, capsys):

@@ -23,7 +23,7 @@ def _stop(signum: int, frame: Any) -> None:
 def main() -> None:
     previous = {sig: signal.signal(sig, _stop) for sig in _SIGNALS}
     try:
-        from cutmix_pl.cli import run
+        from cutmix_pl.cli import main as cli_main
     except _Stopped as stop:
         signum = stop.args[0]
         print(f"cutmix-pl: stopped by {signal.Signals(signum).name} while starting; nothing was written",
@@ -32,7 +32,7 @@ def main() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    run()
+    cli_main()  # its return value (the CLI object) is not an exit status: a console script would exit 1 on it
     # Done and written: a stop during the interpreter's shutdown (seconds, torch's threads) ends it with its success,
     # its output flushed first (os._exit flushes nothing).
     sys.stdout.flush()

@@ -176,9 +176,3 @@ def main(args: list[str] | None = None) -> CutMixCLI | None:
         raise SystemExit(128 + 15) from None
     finally:  # what a command refused at start held back is not printed after its error
         console.hold(False)
-
-
-def run() -> None:
-    """What ``python -m cutmix_pl`` and ``cutmix-pl`` run (``__main__.py``): ``main()`` without its return value,
-    which a console script would hand to ``sys.exit`` (a non-None object there means exit status 1)."""
-    main()

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cli_runs import assert_same_metrics, assert_same_training_state, ckpt, fails, finish, small, spawn, wait_paused
 from cutmix_pl.cli import CONFIG_DIR, main

@@ -32,7 +32,9 @@ from .runs.stop import Interrupted, StopOnSignal, StoppedEarly, stop_early_on_si
 
 __all__ = ["CONFIG_DIR", "CutMixCLI", "main"]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DIST_ERRORS = getattr(torch.distributed, "DistError", ())  # () where torch is built without distributed
+# the connection between DDP processes (not a backend's error, whose traceback helps); () without torch.distributed
+DIST_ERRORS = tuple(getattr(torch.distributed, name) for name in ("DistNetworkError", "DistStoreError")
+                    if hasattr(torch.distributed, name))
 
 
 class CutMixCLI(LightningCLI):

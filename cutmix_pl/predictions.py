@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .files import atomic_write
+from .splits import PREDICT_FROM
 
 __all__ = ["PredictionWriter"]
 
@@ -49,7 +50,7 @@ class PredictionWriter(Callback):
         folder = self._folder(trainer)
         target = folder / self.filename
         reader = getattr(trainer.datamodule, "reader", None)
-        files = reader.files("test") if reader is not None else None  # predict reads the test split (splits.py)
+        files = reader.files(PREDICT_FROM) if reader is not None else None
         classes = getattr(trainer.datamodule, "classes", None)
         if trainer.world_size == 1:
             self._write(target, self._rows, classes, files)

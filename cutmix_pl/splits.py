@@ -12,9 +12,10 @@ import torch
 from .dataset import ImageSet, Split
 from .loaders import ShardedBatchSampler, TensorBatchLoader, check_batch, check_shards
 
-__all__ = ["STAGE_SPLITS", "Splits"]
+__all__ = ["PREDICT_FROM", "STAGE_SPLITS", "Splits"]
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+PREDICT_FROM = "test"  # the reader's split that predict runs on, in its order (predictions.csv's index and file)
 
 
 class Splits:
@@ -32,7 +33,8 @@ class Splits:
         self.val_size = val_size
         self._on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_images = len(data.train.labels)
-        self._splits: dict[str, Split] = {"test": data.test, "predict": data.test}
+        self._splits: dict[str, Split] = {"test": data.test}
+        self._splits["predict"] = self._splits[PREDICT_FROM]
         if data.val is not None:  # a val/ of its own: all of train/ trains
             self._splits["val"] = data.val
             self._splits["train"] = self._subset(data.train, self._perm(split_seed), train_size)

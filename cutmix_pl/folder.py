@@ -192,6 +192,7 @@ class Folder(Reader):
         self.cache = image_cache.cache_path(Path(cache_dir) if cache_dir is not None else Path(data_dir), image_size)
         self.progress = progress
         self._shape: tuple[int, int] | None = (image_size, image_size) if image_size is not None else None
+        self._digests: tuple[str, dict[str, str]] | None = None
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -216,8 +217,14 @@ class Folder(Reader):
         else:
             self._build()
 
+    def _fingerprint(self) -> tuple[str, dict[str, str]]:
+        # once per start: prepare() and read() (or _build() and read()) check the same listing, one stat pass
+        if self._digests is None:
+            self._digests = self.listing.fingerprint(self.size)
+        return self._digests
+
     def _check(self, meta: dict) -> None:
-        whole, folders = self.listing.fingerprint(self.size)
+        whole, folders = self._fingerprint()
         if meta.get("fingerprint") != whole:
             now, then = self.listing.count(), meta.get("folders") or {}  # caches of earlier versions lack folders
             change = f"{meta.get('count')} files then, {now} now" if meta.get("count") != now else \
@@ -236,7 +243,7 @@ class Folder(Reader):
             images, labels = decode(files, self.size, shape, f"{self.listing.root / split}", self.progress)
             arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
         mean, std = channel_stats(arrays["train_images"])
-        whole, folders = self.listing.fingerprint(self.size)
+        whole, folders = self._fingerprint()  # after decoding, which names a file it cannot read in one line
         image_cache.write(self.cache, arrays, {
             "fingerprint": whole, "folders": folders, "count": self.listing.count(), "classes": list(self.classes),
             "mean": mean, "std": std, "height": shape[0], "width": shape[1]})

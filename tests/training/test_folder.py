@@ -131,6 +131,19 @@ def test_the_second_start_reads_the_cache_without_decoding(tmp_path, monkeypatch
     assert second.mean == first.mean
 
 
+def test_a_start_stats_the_images_once(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "d")
+    passes = []
+    real = folder.Listing.fingerprint
+    monkeypatch.setattr(folder.Listing, "fingerprint", lambda self, size: passes.append(1) or real(self, size))
+    for start in ("decodes", "reads the cache"):
+        passes.clear()
+        data = dm(root)
+        data.prepare_data()
+        data.setup("fit")
+        assert len(passes) == 1, start
+
+
 def test_the_cache_is_loaded_without_unpickling(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "d")
     dm(root).prepare_data()

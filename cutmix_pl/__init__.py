@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .augment import CutMix, CutMixUp, Cutout, Mixer, MixUp
-    from .data import CIFAR10DataModule
-    from .module import ImageClassifier, SoftTargetCrossEntropy
-    from .resnet import ResNet
-    from .transform import TrainTransform
+if TYPE_CHECKING:  # the re-exports, for type checkers and IDEs ("X as X": an explicit re-export)
+    from .augment import CutMix as CutMix, CutMixUp as CutMixUp, Cutout as Cutout, Mixer as Mixer, MixUp as MixUp
+    from .data import CIFAR10DataModule as CIFAR10DataModule
+    from .module import ImageClassifier as ImageClassifier, SoftTargetCrossEntropy as SoftTargetCrossEntropy
+    from .resnet import ResNet as ResNet
+    from .transform import TrainTransform as TrainTransform
 
 # Imported on first use (PEP 562): `python -m cutmix_pl` imports this package before its __main__ can take a signal,
 # and torch and Lightning take seconds to import.

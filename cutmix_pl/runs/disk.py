@@ -46,8 +46,12 @@ class Seen:
 def read(sub: str, ckpt: str | None, base: Path | None, weights_only: bool | None) -> Seen:
     """Read what ``--ckpt_path`` names (``base``: the logger's ``<save_dir>/<name>``, None without a logger).
     A name that cannot be read ends here, in one line."""
-    if ckpt is None or ckpt == "hpc" or "://" in ckpt:
+    if ckpt is None or "://" in ckpt:
         return Seen(ckpt)
+    if ckpt == "hpc":  # Lightning would load it unchecked, and into a new run folder
+        raise ValueError("--ckpt_path hpc names Lightning's SLURM requeue checkpoint (hpc_ckpt_N.ckpt in "
+                         "trainer.default_root_dir), which this project's runs do not write: a stop saves last.ckpt "
+                         "in the run folder; fix: pass --ckpt_path last, the run folder, or an hpc_ckpt_N.ckpt file")
     if ckpt == "best":  # Lightning's name for the best model of a fit in the same Python process
         raise ValueError("--ckpt_path best names the best checkpoint of a fit run in the same Python process, which a "
                          "command of its own does not have; fix: pass the run's checkpoints/best-epochNNN.ckpt, a run "

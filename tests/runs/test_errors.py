@@ -82,6 +82,7 @@ CONFIG_CASES = {
     "checkpoint folder without a checkpoint": (["--ckpt_path", "."], ["folder without checkpoints/last.ckpt",
                                                                       "a run that saved a checkpoint"]),
     "checkpoint best": (["--ckpt_path", "best"], ["--ckpt_path best", "same Python process", "best-epochNNN.ckpt"]),
+    "checkpoint hpc": (["--ckpt_path", "hpc"], ["--ckpt_path hpc", "SLURM requeue", "--ckpt_path last"]),
     "grid_size 0": (["--model.grid_size", "0"], ["model.grid_size=0", "integer >= 1", "fix:"]),
     "grid_size negative": (["--model.grid_size", "-3"], ["model.grid_size=-3", "integer >= 1", "fix:"]),
     "max_epochs -1": (["--trainer.max_epochs", "-1"], ["trainer.max_epochs=-1", "a value >= 1", "fix:"]),

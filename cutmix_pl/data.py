@@ -43,8 +43,9 @@ def _check_arguments(reader: Reader, batch_size: int, eval_batch_size: int, val_
     if val_size < 0 or (n is not None and val_size >= n):
         top = n - 1 if n is not None else "the training images - 1"
         raise ValueError(f"data.val_size={val_size!r} is out of range: it must lie in [0, {top}] ({reader.name} has "
-                         f"{n if n is not None else 'a number of'} training images); fix: e.g. 5000, or 0 to "
-                         "validate on the test set")
+                         f"{n if n is not None else 'a number of'} training images); fix: pass --data.val_size in "
+                         f"that range{f' (e.g. {n // 10})' if n is not None and n >= 10 else ''}, or 0 to validate "
+                         "on the test set")
     if train_size is not None and train_size < 2:
         raise ValueError(f"data.train_size={train_size!r} is out of range: it must be >= 2 or null (all); fix: "
                          "pass such a value, or null to train on the whole training split")

@@ -100,8 +100,7 @@ def decide(sub: str, cfg: Namespace, seen: Seen, base: Path | None) -> Decision:
             check_loose_checkpoint(cfg, d.taken, d.notes)
         if sub != "fit":
             dataset_from_checkpoint(cfg, d.checkpoint, d.notes, seen.data_dir)
-        if sub == "validate":
-            split_from_checkpoint(cfg, d.checkpoint, d.notes)
+            split_from_checkpoint(cfg, d.checkpoint, d.notes if sub == "validate" else [])
     _place(d, sub, cfg, resumed, run, logged=base is not None)
     return d
 
@@ -347,7 +346,9 @@ def dataset_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any], notes: l
 
 
 def split_from_checkpoint(cfg: Namespace, checkpoint: dict[str, Any], notes: list[str]) -> None:
-    """``validate`` validates on its run's held-out images: another split would hold images the run trained on."""
+    """``validate`` validates on its run's held-out images: another split would hold images the run trained on.
+    ``test`` and ``predict`` never split, but take the run's split too (unnoted), so that a ``val_size`` fitted to a
+    small dataset is not checked against the recipe's default."""
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
     for key in SPLIT_KEYS:
         if isinstance(saved, dict) and key in saved and key in cfg.data and saved[key] != cfg.data[key]:

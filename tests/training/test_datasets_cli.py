@@ -132,3 +132,21 @@ def test_the_model_summary_sizes_the_datas_images(tmp_path, monkeypatch):
     cli = main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
     assert tuple(cli.model.example_input_array.shape) == (1, 3, 16, 16)
     assert ModelSummary(cli.model).in_sizes[0] == [1, 3, 16, 16]
+
+
+@pytest.mark.slow(seconds=30)
+def test_a_folder_runs_evaluations_need_only_its_checkpoint(tmp_path, monkeypatch, capsys):
+    # the run's val_size (12, fitted to 180 images) is the evaluation's too: the recipe's 5000 would be out of range
+    args = dataset_args("folder", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *args, "--data.val_size", "12", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    run = tmp_path / "runs" / "smoke" / "version_0"
+    for command in ("test", "predict"):
+        main([command, "--ckpt_path", str(run), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+              "false"])
+    assert (run / "test").is_dir()
+    with open(run / "predict" / "predictions.csv", newline="") as f:
+        assert len(list(csv.reader(f))) == 1 + 3 * 60  # a header and the 180 test images
+    main(["validate", "--ckpt_path", str(run), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+          "false"])
+    assert "data.val_size=12 from the checkpoint" in capsys.readouterr().err  # validate says so; the others need not

@@ -91,8 +91,9 @@ def test_mean_and_std_are_computed_once_stored_and_used(tmp_path):
 
 def test_a_val_size_of_every_training_image_is_refused_before_any_decoding(tmp_path):
     root = make_folder(tmp_path / "d", n=4)  # 12 training images
-    with pytest.raises(ValueError, match=r"^data.val_size=12 is out of range: it must lie in \[0, 11\] \(folder "):
+    with pytest.raises(ValueError, match=r"^data.val_size=12 is out of range: it must lie in \[0, 11\] \(folder ") as e:
         dm(root, val_size=12)
+    assert "fix: pass --data.val_size in that range (e.g. 1), or 0 " in str(e.value)  # an example inside the range
     assert leftovers(root) == []  # refused at construction: no cache decoded
     assert len(dm(root, val_size=11).reader.listing.files["train"]) == 12
 

@@ -29,8 +29,8 @@ Outputs in ``--out``: ``occlusion_centre.csv`` and ``occlusion_boundary.csv`` (m
 acc, images: a row per run and size), ``in_between.csv`` (method, seed, run, checkpoint, mix, top2_both, pairs: a
 row per run and mix), and a PNG per test, one line per method (the mean over its runs; needs matplotlib, the
 project's ``plots`` extra); the means are printed as markdown tables. Each file is written whole (a temporary file
-renamed) once every run is evaluated; a bad RUN (missing, without its checkpoint or config, unfinished, unreadable)
-ends the command in one line before anything is evaluated or written.
+renamed) once every run is evaluated; a bad RUN (missing, without its checkpoint or config, unfinished, unreadable,
+trained on other data than CIFAR-10) ends the command in one line before anything is evaluated or written.
 """
 
 from __future__ import annotations
@@ -209,6 +209,13 @@ def load_model(ckpt: Path) -> ImageClassifier:
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
         raise Refused(f"{ckpt} is not a checkpoint of this project (no state_dict and model settings); fix: give a "
                       ".ckpt file written by python -m cutmix_pl fit")
+    data = checkpoint.get("datamodule_hyper_parameters")
+    data = data if isinstance(data, dict) else {}
+    dataset, size = data.get("dataset", "cifar10"), data.get("image_size")
+    classes = hparams.get("num_classes", len(cifar.CLASSES))
+    if dataset != "cifar10" or classes != len(cifar.CLASSES) or size not in (None, SIDE):
+        raise Refused(f"{ckpt} was trained on {dataset} ({classes} classes, {size or SIDE}x{size or SIDE} images), "
+                      f"but these tests are of the CIFAR-10 test set; fix: give runs trained with data.dataset cifar10")
     net = hparams.get("net")
     class_path = str(net.get("class_path", "")) if isinstance(net, dict) else ""
     if net is not None and not class_path.startswith(TRUSTED_NETS):
@@ -216,8 +223,7 @@ def load_model(ckpt: Path) -> ImageClassifier:
                       f"does not import (a class named by a file is code); fix: evaluate networks of "
                       f"{' or '.join(t.rstrip('.') for t in TRUSTED_NETS)} only")
     try:
-        model = ImageClassifier(net=net, num_classes=int(hparams.get("num_classes", len(cifar.CLASSES))),
-                                log_images=False)
+        model = ImageClassifier(net=net, num_classes=len(cifar.CLASSES), log_images=False)
         model.on_load_checkpoint(checkpoint)  # as Lightning loads one: torch.compile's key names, the network
         model.load_state_dict(checkpoint["state_dict"])
     except (ValueError, TypeError, RuntimeError, ImportError, AttributeError) as err:

@@ -246,6 +246,13 @@ def test_missing_unfinished_and_unsafe_runs_are_refused_in_one_line_before_anyth
     torch.save(checkpoint, mine / "checkpoints" / "evil.ckpt")
     assert "of class 'somewhere.Evil', which this command does not import" in refused(
         capsys, str(mine / "checkpoints" / "evil.ckpt"), *data)
+    for change in ({"dataset": "folder", "image_size": 64}, {"dataset": "cifar100"}):  # the tests are CIFAR-10's
+        checkpoint = torch.load(mine / "checkpoints" / "last.ckpt", weights_only=True)
+        checkpoint["datamodule_hyper_parameters"].update(change)
+        checkpoint["hyper_parameters"]["num_classes"] = 3
+        torch.save(checkpoint, mine / "checkpoints" / "other.ckpt")
+        line = refused(capsys, str(seed0), str(mine / "checkpoints" / "other.ckpt"), *data)
+        assert f"was trained on {change['dataset']} (3 classes, " in line and "fix: give runs trained with" in line
     (mine / "checkpoints" / "broken.ckpt").write_bytes(b"not a checkpoint")
     assert "is not a readable checkpoint" in refused(capsys, str(mine / "checkpoints" / "broken.ckpt"), *data)
     assert "no CIFAR-10 in" in refused(capsys, str(seed0), "--data-dir", str(tmp_path), "--out", str(out))

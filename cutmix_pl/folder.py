@@ -99,6 +99,15 @@ def _split_files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int
     return out
 
 
+def _as_rgb(im: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. A 16-bit greyscale PNG (Pillow's mode I;16, or I) is scaled to 8 bits, as
+    round(v * 255 / 65535): ``convert("RGB")`` would clip every value above 255 to white."""
+    if not im.mode.startswith("I"):
+        return im.convert("RGB")
+    grey = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+    return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+
+
 def _open(path: Path, image_size: int | None) -> np.ndarray:
     """One file as uint8 [3, H, W]: RGB, and resized (shorter side, then a centre crop) when ``image_size`` is set
     and the image has another size."""
@@ -109,7 +118,7 @@ def _open(path: Path, image_size: int | None) -> np.ndarray:
                         "permissions or remove it") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")  # decodes the whole file: a truncated one fails here
+            rgb = _as_rgb(im)  # decodes the whole file: a truncated one fails here
     except UnidentifiedImageError:
         raise DataError(f"{path} is not an image Pillow can read, whatever its name says; fix: remove it or "
                         "replace it with the image") from None

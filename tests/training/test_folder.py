@@ -173,6 +173,18 @@ def test_webp_is_read(tmp_path):
     assert module.split("test").images.shape == (18, 3, 12, 12)
 
 
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    root = make_folder(tmp_path / "d", n=1)
+    grey = np.arange(144, dtype=np.uint16).reshape(12, 12) * 455  # 0 to 65065: all but the first above 255
+    path = root / "test" / "ant" / "000.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")  # Pillow opens it as 16-bit integers
+    module = dm(root, val_size=0)
+    module.setup("test")
+    expected = torch.from_numpy(np.rint(grey / 257).astype(np.uint8))  # v * 255 / 65535, rounded
+    assert torch.equal(module.split("test").images[0], expected.expand(3, 12, 12))  # grey in every channel
+
+
 # -- bad input: one line each, nothing half-written ----------------------------------------------------------
 def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
     msg = str(err.value)

@@ -61,11 +61,14 @@ class TrainTransform:
                  flip: bool = True, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
                  max_epochs: int | None = None, randaugment: RandAugment | None = None, compile: bool = False) -> None:
         if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
-            raise ValueError(f"data.crop_padding={crop_padding!r} is out of range: it must be an integer >= 0")
+            raise ValueError(f"data.crop_padding={crop_padding!r} is out of range: it must be an integer >= 0; fix: "
+                             "pass --data.crop_padding 4 (He et al. 2016), or 0 to turn cropping off")
         if mixer is not None and not isinstance(mixer, Mixer):
-            raise ValueError(f"mixer={mixer!r} must be a CutMix, MixUp, CutMixUp or Cutout (or None for no mixing)")
+            raise ValueError(f"mixer={mixer!r} must be a CutMix, MixUp, CutMixUp or Cutout (or None for no mixing); "
+                             "fix: pass --data.mixer CutMix (or MixUp, CutMixUp, Cutout, null)")
         if randaugment is not None and not isinstance(randaugment, RandAugment):
-            raise ValueError(f"randaugment={randaugment!r} must be a cutmix_pl.randaugment.RandAugment (or None)")
+            raise ValueError(f"randaugment={randaugment!r} must be a cutmix_pl.randaugment.RandAugment (or None); "
+                             "fix: pass --data.randaugment RandAugment, or null")
         self.mixer, self.mix_off_epoch, self.max_epochs = mixer, mix_off_epoch, max_epochs
         self.randaugment = randaugment
         self.crop_padding, self.flip = crop_padding, flip

@@ -47,9 +47,9 @@ def test_without_a_mixer_or_after_mix_off_the_targets_are_the_labels():
     for transform, epoch in ((TrainTransform(None), 0), (mix_off, 2)):
         out = transform(images, labels, epoch)
         assert torch.equal(out.targets, labels) and (out.lam == 1).all() and out.images.dtype == torch.float32
-    with pytest.raises(ValueError, match=r"data.crop_padding=-1 is out of range"):
+    with pytest.raises(ValueError, match=r"data.crop_padding=-1 is out of range: .*; fix: pass --data.crop_padding 4"):
         TrainTransform(crop_padding=-1)
-    with pytest.raises(ValueError, match=r"mixer='cutmix' must be a CutMix, MixUp, CutMixUp or Cutout"):
+    with pytest.raises(ValueError, match=r"mixer='cutmix' must be a CutMix, MixUp, CutMixUp or Cutout .*; fix: "):
         TrainTransform("cutmix")
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .augment import CutMix, Mixer
@@ -198,7 +199,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.transform.max_epochs = self.trainer.max_epochs
         if stage == "fit" and self.mixer is not None:
-            self.transform.mix_off()  # a from-the-end setting that cannot be resolved fails before training
+            off = self.transform.mix_off()  # a from-the-end setting that cannot be resolved fails before training
+            end = self.transform.max_epochs
+            if off is not None and end is not None and 0 <= end <= off:
+                rank_zero_warn(f"data.mix_off_epoch={self.transform.mix_off_epoch} is not before trainer.max_epochs="
+                               f"{end}, so every epoch mixes; fix: a mix_off_epoch below {end} (or negative, from "
+                               "the end), or null to say that every epoch mixes")
 
     def split(self, name: str) -> Split:
         """The uint8 images and labels of ``train``, ``val``, ``test`` or ``predict`` (after ``setup``)."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from . import cifar
@@ -174,6 +175,10 @@ class ImageClassifier(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer, total)))
+        if warmup > total:  # legal (a probe of the warm-up), but the run ends before its learning rate's peak
+            rank_zero_warn(f"model.warmup_epochs={self.hparams.warmup_epochs} outlasts the run ({warmup} warm-up "
+                           f"steps of {total}), so the learning rate never reaches its peak; fix: a smaller "
+                           "model.warmup_epochs, or a longer trainer.max_epochs")
         schedule = self.hparams.lr_schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -284,3 +284,15 @@ def test_datamodule_stream_follows_seed_everything_when_seed_is_null(tiny_cifar,
 
     assert torch.equal(state(21), state(21))
     assert not torch.equal(state(21), state(22))
+
+
+def test_a_mix_off_epoch_at_or_past_the_end_warns_that_every_epoch_mixes(tiny_cifar, recwarn):
+    for off, warned in ((15, True), (20, True), (14, False), (-2, False)):
+        dm = CIFAR10DataModule(str(tiny_cifar), download=False, val_size=100, mixer=CutMix(), mix_off_epoch=off)
+        dm.trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_progress_bar=False)
+        recwarn.clear()
+        dm.setup("fit")
+        said = [str(w.message) for w in recwarn if "so every epoch mixes" in str(w.message)]
+        assert said == ([f"data.mix_off_epoch={off} is not before trainer.max_epochs=15, so every epoch mixes; fix: "
+                         "a mix_off_epoch below 15 (or negative, from the end), or null to say that every epoch "
+                         "mixes"] if warned else [])

@@ -1,3 +1,4 @@
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
@@ -107,6 +108,22 @@ def test_warm_up_is_one_epoch_and_the_schedule_ends_at_the_run_s_end(max_epochs,
     expected = [0.1 * lr_factor(s, total, 6, "cosine") for s in range(total)]
     assert lrs.seen == pytest.approx(expected)
     assert lrs.seen[5] == pytest.approx(0.1) and lrs.seen[-1] < 0.002
+
+
+@pytest.mark.parametrize("warmup_epochs, warned", [(3.5, True), (5.0, True), (3.0, False)])
+def test_a_warm_up_longer_than_the_run_warns(warmup_epochs, warned, tiny_cifar, tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    model = ImageClassifier(net=ResNet(depth=8, width=4), warmup_epochs=warmup_epochs, log_images=False)
+    data = CIFAR10DataModule(str(tiny_cifar), download=False, batch_size=32, val_size=50, mixer=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(model, data)
+    said = [str(w.message) for w in seen if "model.warmup_epochs" in str(w.message)]
+    assert said == ([f"model.warmup_epochs={warmup_epochs} outlasts the run ({round(warmup_epochs * 2)} warm-up "
+                     "steps of 6), so the learning rate never reaches its peak; fix: a smaller model.warmup_epochs, "
+                     "or a longer trainer.max_epochs"] if warned else [])
 
 
 def test_model_argument_checks():

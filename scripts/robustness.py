@@ -10,8 +10,8 @@ Its *method*, the line it joins, is the class of its config's ``data.mixer`` (th
 CutMix, MixUp, Cutout, ...; ``none`` when null), or NAME when given as NAME=RUN; its seed is its ``seed_everything``.
 The runs of one method (its seeds) make one line in each plot, their mean; the CSVs keep one row per run.
 
-The tests, on all the test images, normalised as for testing (per channel, ``cifar.MEAN``/``STD``), the network in
-eval mode in float32 without test-time augmentation. Sizes s are 0, 4, ..., 28 pixels of the 32 x 32 image:
+The tests, on all the test images (``--images N``: the first N, for a quick look), normalised as for testing (per
+channel, ``cifar.MEAN``/``STD``), the network in eval mode in float32 without test-time augmentation. Sizes s are 0, 4, ..., 28 pixels of the 32 x 32 image:
 
 - centre occlusion: the centred s x s square (rows and columns 16 - s/2 to 16 + s/2 - 1) is set to 0 after
   normalisation (the training images' mean colour), in every channel. Top-1 accuracy.
@@ -383,7 +383,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="where the networks run: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the in-between pairing (default 0)")
+    p.add_argument("--images", type=int, default=None, metavar="N",
+                   help="the first N test images only, for a quick look (default: all of them)")
     args = p.parse_args(argv)
+    if args.images is not None and args.images < 2:
+        fail(f"--images {args.images} is out of range: it must be >= 2 (a pair for the in-between test); fix: e.g. "
+             "--images 1000, or leave it out for every test image")
     if args.batch_size < 1:
         fail(f"--batch-size {args.batch_size} is out of range: it must be >= 1; fix: e.g. --batch-size 1000")
     try:
@@ -409,15 +414,21 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         _, (images, labels) = cifar.load(args.data_dir)
     except (Refused, cifar.DataError) as err:
         fail(str(err))
+    if args.images is not None and args.images > len(labels):
+        fail(f"--images {args.images} is out of range: {args.data_dir} holds {len(labels)} test images; fix: a value "
+             f"in [2, {len(labels)}], or leave it out for all of them")
+    images, labels = images[:args.images], labels[:args.images]
     n_pairs = len(pairs(labels, args.seed)[0])
     if n_pairs == 0:
         fail(f"the test set in {args.data_dir} holds one class only: no in-between pairs; fix: pass --data-dir with "
              "CIFAR-10")
     evaluated = []
-    for run in chosen:
-        evaluated.append((run, evaluate(run.model, images, labels, args.seed, args.batch_size, args.device)))
+    for i, run in enumerate(chosen, 1):
         seed = "-" if run.seed is None else run.seed
-        print(f"robustness.py: {run.method}, seed {seed}, {run.ckpt}: evaluated", file=sys.stderr)
+        print(f"robustness.py: run {i} of {len(chosen)}: {run.method}, seed {seed}, {run.ckpt}: {len(labels)} images, "
+              f"{2 * len(SIZES) - 1 + len(MIXES)} passes ...", file=sys.stderr)
+        evaluated.append((run, evaluate(run.model, images, labels, args.seed, args.batch_size, args.device)))
+        print(f"robustness.py: run {i} of {len(chosen)}: evaluated", file=sys.stderr)
     tables = table_rows(evaluated, len(labels), n_pairs)
     files = {f"{name}.csv": csv_bytes(rows, IN_BETWEEN_COLUMNS if name == "in_between" else OCCLUSION_COLUMNS)
              for name, rows in tables.items()}

@@ -214,6 +214,18 @@ def test_a_name_sets_the_method_and_without_matplotlib_the_csvs_are_still_writte
     assert "matplotlib is not installed: the CSVs are written, the plots need it" in capsys.readouterr().err
 
 
+def test_images_n_evaluates_the_first_n_test_images_and_says_what_it_is_doing(tiny_runs, tiny_cifar, tmp_path, capsys):
+    seed0 = tiny_runs[0]
+    robustness.main([str(seed0), "--data-dir", str(tiny_cifar), "--out", str(tmp_path), "--images", "50"])
+    labels = cifar.load(tiny_cifar)[1].labels[:50]
+    assert {r["images"] for r in read_csv(tmp_path / "occlusion_centre.csv")} == {"50"}
+    assert {r["pairs"] for r in read_csv(tmp_path / "in_between.csv")} == {str(len(robustness.pairs(labels, 0)[0]))}
+    err = capsys.readouterr().err
+    ckpt = seed0 / "checkpoints" / "last.ckpt"
+    assert f"robustness.py: run 1 of 1: CutMix, seed 0, {ckpt}: 50 images, 17 passes" in err
+    assert "robustness.py: run 1 of 1: evaluated" in err
+
+
 def refused(capsys, *argv):
     with pytest.raises(SystemExit) as exit_info:
         robustness.main(list(argv))
@@ -257,4 +269,6 @@ def test_missing_unfinished_and_unsafe_runs_are_refused_in_one_line_before_anyth
     assert "is not a readable checkpoint" in refused(capsys, str(mine / "checkpoints" / "broken.ckpt"), *data)
     assert "no CIFAR-10 in" in refused(capsys, str(seed0), "--data-dir", str(tmp_path), "--out", str(out))
     assert "--batch-size 0 is out of range" in refused(capsys, str(seed0), *data, "--batch-size", "0")
+    assert "--images 1 is out of range: it must be >= 2" in refused(capsys, str(seed0), *data, "--images", "1")
+    assert "holds 200 test images; fix: a value in [2, 200]" in refused(capsys, str(seed0), *data, "--images", "201")
     assert not out.exists()

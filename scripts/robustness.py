@@ -11,7 +11,8 @@ CutMix, MixUp, Cutout, ...; ``none`` when null), or NAME when given as NAME=RUN;
 The runs of one method (its seeds) make one line in each plot, their mean; the CSVs keep one row per run.
 
 The tests, on all the test images (``--images N``: the first N, for a quick look), normalised as for testing (per
-channel, ``cifar.MEAN``/``STD``), the network in eval mode in float32 without test-time augmentation. Sizes s are 0, 4, ..., 28 pixels of the 32 x 32 image:
+channel, ``cifar.MEAN``/``STD``), the network in eval mode in float32 without test-time augmentation. Sizes s are
+0, 4, ..., 28 pixels of the 32 x 32 image:
 
 - centre occlusion: the centred s x s square (rows and columns 16 - s/2 to 16 + s/2 - 1) is set to 0 after
   normalisation (the training images' mean colour), in every channel. Top-1 accuracy.

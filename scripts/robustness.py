@@ -216,7 +216,7 @@ def load_model(ckpt: Path) -> ImageClassifier:
     classes = hparams.get("num_classes", len(cifar.CLASSES))
     if dataset != "cifar10" or classes != len(cifar.CLASSES) or size not in (None, SIDE):
         raise Refused(f"{ckpt} was trained on {dataset} ({classes} classes, {size or SIDE}x{size or SIDE} images), "
-                      f"but these tests are of the CIFAR-10 test set; fix: give runs trained with data.dataset cifar10")
+                      "but these tests are of the CIFAR-10 test set; fix: give runs trained with data.dataset cifar10")
     net = hparams.get("net")
     class_path = str(net.get("class_path", "")) if isinstance(net, dict) else ""
     if net is not None and not class_path.startswith(TRUSTED_NETS):
